@@ -1,0 +1,19 @@
+//! Compiles the protos in `proto/` with protox (pure Rust), so that no system
+//! `protoc` is needed on a fresh machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/shopkv/v1/kv.proto",
+        "proto/shopkv/v1/cluster.proto",
+        "proto/shopkv/v1/peer.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! Node configuration: flags, `SHOPKV_*` environment variables and a TOML
+//! file (`--config`), in that order of precedence, then defaults.
+//! [`Config::validate`] is the one place every limit is checked.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Errors loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed or has unknown keys.
+    #[error("malformed config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("missing setting `{0}` (flag --{1}, env SHOPKV_{2}, or the config file)")]
+    Missing(&'static str, &'static str, &'static str),
+    /// A setting has a bad value.
+    #[error("invalid setting `{field}`: {reason}")]
+    Invalid {
+        /// Setting name.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// `shopkv serve` flags; every one may also come from `SHOPKV_<NAME>` or the file.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and env override it).
+    #[arg(long, env = "SHOPKV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node id (>= 1), unique in the cluster.
+    #[arg(long, env = "SHOPKV_ID")]
+    pub id: Option<u64>,
+    /// Directory of this node's RocksDB.
+    #[arg(long, env = "SHOPKV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// host:port for Raft traffic between nodes.
+    #[arg(long, env = "SHOPKV_PEER_ADDR")]
+    pub peer_addr: Option<String>,
+    /// host:port for client gRPC services.
+    #[arg(long, env = "SHOPKV_CLIENT_ADDR")]
+    pub client_addr: Option<String>,
+    /// Leader heartbeat period.
+    #[arg(long, env = "SHOPKV_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Lower bound of the randomised election timeout.
+    #[arg(long, env = "SHOPKV_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the randomised election timeout (also the leader lease).
+    #[arg(long, env = "SHOPKV_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Build a snapshot after this many log entries since the last one.
+    #[arg(long, env = "SHOPKV_SNAPSHOT_LOGS_SINCE_LAST")]
+    pub snapshot_logs_since_last: Option<u64>,
+    /// Log entries kept after a snapshot (for followers slightly behind).
+    #[arg(long, env = "SHOPKV_SNAPSHOT_KEEP_LOGS")]
+    pub snapshot_keep_logs: Option<u64>,
+    /// Entries per AppendEntries RPC.
+    #[arg(long, env = "SHOPKV_MAX_PAYLOAD_ENTRIES")]
+    pub max_payload_entries: Option<u64>,
+    /// Deadline of a client request that carries none.
+    #[arg(long, env = "SHOPKV_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    peer_addr: Option<String>,
+    client_addr: Option<String>,
+    heartbeat_interval_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_logs_since_last: Option<u64>,
+    snapshot_keep_logs: Option<u64>,
+    max_payload_entries: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+/// Validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node id (>= 1).
+    pub id: u64,
+    /// RocksDB directory.
+    pub data_dir: PathBuf,
+    /// Peer listen/advertise address.
+    pub peer_addr: String,
+    /// Client listen/advertise address.
+    pub client_addr: String,
+    /// Leader heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout lower bound.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound (leader lease).
+    pub election_timeout_max_ms: u64,
+    /// Snapshot policy: entries since the last snapshot.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept after a snapshot.
+    pub snapshot_keep_logs: u64,
+    /// Entries per AppendEntries.
+    pub max_payload_entries: u64,
+    /// Default request deadline.
+    pub request_timeout_ms: u64,
+}
+
+/// Bounds checked by [`Config::validate`].
+mod limits {
+    pub const HEARTBEAT_MS: (u64, u64) = (10, 10_000);
+    pub const ELECTION_MS: (u64, u64) = (50, 60_000);
+    pub const SNAPSHOT_LOGS: (u64, u64) = (10, 10_000_000);
+    pub const KEEP_LOGS: (u64, u64) = (0, 1_000_000);
+    pub const PAYLOAD_ENTRIES: (u64, u64) = (1, 10_000);
+    pub const REQUEST_TIMEOUT_MS: (u64, u64) = (100, 600_000);
+}
+
+impl Config {
+    /// Merges flags/env over the file over defaults, then validates.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let cfg = Config {
+            id: args
+                .id
+                .or(file.id)
+                .ok_or(ConfigError::Missing("id", "id", "ID"))?,
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .ok_or(ConfigError::Missing("data_dir", "data-dir", "DATA_DIR"))?,
+            peer_addr: args
+                .peer_addr
+                .clone()
+                .or(file.peer_addr)
+                .ok_or(ConfigError::Missing("peer_addr", "peer-addr", "PEER_ADDR"))?,
+            client_addr: args.client_addr.clone().or(file.client_addr).ok_or(
+                ConfigError::Missing("client_addr", "client-addr", "CLIENT_ADDR"),
+            )?,
+            heartbeat_interval_ms: args
+                .heartbeat_interval_ms
+                .or(file.heartbeat_interval_ms)
+                .unwrap_or(100),
+            election_timeout_min_ms: args
+                .election_timeout_min_ms
+                .or(file.election_timeout_min_ms)
+                .unwrap_or(500),
+            election_timeout_max_ms: args
+                .election_timeout_max_ms
+                .or(file.election_timeout_max_ms)
+                .unwrap_or(1000),
+            snapshot_logs_since_last: args
+                .snapshot_logs_since_last
+                .or(file.snapshot_logs_since_last)
+                .unwrap_or(5000),
+            snapshot_keep_logs: args
+                .snapshot_keep_logs
+                .or(file.snapshot_keep_logs)
+                .unwrap_or(1000),
+            max_payload_entries: args
+                .max_payload_entries
+                .or(file.max_payload_entries)
+                .unwrap_or(300),
+            request_timeout_ms: args
+                .request_timeout_ms
+                .or(file.request_timeout_ms)
+                .unwrap_or(5000),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects bad values with a message naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.id == 0 {
+            return invalid("id", "must be >= 1 (0 means 'no node')".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty".into());
+        }
+        let peer = resolve("peer_addr", &self.peer_addr)?;
+        let client = resolve("client_addr", &self.client_addr)?;
+        if peer == client {
+            return invalid(
+                "client_addr",
+                format!("must differ from peer_addr ({})", self.peer_addr),
+            );
+        }
+        in_range(
+            "heartbeat_interval_ms",
+            self.heartbeat_interval_ms,
+            limits::HEARTBEAT_MS,
+        )?;
+        in_range(
+            "election_timeout_min_ms",
+            self.election_timeout_min_ms,
+            limits::ELECTION_MS,
+        )?;
+        in_range(
+            "election_timeout_max_ms",
+            self.election_timeout_max_ms,
+            limits::ELECTION_MS,
+        )?;
+        if self.election_timeout_min_ms >= self.election_timeout_max_ms {
+            return invalid(
+                "election_timeout_min_ms",
+                format!(
+                    "{} must be less than election_timeout_max_ms ({})",
+                    self.election_timeout_min_ms, self.election_timeout_max_ms
+                ),
+            );
+        }
+        if self.heartbeat_interval_ms.saturating_mul(3) > self.election_timeout_min_ms {
+            return invalid(
+                "heartbeat_interval_ms",
+                format!(
+                    "{} must be at most a third of election_timeout_min_ms ({})",
+                    self.heartbeat_interval_ms, self.election_timeout_min_ms
+                ),
+            );
+        }
+        in_range(
+            "snapshot_logs_since_last",
+            self.snapshot_logs_since_last,
+            limits::SNAPSHOT_LOGS,
+        )?;
+        in_range(
+            "snapshot_keep_logs",
+            self.snapshot_keep_logs,
+            limits::KEEP_LOGS,
+        )?;
+        in_range(
+            "max_payload_entries",
+            self.max_payload_entries,
+            limits::PAYLOAD_ENTRIES,
+        )?;
+        in_range(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            limits::REQUEST_TIMEOUT_MS,
+        )?;
+        Ok(())
+    }
+
+    /// The openraft configuration of every group on this node.
+    pub fn raft_config(&self) -> Result<openraft::Config, ConfigError> {
+        let lease = self.election_timeout_max_ms;
+        let cfg = openraft::Config {
+            cluster_name: "shopkv".into(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: 30_000,
+            max_payload_entries: self.max_payload_entries,
+            // A follower further behind than this gets a snapshot.
+            replication_lag_threshold: self
+                .snapshot_logs_since_last
+                .max(self.snapshot_keep_logs + 1),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
+            purge_batch_size: 256,
+            enable_pre_vote: Some(true),
+            // openraft #2080: without this, an old leader's heartbeats through a
+            // bridge node can keep a connected majority from electing.
+            quorum_loss_probe_interval: Some(lease + self.election_timeout_max_ms),
+            ..Default::default()
+        };
+        cfg.validate().map_err(|e| ConfigError::Invalid {
+            field: "raft",
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+fn resolve(field: &'static str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| ConfigError::Invalid {
+            field,
+            reason: format!("{addr:?} is not a host:port address"),
+        })
+}
+
+fn in_range(field: &'static str, v: u64, (lo, hi): (u64, u64)) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError::Invalid {
+            field,
+            reason: format!("{v} is outside {lo}..={hi}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            peer_addr: Some("127.0.0.1:7001".into()),
+            client_addr: Some("127.0.0.1:7002".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate_and_raft_config_is_accepted() {
+        let cfg = Config::load(&args()).unwrap();
+        assert_eq!(cfg.heartbeat_interval_ms, 100);
+        cfg.raft_config().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let mut a = args();
+        a.id = Some(0);
+        assert!(Config::load(&a).unwrap_err().to_string().contains("`id`"));
+        let mut a = args();
+        a.client_addr = a.peer_addr.clone();
+        assert!(
+            Config::load(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("client_addr")
+        );
+        let mut a = args();
+        a.election_timeout_min_ms = Some(2000);
+        assert!(
+            Config::load(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("election_timeout_min_ms")
+        );
+        let mut a = args();
+        a.peer_addr = Some("nonsense".into());
+        assert!(
+            Config::load(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("peer_addr")
+        );
+    }
+
+    #[test]
+    fn file_is_read_and_flags_override_it_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = 7\nheartbeat_interval_ms = 50\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.id = None;
+        let cfg = Config::load(&a).unwrap();
+        assert_eq!((cfg.id, cfg.heartbeat_interval_ms), (7, 50));
+        a.id = Some(3);
+        assert_eq!(Config::load(&a).unwrap().id, 3);
+        std::fs::write(&path, "idd = 7\n").unwrap();
+        let err = Config::load(&a).unwrap_err().to_string();
+        assert!(err.contains("malformed config file"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! shopkv: a replicated multi-Raft store for e-commerce records.
+//!
+//! Module map (dependencies point down): `server` (tonic services) → `node`
+//! (request path, groups, forwarding) → `raft` (openraft glue) → `sm`
+//! (deterministic apply) → `router` (placement) → `storage` (RocksDB) and
+//! `codec` (value encoding). `cli` is the client side of the same binary.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod node;
+pub mod raft;
+pub mod router;
+pub mod server;
+pub mod sm;
+pub mod storage;
+
+/// Generated gRPC types of `proto/shopkv/v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("shopkv.v1");
+}

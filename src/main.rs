@@ -1,0 +1,87 @@
+//! The `shopkv` binary: `serve` runs a node; every other subcommand is a client.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shopkv::cli::{self, ClusterCmd, GlobalArgs, KvCmd};
+use shopkv::config::{Config, ServeArgs};
+use shopkv::node::Node;
+use tokio::net::TcpListener;
+
+/// shopkv: a replicated store for catalog, inventory, carts and orders.
+#[derive(Parser, Debug)]
+#[command(name = "shopkv", version)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Cluster administration.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Key-value commands.
+    #[command(subcommand)]
+    Kv(KvCmd),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Cmd::Serve(args) => return serve(args).await,
+        Cmd::Cluster(c) => cli::cluster(&cli.global, c).await,
+        Cmd::Kv(c) => cli::kv(&cli.global, c).await,
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOPKV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
+        )
+        .with_ansi(false)
+        .init();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    // Bind first: a port in use is a startup error naming the address.
+    let peer = TcpListener::bind(&config.peer_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on peer address {}: {e}", config.peer_addr))?;
+    let client = TcpListener::bind(&config.client_addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on client address {}: {e}",
+            config.client_addr
+        )
+    })?;
+    let node = Node::start(config.clone()).await?;
+    tracing::info!(id = node.id, peer = %config.peer_addr, client = %config.client_addr, "node started");
+    tokio::select! {
+        res = shopkv::server::serve(node, peer, client) => res?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+    }
+    Ok(())
+}

@@ -1,0 +1,730 @@
+//! A shopkv node: one RocksDB, the meta group, the data shards it hosts, and
+//! the request path every service uses — propose a command to a group or read
+//! from it, forwarding to the group's leader (over the peer port) when this
+//! node is not it, retrying with backoff while a group has no leader.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{RaftMetrics, ReadPolicy, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::codec;
+use crate::config::Config;
+use crate::proto::GroupMessage;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{GroupNetworkFactory, PeerRouter};
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{GroupRaft, TypeConfig};
+use crate::router::{ClusterMap, META_GROUP, NodeAddr};
+use crate::sm::{self, Command, Response, StoredRecord};
+use crate::storage::keys::{self, GroupId};
+use crate::storage::{StorageError, Store};
+
+/// Most forwarding hops a request may take (a non-replica forwards to a
+/// replica, which forwards to the leader).
+pub const MAX_FORWARD_HOPS: u32 = 3;
+/// How long a forwarded or local request waits between leader look-ups.
+const MAX_BACKOFF: Duration = Duration::from_millis(400);
+
+/// Errors of the request path, with the gRPC meaning the server maps them to.
+/// Serializable: a forwarded request returns the leader's error as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum NodeError {
+    /// Bad input.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The system is not in a state that allows this.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No leader or quorum in time; nothing was proposed, safe to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write was proposed but its outcome is not known.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// A bug or a storage failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StorageError> for NodeError {
+    fn from(e: StorageError) -> Self {
+        NodeError::Internal(e.to_string())
+    }
+}
+
+impl From<codec::CodecError> for NodeError {
+    fn from(e: codec::CodecError) -> Self {
+        NodeError::Internal(e.to_string())
+    }
+}
+
+/// A read served by one group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadOp {
+    /// One KV record.
+    Get {
+        /// User key.
+        key: Vec<u8>,
+    },
+    /// KV records by prefix.
+    Scan {
+        /// User key prefix.
+        prefix: Vec<u8>,
+        /// At most this many.
+        limit: usize,
+    },
+}
+
+/// Result of a [`ReadOp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadResult {
+    /// `Get`.
+    Record(Option<StoredRecord>),
+    /// `Scan`: (user key, record) pairs in key order; `more` if truncated.
+    Records {
+        /// Matches.
+        records: Vec<(Vec<u8>, StoredRecord)>,
+        /// More matched than the limit.
+        more: bool,
+    },
+}
+
+/// What this data dir belongs to (stored in the default column family).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    node_id: u64,
+    cluster_id: u64,
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data dir could not be opened.
+    #[error("cannot open data dir {dir}: {source}")]
+    Open {
+        /// The dir.
+        dir: String,
+        /// Why.
+        source: StorageError,
+    },
+    /// The data dir belongs to another node.
+    #[error("data dir {dir} belongs to node {found}, not node {expected}")]
+    WrongNode {
+        /// The dir.
+        dir: String,
+        /// Node id recorded in it.
+        found: u64,
+        /// Configured node id.
+        expected: u64,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One replica's view of a group, for `Cluster.Status`.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaInfo {
+    /// Group id.
+    pub group: GroupId,
+    /// Voter ids in the replica's membership.
+    pub members: Vec<u64>,
+    /// Leader/Follower/Candidate/Learner.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Known leader (0 = none).
+    pub leader: u64,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Committed index.
+    pub commit_index: u64,
+    /// Applied index.
+    pub applied_index: u64,
+    /// Last snapshot index.
+    pub snapshot_index: u64,
+    /// Last purged index.
+    pub purged_index: u64,
+}
+
+/// A running node.
+pub struct Node {
+    /// This node's id.
+    pub id: u64,
+    /// Its configuration.
+    pub config: Config,
+    raft_config: Arc<openraft::Config>,
+    store: Store,
+    router: PeerRouter,
+    groups: RwLock<BTreeMap<GroupId, GroupRaft>>,
+    cluster: watch::Sender<Option<Arc<ClusterMap>>>,
+}
+
+impl Node {
+    /// Opens the data dir, starts the meta group and every data shard the
+    /// stored cluster map places here, and the background tasks.
+    pub async fn start(config: Config) -> Result<Arc<Node>, StartError> {
+        let dir = config.data_dir.display().to_string();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Open {
+            dir: dir.clone(),
+            source: StorageError::Io(e),
+        })?;
+        let store =
+            Store::open(&config.data_dir.join("db")).map_err(|source| StartError::Open {
+                dir: dir.clone(),
+                source,
+            })?;
+        let identity = match store.node_identity().map_err(|source| StartError::Open {
+            dir: dir.clone(),
+            source,
+        })? {
+            Some(bytes) => codec::decode::<Identity>(&bytes)
+                .map_err(|e| StartError::Other(format!("data dir {dir}: bad identity: {e}")))?,
+            None => {
+                let id = Identity {
+                    node_id: config.id,
+                    cluster_id: 0,
+                };
+                let bytes = codec::encode(&id).map_err(|e| StartError::Other(e.to_string()))?;
+                store
+                    .put_node_identity(&bytes)
+                    .map_err(|source| StartError::Open {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                id
+            }
+        };
+        if identity.node_id != config.id {
+            return Err(StartError::WrongNode {
+                dir,
+                found: identity.node_id,
+                expected: config.id,
+            });
+        }
+        let raft_config = Arc::new(
+            config
+                .raft_config()
+                .map_err(|e| StartError::Other(e.to_string()))?,
+        );
+        let router = PeerRouter::new(config.id, Duration::from_millis(500));
+        router.set_cluster_id(identity.cluster_id);
+        let (cluster, _) = watch::channel(None);
+        let node = Arc::new(Node {
+            id: config.id,
+            config,
+            raft_config,
+            store,
+            router,
+            groups: RwLock::new(BTreeMap::new()),
+            cluster,
+        });
+        let meta = node
+            .start_group(META_GROUP)
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        node.refresh_cluster_map()
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        tokio::spawn(Node::watch_meta(Arc::downgrade(&node), meta));
+        tokio::spawn(Node::balance_leaders(Arc::downgrade(&node)));
+        Ok(node)
+    }
+
+    /// The peer transport.
+    pub fn router(&self) -> &PeerRouter {
+        &self.router
+    }
+
+    /// This node's addresses.
+    pub fn addr(&self) -> NodeAddr {
+        NodeAddr {
+            peer_addr: self.config.peer_addr.clone(),
+            client_addr: self.config.client_addr.clone(),
+        }
+    }
+
+    /// The cluster map, once the cluster is initialised.
+    pub fn cluster_map(&self) -> Option<Arc<ClusterMap>> {
+        self.cluster.borrow().clone()
+    }
+
+    /// The cluster id (0 before init).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_map().map_or(0, |m| m.cluster_id)
+    }
+
+    /// The local Raft of `group`, if this node hosts it.
+    pub fn group(&self, group: GroupId) -> Option<GroupRaft> {
+        self.groups.read().ok()?.get(&group).cloned()
+    }
+
+    fn local_groups(&self) -> Vec<(GroupId, GroupRaft)> {
+        self.groups
+            .read()
+            .map(|g| g.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    async fn start_group(&self, group: GroupId) -> Result<GroupRaft, NodeError> {
+        if let Some(r) = self.group(group) {
+            return Ok(r);
+        }
+        let raft = GroupRaft::new(
+            self.id,
+            self.raft_config.clone(),
+            GroupNetworkFactory::new(self.router.clone(), group),
+            LogStore::new(group, self.store.clone()),
+            StateMachine::new(group, self.store.clone()),
+        )
+        .await
+        .map_err(|e| NodeError::Internal(format!("start group {group}: {e}")))?;
+        let mut groups = self
+            .groups
+            .write()
+            .map_err(|_| NodeError::Internal("group registry poisoned".into()))?;
+        Ok(groups.entry(group).or_insert(raft).clone())
+    }
+
+    /// Re-reads the cluster map from the meta group's applied state and starts
+    /// any data shard placed here that is not running yet.
+    async fn refresh_cluster_map(&self) -> Result<(), NodeError> {
+        let Some(bytes) = self
+            .store
+            .get_record(META_GROUP, &keys::cluster_map_key())?
+        else {
+            return Ok(());
+        };
+        let map = sm::decode_cluster_map(&bytes).map_err(|e| NodeError::Internal(e.to_string()))?;
+        if self.cluster_map().as_deref() == Some(&map) {
+            return Ok(());
+        }
+        for (id, addr) in &map.nodes {
+            self.router.set_addr(*id, &addr.peer_addr);
+        }
+        self.router.set_cluster_id(map.cluster_id);
+        self.persist_cluster_id(map.cluster_id)?;
+        for (group, placement) in &map.groups {
+            if !placement.replicas.contains(&self.id) {
+                continue;
+            }
+            let raft = self.start_group(*group).await?;
+            if placement.preferred_leader == self.id {
+                let members: BTreeMap<u64, NodeAddr> = placement
+                    .replicas
+                    .iter()
+                    .filter_map(|id| map.nodes.get(id).map(|a| (*id, a.clone())))
+                    .collect();
+                // Only succeeds on a pristine group; NotAllowed after a restart is expected.
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(group, "initialize: {e}");
+                }
+            }
+        }
+        self.cluster.send_replace(Some(Arc::new(map)));
+        Ok(())
+    }
+
+    fn persist_cluster_id(&self, cluster_id: u64) -> Result<(), NodeError> {
+        let id = Identity {
+            node_id: self.id,
+            cluster_id,
+        };
+        self.store.put_node_identity(&codec::encode(&id)?)?;
+        Ok(())
+    }
+
+    async fn watch_meta(node: std::sync::Weak<Node>, meta: GroupRaft) {
+        let mut metrics = meta.metrics();
+        let mut seen_applied = None;
+        loop {
+            let applied = metrics.borrow_watched().last_applied;
+            if applied != seen_applied {
+                seen_applied = applied;
+                let Some(n) = node.upgrade() else { return };
+                if let Err(e) = n.refresh_cluster_map().await {
+                    tracing::warn!("cluster map refresh failed: {e}");
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Moves leadership of a data shard this node leads to its preferred
+    /// leader when that replica has caught up, so leaders spread over nodes.
+    async fn balance_leaders(node: std::sync::Weak<Node>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut cooldown: BTreeMap<GroupId, Instant> = BTreeMap::new();
+        loop {
+            tick.tick().await;
+            let Some(n) = node.upgrade() else { return };
+            let Some(map) = n.cluster_map() else { continue };
+            for (group, raft) in n.local_groups() {
+                let Some(placement) = map.groups.get(&group) else {
+                    continue;
+                };
+                let preferred = placement.preferred_leader;
+                if preferred == n.id
+                    || cooldown
+                        .get(&group)
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+                {
+                    continue;
+                }
+                let m = raft.metrics().borrow_watched().clone();
+                if m.state != ServerState::Leader {
+                    continue;
+                }
+                let caught_up = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&preferred).cloned().flatten())
+                    .is_some_and(|matched| Some(matched.index) >= m.last_log_index);
+                if caught_up {
+                    tracing::info!(
+                        group,
+                        to = preferred,
+                        "transferring leadership to preferred leader"
+                    );
+                    cooldown.insert(group, Instant::now());
+                    if let Err(e) = raft.trigger().transfer_leader(preferred).await {
+                        tracing::warn!(group, "transfer leader: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forms the cluster: initialises the meta group with `nodes` (this node
+    /// among them) and records the cluster map with `shards` data shards.
+    pub async fn init_cluster(
+        &self,
+        shards: u32,
+        nodes: BTreeMap<u64, NodeAddr>,
+        deadline: Instant,
+    ) -> Result<ClusterMap, NodeError> {
+        if let Some(map) = self.cluster_map() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "cluster already initialised (cluster id {:016x})",
+                map.cluster_id
+            )));
+        }
+        if !nodes.contains_key(&self.id) {
+            return Err(NodeError::InvalidArgument(format!(
+                "the endpoints must include the contacted node {}",
+                self.id
+            )));
+        }
+        let meta = self
+            .group(META_GROUP)
+            .ok_or_else(|| NodeError::Internal("meta group not running".into()))?;
+        if let Err(e) = meta.initialize(nodes.clone()).await {
+            return Err(NodeError::FailedPrecondition(format!(
+                "meta group cannot be initialised (already part of a cluster?): {e}"
+            )));
+        }
+        let cluster_id = random_u64() | 1;
+        let map = ClusterMap::new(cluster_id, shards, nodes);
+        match self
+            .propose(
+                META_GROUP,
+                Command::InitCluster(map.clone()),
+                deadline,
+                MAX_FORWARD_HOPS,
+            )
+            .await?
+        {
+            Response::Init { ok: true, .. } => Ok(map),
+            Response::Init {
+                ok: false,
+                cluster_id,
+            } => Err(NodeError::FailedPrecondition(format!(
+                "cluster already initialised (cluster id {cluster_id:016x})"
+            ))),
+            other => Err(NodeError::Internal(format!(
+                "unexpected init response {other:?}"
+            ))),
+        }
+    }
+
+    /// Where a request for `group` goes from here.
+    fn route(&self, group: GroupId, attempt: usize) -> Result<Route, NodeError> {
+        if let Some(raft) = self.group(group) {
+            return Ok(Route::Local(raft));
+        }
+        let Some(map) = self.cluster_map() else {
+            return Err(NodeError::FailedPrecondition(
+                "cluster is not initialised".into(),
+            ));
+        };
+        let replicas = map.replicas(group);
+        if replicas.is_empty() {
+            return Err(NodeError::NotFound(format!("no such group {group}")));
+        }
+        let target = replicas[attempt % replicas.len()];
+        map.nodes
+            .get(&target)
+            .map(|a| Route::Remote(a.peer_addr.clone()))
+            .ok_or_else(|| NodeError::Internal(format!("node {target} missing from the map")))
+    }
+
+    /// Proposes `cmd` to `group` and returns its replicated result, from
+    /// wherever the group's leader is.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        cmd: Command,
+        deadline: Instant,
+        hops_left: u32,
+    ) -> Result<Response, NodeError> {
+        let mut backoff = Duration::from_millis(10);
+        let mut attempt = 0usize;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(NodeError::Unavailable(format!(
+                    "group {group} had no reachable leader before the deadline"
+                )));
+            }
+            let leader_addr = match self.route(group, attempt)? {
+                Route::Local(raft) => {
+                    match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
+                        Err(_) => {
+                            return Err(NodeError::OutcomeUnknown(format!(
+                                "deadline passed after the write was proposed to group {group}"
+                            )));
+                        }
+                        Ok(Ok(resp)) => return Ok(resp.data),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f
+                            .leader_node
+                            .filter(|_| f.leader_id != Some(self.id))
+                            .map(|n| n.peer_addr),
+                        Ok(Err(RaftError::APIError(e))) => {
+                            return Err(NodeError::Internal(e.to_string()));
+                        }
+                        Ok(Err(RaftError::Fatal(e))) => {
+                            return Err(NodeError::Unavailable(e.to_string()));
+                        }
+                    }
+                }
+                Route::Remote(addr) => Some(addr),
+            };
+            attempt += 1;
+            if let Some(addr) = leader_addr {
+                if hops_left == 0 {
+                    return Err(NodeError::Unavailable(format!(
+                        "group {group}: too many forwarding hops"
+                    )));
+                }
+                let payload = codec::to_wire(&cmd)?;
+                match self
+                    .forward(&addr, group, payload, remaining, hops_left - 1, true)
+                    .await
+                {
+                    Forwarded::Reply(bytes) => {
+                        return codec::from_wire::<Result<Response, NodeError>>(&bytes)?;
+                    }
+                    Forwarded::NotSent => {}
+                    Forwarded::Unknown(why) => return Err(NodeError::OutcomeUnknown(why)),
+                }
+            }
+            tokio::time::sleep(backoff.min(remaining)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Serves `op` from `group`: linearizable (ReadIndex on the leader) or
+    /// serializable (this node's replica, or any replica if none here).
+    pub async fn read(
+        &self,
+        group: GroupId,
+        op: ReadOp,
+        linearizable: bool,
+        deadline: Instant,
+        hops_left: u32,
+    ) -> Result<ReadResult, NodeError> {
+        let mut backoff = Duration::from_millis(10);
+        let mut attempt = 0usize;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(NodeError::Unavailable(format!(
+                    "group {group}: no linearizable read possible before the deadline"
+                )));
+            }
+            let target = match self.route(group, attempt)? {
+                Route::Local(_) if !linearizable => return self.read_local(group, &op),
+                Route::Local(raft) => {
+                    match tokio::time::timeout(
+                        remaining,
+                        raft.ensure_linearizable(ReadPolicy::ReadIndex),
+                    )
+                    .await
+                    {
+                        Err(_) => None,
+                        Ok(Ok(_)) => return self.read_local(group, &op),
+                        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                            f.leader_node
+                                .filter(|_| f.leader_id != Some(self.id))
+                                .map(|n| n.peer_addr)
+                        }
+                        Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
+                            None
+                        }
+                        Ok(Err(RaftError::Fatal(e))) => {
+                            return Err(NodeError::Unavailable(e.to_string()));
+                        }
+                    }
+                }
+                Route::Remote(addr) => Some(addr),
+            };
+            attempt += 1;
+            if let Some(addr) = target {
+                if hops_left == 0 {
+                    return Err(NodeError::Unavailable(format!(
+                        "group {group}: too many forwarding hops"
+                    )));
+                }
+                let payload = codec::to_wire(&(op.clone(), linearizable))?;
+                // Reads are safe to retry whatever happened to the request.
+                if let Forwarded::Reply(bytes) = self
+                    .forward(&addr, group, payload, remaining, hops_left - 1, false)
+                    .await
+                {
+                    return codec::from_wire::<Result<ReadResult, NodeError>>(&bytes)?;
+                }
+            }
+            tokio::time::sleep(backoff.min(remaining)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Reads this node's replica of `group`.
+    pub fn read_local(&self, group: GroupId, op: &ReadOp) -> Result<ReadResult, NodeError> {
+        match op {
+            ReadOp::Get { key } => {
+                let rec = match self.store.get_record(group, &keys::kv_record_key(key))? {
+                    Some(bytes) => Some(codec::decode::<StoredRecord>(&bytes)?),
+                    None => None,
+                };
+                Ok(ReadResult::Record(rec))
+            }
+            ReadOp::Scan { prefix, limit } => {
+                let rows = self.store.scan_records(
+                    group,
+                    &keys::kv_record_key(prefix),
+                    limit.saturating_add(1),
+                )?;
+                let more = rows.len() > *limit;
+                let records = rows
+                    .into_iter()
+                    .take(*limit)
+                    .filter_map(|(rk, v)| {
+                        let key = keys::kv_user_key(&rk)?.to_vec();
+                        Some(codec::decode::<StoredRecord>(&v).map(|r| (key, r)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ReadResult::Records { records, more })
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        group: GroupId,
+        payload: Vec<u8>,
+        remaining: Duration,
+        hops_left: u32,
+        is_write: bool,
+    ) -> Forwarded {
+        let mut client = match self.router.client_for_addr(addr) {
+            Ok(c) => c,
+            Err(e) => return Forwarded::Unknown(e.to_string()),
+        };
+        let mut req = tonic::Request::new(GroupMessage {
+            group_id: group,
+            payload,
+            hops_left,
+        });
+        req.set_timeout(remaining);
+        let res = if is_write {
+            tokio::time::timeout(remaining, client.propose(req)).await
+        } else {
+            tokio::time::timeout(remaining, client.read(req)).await
+        };
+        match res {
+            Ok(Ok(reply)) => Forwarded::Reply(reply.into_inner().payload),
+            Ok(Err(status)) if never_sent(&status) => Forwarded::NotSent,
+            Ok(Err(status)) => {
+                Forwarded::Unknown(format!("forwarding to {addr}: {}", status.message()))
+            }
+            Err(_) => Forwarded::Unknown(format!("forwarding to {addr}: deadline passed")),
+        }
+    }
+
+    /// This node's view of every group it hosts.
+    pub fn local_status(&self) -> Vec<ReplicaInfo> {
+        self.local_groups()
+            .into_iter()
+            .map(|(group, raft)| replica_info(group, &raft.metrics().borrow_watched()))
+            .collect()
+    }
+}
+
+enum Route {
+    Local(GroupRaft),
+    Remote(String),
+}
+
+enum Forwarded {
+    Reply(Vec<u8>),
+    /// The request certainly did not reach the remote (connection refused).
+    NotSent,
+    Unknown(String),
+}
+
+/// Whether a failed forward certainly never reached the remote handler.
+fn never_sent(status: &tonic::Status) -> bool {
+    let msg = status.message().to_ascii_lowercase();
+    status.code() == tonic::Code::Unavailable
+        && (msg.contains("connect") || msg.contains("refused"))
+}
+
+fn replica_info(group: GroupId, m: &RaftMetrics<TypeConfig>) -> ReplicaInfo {
+    ReplicaInfo {
+        group,
+        members: m.membership_config.membership().voter_ids().collect(),
+        state: format!("{:?}", m.state),
+        term: m.current_term,
+        leader: m.current_leader.unwrap_or(0),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+        applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+        snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+        purged_index: m.purged.as_ref().map_or(0, |l| l.index),
+    }
+}
+
+/// A random 64-bit value from the std hasher's per-process random keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

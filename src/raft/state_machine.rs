@@ -1,0 +1,205 @@
+//! The state machine of one group: applies committed commands with
+//! [`crate::sm::apply`] into one RocksDB `WriteBatch` per applied batch
+//! (records + last_applied + membership together), and builds and installs
+//! snapshots from a RocksDB point-in-time view.
+
+use std::collections::HashMap;
+use std::io;
+
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, StoredMembership};
+
+use super::TypeConfig;
+use crate::codec;
+use crate::sm::{self, Response, SmError, StateAccess};
+use crate::storage::keys::{GroupId, SmMetaTag};
+use crate::storage::{ApplyBatch, GroupImage, Store};
+
+/// Snapshot contents in flight: one group's records and meta.
+pub type SnapshotData = GroupImage;
+
+/// State machine of one group.
+#[derive(Clone)]
+pub struct StateMachine {
+    group: GroupId,
+    store: Store,
+}
+
+impl StateMachine {
+    /// The state machine of `group` in `store`.
+    pub fn new(group: GroupId, store: Store) -> StateMachine {
+        StateMachine { group, store }
+    }
+
+    /// A snapshot of the current state (records, last applied, membership
+    /// from one RocksDB snapshot), or `None` when nothing was applied yet.
+    fn current_snapshot(&self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+        let image = self.store.read_group_snapshot(self.group)?;
+        let Some(applied) = &image.last_applied else {
+            return Ok(None);
+        };
+        let last_log_id: LogIdOf<TypeConfig> = codec::decode(applied)?;
+        let last_membership: StoredMembershipOf<TypeConfig> = match &image.membership {
+            Some(bytes) => codec::decode(bytes)?,
+            None => StoredMembership::default(),
+        };
+        Ok(Some(Snapshot {
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: Some(last_log_id),
+                last_membership,
+            },
+            snapshot: image,
+        }))
+    }
+}
+
+/// Reads through the batch's own pending writes, then RocksDB.
+struct Overlay<'a> {
+    store: &'a Store,
+    group: GroupId,
+    batch: ApplyBatch,
+    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl StateAccess for Overlay<'_> {
+    fn get(&mut self, record_key: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+        if let Some(v) = self.pending.get(record_key) {
+            return Ok(v.clone());
+        }
+        self.store
+            .get_record(self.group, record_key)
+            .map_err(|e| SmError::Storage(e.to_string()))
+    }
+
+    fn put(&mut self, record_key: Vec<u8>, value: Vec<u8>) -> Result<(), SmError> {
+        self.batch
+            .put_record(self.store, &record_key, &value)
+            .map_err(|e| SmError::Storage(e.to_string()))?;
+        self.pending.insert(record_key, Some(value));
+        Ok(())
+    }
+
+    fn delete(&mut self, record_key: Vec<u8>) -> Result<(), SmError> {
+        self.batch
+            .delete_record(self.store, &record_key)
+            .map_err(|e| SmError::Storage(e.to_string()))?;
+        self.pending.insert(record_key, None);
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotData>> {
+        let this = self.clone();
+        let snap = tokio::task::spawn_blocking(move || this.current_snapshot())
+            .await
+            .map_err(io::Error::other)??;
+        snap.ok_or_else(|| io::Error::other("no applied state to snapshot"))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
+        let applied = match self.store.sm_meta(self.group, SmMetaTag::LastApplied)? {
+            Some(b) => Some(codec::decode(&b)?),
+            None => None,
+        };
+        let membership = match self.store.sm_meta(self.group, SmMetaTag::Membership)? {
+            Some(b) => codec::decode(&b)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
+    {
+        let mut overlay = Overlay {
+            store: &self.store,
+            group: self.group,
+            batch: self.store.apply_batch(self.group),
+            pending: HashMap::new(),
+        };
+        let mut responders = Vec::new();
+        let mut last_applied = None;
+        let mut membership = None;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id;
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::Empty,
+                EntryPayload::Normal(cmd) => {
+                    sm::apply(&mut overlay, self.group, log_id.index, &cmd)
+                        .map_err(io::Error::other)?
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(log_id), m));
+                    Response::Empty
+                }
+            };
+            last_applied = Some(log_id);
+            if let Some(r) = responder {
+                responders.push((r, response));
+            }
+        }
+        let Some(last_applied) = last_applied else {
+            return Ok(());
+        };
+        let mut batch = overlay.batch;
+        batch.put_meta(
+            &self.store,
+            SmMetaTag::LastApplied,
+            &codec::encode(&last_applied)?,
+        )?;
+        if let Some(m) = membership {
+            batch.put_meta(&self.store, SmMetaTag::Membership, &codec::encode(&m)?)?;
+        }
+        self.store.commit_apply(batch)?;
+        for (r, resp) in responders {
+            r.send(resp);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        mut snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        // The meta is authoritative for what the snapshot covers.
+        snapshot.last_applied = match &meta.last_log_id {
+            Some(l) => Some(codec::encode(l)?),
+            None => None,
+        };
+        snapshot.membership = Some(codec::encode(&meta.last_membership)?);
+        let store = self.store.clone();
+        let group = self.group;
+        tokio::task::spawn_blocking(move || store.install_group_snapshot(group, &snapshot))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.current_snapshot())
+            .await
+            .map_err(io::Error::other)?
+    }
+}

@@ -1,0 +1,96 @@
+//! gRPC services: the public ones on the client port (`kv`, `cluster`) and
+//! the node-to-node one on the peer port (`peer`). One service per file; the
+//! error table is `error`.
+
+pub mod cluster;
+pub mod error;
+pub mod kv;
+pub mod peer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::node::Node;
+use crate::proto::cluster_server::ClusterServer;
+use crate::proto::kv_server::KvServer;
+use crate::proto::peer_server::PeerServer;
+use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
+
+/// Largest client request accepted: a 1 MiB value plus a 4 KiB key and framing.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);
+/// Longest deadline a client may ask for.
+const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serves the peer and client ports until either server fails.
+pub async fn serve(
+    node: Arc<Node>,
+    peer_listener: TcpListener,
+    client_listener: TcpListener,
+) -> Result<(), tonic::transport::Error> {
+    let peer = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(peer::PeerService::new(node.clone()))
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming(TcpListenerStream::new(peer_listener));
+    let client = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            KvServer::new(kv::KvService::new(node.clone()))
+                .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES),
+        )
+        .add_service(ClusterServer::new(cluster::ClusterService::new(
+            node.clone(),
+        )))
+        .serve_with_incoming(TcpListenerStream::new(client_listener));
+    tokio::try_join!(peer, client)?;
+    Ok(())
+}
+
+/// The deadline of a request: its `grpc-timeout`, else the node default,
+/// capped at [`MAX_REQUEST_DEADLINE`].
+pub fn deadline_of<T>(req: &tonic::Request<T>, default: Duration) -> Instant {
+    let asked = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(default);
+    Instant::now() + asked.min(MAX_REQUEST_DEADLINE)
+}
+
+/// Parses a `grpc-timeout` header value ("100m", "5S", ...).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout("5q"), None);
+    }
+}

@@ -1,0 +1,328 @@
+//! Deterministic apply: `(state, command, log index) -> (writes, response)`.
+//!
+//! No clock, no randomness, no I/O other than reading and writing records
+//! through [`StateAccess`]. Business rejections (a CAS whose version does not
+//! match, an init of an initialised cluster) are normal [`Response`]s inside
+//! the replicated result; [`SmError`] is only for the system failing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::router::{ClusterMap, META_GROUP};
+use crate::storage::keys::{self, GroupId};
+
+/// A state change proposed to one Raft group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Meta group: record the cluster map (once).
+    InitCluster(ClusterMap),
+    /// Data shard: write a KV record.
+    Put {
+        /// User key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Data shard: delete a KV record.
+    Delete {
+        /// User key.
+        key: Vec<u8>,
+    },
+    /// Data shard: write only if the record's version is `expected_version`
+    /// (0 = absent).
+    CompareAndSwap {
+        /// User key.
+        key: Vec<u8>,
+        /// Version the record must have.
+        expected_version: u64,
+        /// New value.
+        value: Vec<u8>,
+    },
+}
+
+impl Command {
+    /// Whether this command may be applied in `group`.
+    pub fn belongs_to(&self, group: GroupId) -> bool {
+        match self {
+            Command::InitCluster(_) => group == META_GROUP,
+            Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
+                group != META_GROUP
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Lengths only: values may be large or sensitive.
+        match self {
+            Command::InitCluster(m) => write!(f, "InitCluster(shards={})", m.shards),
+            Command::Put { key, value } => {
+                write!(f, "Put(key_len={}, value_len={})", key.len(), value.len())
+            }
+            Command::Delete { key } => write!(f, "Delete(key_len={})", key.len()),
+            Command::CompareAndSwap {
+                key,
+                expected_version,
+                ..
+            } => write!(f, "Cas(key_len={}, expected={expected_version})", key.len()),
+        }
+    }
+}
+
+/// The replicated result of applying a [`Command`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    #[default]
+    Empty,
+    /// `InitCluster`: `ok` is false when the cluster already had a map; the
+    /// id is then the existing cluster's.
+    Init {
+        /// Whether this command initialised the cluster.
+        ok: bool,
+        /// The cluster id now in force.
+        cluster_id: u64,
+    },
+    /// `Put`: the new version.
+    Put {
+        /// Log index of the write.
+        version: u64,
+    },
+    /// `Delete`.
+    Delete {
+        /// Whether the key existed.
+        deleted: bool,
+    },
+    /// `CompareAndSwap`.
+    Cas {
+        /// Whether the value was written.
+        succeeded: bool,
+        /// New version on success, current version (0 = absent) on failure.
+        version: u64,
+    },
+    /// The command was proposed to a group of the wrong kind.
+    WrongGroup,
+}
+
+/// A stored KV record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// Log index of the write that produced this value.
+    pub version: u64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// The system failed while applying (not a business rejection).
+#[derive(Debug, thiserror::Error)]
+pub enum SmError {
+    /// A stored value could not be decoded or encoded.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// Reading state failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+/// What apply may do to a group's records (implemented over RocksDB with an
+/// overlay of the batch's own pending writes).
+pub trait StateAccess {
+    /// Current value of a record, including writes earlier in this batch.
+    fn get(&mut self, record_key: &[u8]) -> Result<Option<Vec<u8>>, SmError>;
+    /// Sets a record.
+    fn put(&mut self, record_key: Vec<u8>, value: Vec<u8>) -> Result<(), SmError>;
+    /// Deletes a record.
+    fn delete(&mut self, record_key: Vec<u8>) -> Result<(), SmError>;
+}
+
+/// Applies `cmd`, proposed to `group` and committed at log `index`.
+pub fn apply(
+    state: &mut dyn StateAccess,
+    group: GroupId,
+    index: u64,
+    cmd: &Command,
+) -> Result<Response, SmError> {
+    if !cmd.belongs_to(group) {
+        return Ok(Response::WrongGroup);
+    }
+    match cmd {
+        Command::InitCluster(map) => {
+            let key = keys::cluster_map_key();
+            if let Some(bytes) = state.get(&key)? {
+                let existing: ClusterMap = codec::decode(&bytes)?;
+                return Ok(Response::Init {
+                    ok: false,
+                    cluster_id: existing.cluster_id,
+                });
+            }
+            state.put(key, codec::encode(map)?)?;
+            Ok(Response::Init {
+                ok: true,
+                cluster_id: map.cluster_id,
+            })
+        }
+        Command::Put { key, value } => {
+            put_record(state, key, value, index)?;
+            Ok(Response::Put { version: index })
+        }
+        Command::Delete { key } => {
+            let rk = keys::kv_record_key(key);
+            let existed = state.get(&rk)?.is_some();
+            if existed {
+                state.delete(rk)?;
+            }
+            Ok(Response::Delete { deleted: existed })
+        }
+        Command::CompareAndSwap {
+            key,
+            expected_version,
+            value,
+        } => {
+            let current = read_record(state, key)?.map_or(0, |r| r.version);
+            if current != *expected_version {
+                return Ok(Response::Cas {
+                    succeeded: false,
+                    version: current,
+                });
+            }
+            put_record(state, key, value, index)?;
+            Ok(Response::Cas {
+                succeeded: true,
+                version: index,
+            })
+        }
+    }
+}
+
+fn put_record(
+    state: &mut dyn StateAccess,
+    key: &[u8],
+    value: &[u8],
+    index: u64,
+) -> Result<(), SmError> {
+    let rec = StoredRecord {
+        version: index,
+        value: value.to_vec(),
+    };
+    state.put(keys::kv_record_key(key), codec::encode(&rec)?)
+}
+
+fn read_record(state: &mut dyn StateAccess, key: &[u8]) -> Result<Option<StoredRecord>, SmError> {
+    match state.get(&keys::kv_record_key(key))? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// Decodes the cluster map stored by `InitCluster`.
+pub fn decode_cluster_map(bytes: &[u8]) -> Result<ClusterMap, SmError> {
+    Ok(codec::decode(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl StateAccess for Mem {
+        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+            Ok(self.0.get(k).cloned())
+        }
+        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
+            self.0.insert(k, v);
+            Ok(())
+        }
+        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
+            self.0.remove(&k);
+            Ok(())
+        }
+    }
+
+    fn put(k: &str, v: &str) -> Command {
+        Command::Put {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn cas_checks_version_and_absent_is_zero() {
+        let mut m = Mem::default();
+        let cas = |exp, v: &str| Command::CompareAndSwap {
+            key: b"a".to_vec(),
+            expected_version: exp,
+            value: v.into(),
+        };
+        assert_eq!(
+            apply(&mut m, 1, 5, &cas(0, "x")).unwrap(),
+            Response::Cas {
+                succeeded: true,
+                version: 5
+            }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 6, &cas(0, "y")).unwrap(),
+            Response::Cas {
+                succeeded: false,
+                version: 5
+            }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 7, &cas(5, "z")).unwrap(),
+            Response::Cas {
+                succeeded: true,
+                version: 7
+            }
+        );
+    }
+
+    #[test]
+    fn delete_reports_existence_and_put_versions_by_index() {
+        let mut m = Mem::default();
+        assert_eq!(
+            apply(&mut m, 2, 3, &put("k", "v")).unwrap(),
+            Response::Put { version: 3 }
+        );
+        let del = Command::Delete { key: b"k".to_vec() };
+        assert_eq!(
+            apply(&mut m, 2, 4, &del).unwrap(),
+            Response::Delete { deleted: true }
+        );
+        assert_eq!(
+            apply(&mut m, 2, 5, &del).unwrap(),
+            Response::Delete { deleted: false }
+        );
+    }
+
+    #[test]
+    fn commands_are_rejected_in_the_wrong_group_and_init_happens_once() {
+        let mut m = Mem::default();
+        assert_eq!(
+            apply(&mut m, META_GROUP, 1, &put("k", "v")).unwrap(),
+            Response::WrongGroup
+        );
+        let map = ClusterMap::new(42, 2, BTreeMap::new());
+        let init = Command::InitCluster(map.clone());
+        assert_eq!(apply(&mut m, 1, 1, &init).unwrap(), Response::WrongGroup);
+        assert_eq!(
+            apply(&mut m, META_GROUP, 2, &init).unwrap(),
+            Response::Init {
+                ok: true,
+                cluster_id: 42
+            }
+        );
+        let other = Command::InitCluster(ClusterMap::new(7, 2, BTreeMap::new()));
+        assert_eq!(
+            apply(&mut m, META_GROUP, 3, &other).unwrap(),
+            Response::Init {
+                ok: false,
+                cluster_id: 42
+            }
+        );
+    }
+}

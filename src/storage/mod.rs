@@ -1,0 +1,431 @@
+//! The only code that touches RocksDB: one database per node, shared by every
+//! Raft group, every key prefixed by its group id (see [`keys`]).
+//!
+//! Durability rules (see ARCHITECTURE.md, "group commit"):
+//! - log appends are written unsynced and acknowledged by the [`GroupCommit`]
+//!   flusher after one WAL sync that covers every append queued before it;
+//! - votes are written synced before returning;
+//! - an applied batch (data + last_applied + membership) is one `WriteBatch`
+//!   written unsynced: it shares the WAL with the log, whose committed entries
+//!   are already synced, so a crash only re-applies from the log.
+
+pub mod keys;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+
+use keys::{GroupId, RaftStateTag, SmMetaTag};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB reported an error.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A column family that open() creates is missing.
+    #[error("column family {0} is missing")]
+    MissingCf(&'static str),
+    /// The group-commit flusher thread has stopped.
+    #[error("group-commit flusher stopped")]
+    FlusherStopped,
+    /// A file-system operation failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Io(io) => io,
+            other => std::io::Error::other(other),
+        }
+    }
+}
+
+/// Result of storage operations.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A callback completed by the group-commit flusher once the WAL is synced.
+pub type FlushCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+/// One node's RocksDB. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    flusher: GroupCommit,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database under `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        // Logs are purged after snapshots; keep the WAL small enough that
+        // memtables of cold groups are flushed rather than pinning old WAL files.
+        opts.set_max_total_wal_size(128 << 20);
+        let cfs = keys::ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_compression_type(if *name == keys::CF_DATA {
+                DBCompressionType::Lz4
+            } else {
+                DBCompressionType::None
+            });
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+        let flusher = GroupCommit::start(db.clone());
+        Ok(Store { db, flusher })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
+        self.db.cf_handle(name).ok_or(StorageError::MissingCf(name))
+    }
+
+    fn synced() -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        w
+    }
+
+    // ---- node identity ----------------------------------------------------
+
+    /// Reads the node identity record, if this data dir has one.
+    pub fn node_identity(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(keys::NODE_IDENTITY)?)
+    }
+
+    /// Writes the node identity record (synced).
+    pub fn put_node_identity(&self, value: &[u8]) -> Result<()> {
+        self.db
+            .put_opt(keys::NODE_IDENTITY, value, &Self::synced())?;
+        Ok(())
+    }
+
+    // ---- raft log ---------------------------------------------------------
+
+    /// Writes log entries of one group in one batch, unsynced: call
+    /// [`Store::flush_then`] to learn when they are durable.
+    pub fn append_log(&self, group: GroupId, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        let cf = self.cf(keys::CF_RAFT_LOG)?;
+        let mut batch = WriteBatch::default();
+        for (index, bytes) in entries {
+            batch.put_cf(cf, keys::log_key(group, *index), bytes);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Queues `callback` to run after the next WAL sync (group commit).
+    pub fn flush_then(&self, callback: FlushCallback) -> Result<()> {
+        self.flusher.enqueue(callback)
+    }
+
+    /// Syncs the WAL now.
+    pub fn sync_wal(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Log entries of `group` with index in `start..end`, in order.
+    pub fn read_log(&self, group: GroupId, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let cf = self.cf(keys::CF_RAFT_LOG)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log_key(group, end).to_vec());
+        let from = keys::log_key(group, start);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(cf, ro, IteratorMode::From(&from, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if let Some(index) = keys::log_index_of(&k) {
+                out.push((index, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last log entry of `group`, if any.
+    pub fn last_log(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>> {
+        let cf = self.cf(keys::CF_RAFT_LOG)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::group_prefix(group).to_vec());
+        let upper = keys::log_key(group, u64::MAX);
+        let mut iter =
+            self.db
+                .iterator_cf_opt(cf, ro, IteratorMode::From(&upper, Direction::Reverse));
+        match iter.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(keys::log_index_of(&k).map(|i| (i, v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes log entries of `group` with index >= `from`.
+    pub fn truncate_log_from(&self, group: GroupId, from: u64) -> Result<()> {
+        let cf = self.cf(keys::CF_RAFT_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            cf,
+            keys::log_key(group, from).to_vec(),
+            keys::group_end(group),
+        );
+        // The very last index is not covered by a range ending at the next group
+        // only when group == u64::MAX; delete it explicitly to be exact.
+        batch.delete_cf(cf, keys::log_key(group, u64::MAX));
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Deletes log entries of `group` with index <= `upto` and records the
+    /// last purged log id in the same batch.
+    pub fn purge_log_upto(&self, group: GroupId, upto: u64, last_purged: &[u8]) -> Result<()> {
+        let log = self.cf(keys::CF_RAFT_LOG)?;
+        let state = self.cf(keys::CF_RAFT_STATE)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            state,
+            keys::raft_state_key(group, RaftStateTag::LastPurged),
+            last_purged,
+        );
+        let end = upto.saturating_add(1);
+        batch.delete_range_cf(log, keys::log_key(group, 0), keys::log_key(group, end));
+        if upto == u64::MAX {
+            batch.delete_cf(log, keys::log_key(group, u64::MAX));
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    // ---- raft state -------------------------------------------------------
+
+    /// Reads one per-group Raft state value.
+    pub fn raft_state(&self, group: GroupId, tag: RaftStateTag) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(keys::CF_RAFT_STATE)?;
+        Ok(self.db.get_cf(cf, keys::raft_state_key(group, tag))?)
+    }
+
+    /// Writes one per-group Raft state value; `sync` waits for the WAL fsync.
+    pub fn put_raft_state(
+        &self,
+        group: GroupId,
+        tag: RaftStateTag,
+        value: &[u8],
+        sync: bool,
+    ) -> Result<()> {
+        let cf = self.cf(keys::CF_RAFT_STATE)?;
+        let opts = if sync {
+            Self::synced()
+        } else {
+            WriteOptions::default()
+        };
+        self.db
+            .put_cf_opt(cf, keys::raft_state_key(group, tag), value, &opts)?;
+        Ok(())
+    }
+
+    // ---- state machine ----------------------------------------------------
+
+    /// Reads one per-group state-machine meta value.
+    pub fn sm_meta(&self, group: GroupId, tag: SmMetaTag) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(keys::CF_SM_META)?;
+        Ok(self.db.get_cf(cf, keys::sm_meta_key(group, tag))?)
+    }
+
+    /// Reads one record of `group`.
+    pub fn get_record(&self, group: GroupId, record_key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(keys::CF_DATA)?;
+        Ok(self.db.get_cf(cf, keys::data_key(group, record_key))?)
+    }
+
+    /// Records of `group` whose record key starts with `prefix`, at most
+    /// `limit` of them, in key order.
+    pub fn scan_records(
+        &self,
+        group: GroupId,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let cf = self.cf(keys::CF_DATA)?;
+        let start = keys::data_key(group, prefix);
+        let upper = match keys::prefix_successor(prefix) {
+            Some(succ) => keys::data_key(group, &succ),
+            None => keys::group_end(group),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            out.push((keys::record_key_of(&k).to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Starts a batch of applied changes for `group`.
+    pub fn apply_batch(&self, group: GroupId) -> ApplyBatch {
+        ApplyBatch {
+            group,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Writes an applied batch (unsynced; see the module doc).
+    pub fn commit_apply(&self, batch: ApplyBatch) -> Result<()> {
+        self.db.write(batch.batch)?;
+        Ok(())
+    }
+
+    /// Reads a point-in-time view of `group`'s state machine: its meta values
+    /// and every record, all from one RocksDB snapshot.
+    pub fn read_group_snapshot(&self, group: GroupId) -> Result<GroupImage> {
+        let data = self.cf(keys::CF_DATA)?;
+        let meta = self.cf(keys::CF_SM_META)?;
+        let snap = self.db.snapshot();
+        let last_applied = snap.get_cf(meta, keys::sm_meta_key(group, SmMetaTag::LastApplied))?;
+        let membership = snap.get_cf(meta, keys::sm_meta_key(group, SmMetaTag::Membership))?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::group_end(group));
+        ro.set_snapshot(&snap);
+        let start = keys::group_prefix(group);
+        let mut records = Vec::new();
+        for item in
+            self.db
+                .iterator_cf_opt(data, ro, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            records.push((keys::record_key_of(&k).to_vec(), v.to_vec()));
+        }
+        Ok(GroupImage {
+            last_applied,
+            membership,
+            records,
+        })
+    }
+
+    /// Replaces `group`'s state machine with `image` in one synced batch.
+    pub fn install_group_snapshot(&self, group: GroupId, image: &GroupImage) -> Result<()> {
+        let data = self.cf(keys::CF_DATA)?;
+        let meta = self.cf(keys::CF_SM_META)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            data,
+            keys::group_prefix(group).to_vec(),
+            keys::group_end(group),
+        );
+        for (k, v) in &image.records {
+            batch.put_cf(data, keys::data_key(group, k), v);
+        }
+        for (tag, value) in [
+            (SmMetaTag::LastApplied, &image.last_applied),
+            (SmMetaTag::Membership, &image.membership),
+        ] {
+            let key = keys::sm_meta_key(group, tag);
+            match value {
+                Some(v) => batch.put_cf(meta, key, v),
+                None => batch.delete_cf(meta, key),
+            }
+        }
+        self.db.write_opt(batch, &Self::synced())?;
+        Ok(())
+    }
+}
+
+/// A point-in-time image of one group's state machine (snapshot contents).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupImage {
+    /// Encoded last applied log id.
+    pub last_applied: Option<Vec<u8>>,
+    /// Encoded last applied membership.
+    pub membership: Option<Vec<u8>>,
+    /// (record key, encoded record) pairs in key order.
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The writes of one applied batch of one group: records, last_applied and
+/// membership go to disk together or not at all.
+pub struct ApplyBatch {
+    group: GroupId,
+    batch: WriteBatch,
+}
+
+impl ApplyBatch {
+    /// Sets a record.
+    pub fn put_record(&mut self, store: &Store, record_key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = store.cf(keys::CF_DATA)?;
+        self.batch
+            .put_cf(cf, keys::data_key(self.group, record_key), value);
+        Ok(())
+    }
+
+    /// Deletes a record.
+    pub fn delete_record(&mut self, store: &Store, record_key: &[u8]) -> Result<()> {
+        let cf = store.cf(keys::CF_DATA)?;
+        self.batch
+            .delete_cf(cf, keys::data_key(self.group, record_key));
+        Ok(())
+    }
+
+    /// Sets a state-machine meta value.
+    pub fn put_meta(&mut self, store: &Store, tag: SmMetaTag, value: &[u8]) -> Result<()> {
+        let cf = store.cf(keys::CF_SM_META)?;
+        self.batch
+            .put_cf(cf, keys::sm_meta_key(self.group, tag), value);
+        Ok(())
+    }
+}
+
+/// The node's single WAL flusher: every callback queued before a sync starts
+/// is completed by that sync, so one fsync covers many appends of many groups.
+#[derive(Clone)]
+struct GroupCommit {
+    tx: mpsc::Sender<FlushCallback>,
+}
+
+impl GroupCommit {
+    fn start(db: Arc<DB>) -> GroupCommit {
+        let (tx, rx) = mpsc::channel::<FlushCallback>();
+        let spawned = std::thread::Builder::new()
+            .name("shopkv-wal-sync".into())
+            .spawn(move || {
+                // Ends when every Store clone (and so every sender) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    let res = db.flush_wal(true);
+                    for cb in waiting {
+                        cb(res.clone().map_err(std::io::Error::other));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread every append fails with FlusherStopped below,
+            // which openraft treats as a storage error; log it once here.
+            tracing::error!("cannot start the WAL sync thread: {e}");
+        }
+        GroupCommit { tx }
+    }
+
+    fn enqueue(&self, cb: FlushCallback) -> Result<()> {
+        self.tx.send(cb).map_err(|_| StorageError::FlusherStopped)
+    }
+}
