@@ -49,6 +49,13 @@ pub enum ClusterCmd {
     },
     /// Every group's members, leader, term, commit and applied index.
     Status,
+    /// Wait until the cluster is initialised, every node answers and every
+    /// group has a leader.
+    Wait {
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 /// `shopkv kv ...`
@@ -178,8 +185,49 @@ pub async fn cluster(g: &GlobalArgs, cmd: ClusterCmd) -> Result<(), CliError> {
                 Format::Table => print_status(&s),
             }
         }
+        ClusterCmd::Wait { timeout_secs } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs);
+            loop {
+                let why = match client.status(proto::StatusRequest {}).await {
+                    Ok(s) => not_ready(&s.into_inner()),
+                    Err(e) => Some(e.message().to_string()),
+                };
+                let Some(why) = why else {
+                    println!("ready");
+                    return Ok(());
+                };
+                if std::time::Instant::now() >= deadline {
+                    return Err(CliError(format!("not ready after {timeout_secs}s: {why}")));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
     Ok(())
+}
+
+/// Why a cluster is not ready yet, or `None` when it is.
+pub fn not_ready(s: &proto::StatusResponse) -> Option<String> {
+    if s.cluster_id == 0 {
+        return Some("cluster is not initialised".into());
+    }
+    if let Some(n) = s.nodes.iter().find(|n| !n.reachable) {
+        return Some(format!(
+            "node {} unreachable",
+            n.node.as_ref().map_or(0, |i| i.id)
+        ));
+    }
+    if s.groups.len() != s.shards as usize + 1 {
+        return Some(format!(
+            "{} of {} groups reported",
+            s.groups.len(),
+            s.shards + 1
+        ));
+    }
+    if let Some(g) = s.groups.iter().find(|g| g.leader == 0) {
+        return Some(format!("group {} has no leader", g.group_id));
+    }
+    None
 }
 
 fn status_json(s: &proto::StatusResponse) -> serde_json::Value {

@@ -282,7 +282,7 @@ impl Config {
                 .max(self.snapshot_keep_logs + 1),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
-            purge_batch_size: 256,
+            purge_batch_size: 32,
             enable_pre_vote: Some(true),
             // openraft #2080: without this, an old leader's heartbeats through a
             // bridge node can keep a connected majority from electing.

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Starts a local shopkv cluster on loopback.
+#
+#   cluster/bootstrap.sh [--nodes 3|5] [--data-dir DIR] [--base-port P] [--shards S] [--demo]
+#
+# Installs clang/libclang-dev if missing (as root), builds the release binary if
+# needed, starts the nodes in the background (DIR/n<id>/shopkv.pid, shopkv.log),
+# runs `shopkv cluster init` once, waits until every group has a leader, writes
+# the client endpoints to DIR/endpoints and prints them. Re-running it on
+# existing data restarts stopped nodes without re-initialising.
+# Node i listens on P+2i (peer) and P+2i+1 (client). SHOPKV_BIN overrides the binary.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+NODES=3
+DATA_DIR="$ROOT/cluster/data"
+BASE_PORT=7100
+SHARDS=8
+DEMO=0
+
+die() { echo "bootstrap: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES=${2:?}; shift 2 ;;
+    --data-dir) DATA_DIR=${2:?}; shift 2 ;;
+    --base-port) BASE_PORT=${2:?}; shift 2 ;;
+    --shards) SHARDS=${2:?}; shift 2 ;;
+    --demo) DEMO=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1" ;;
+  esac
+done
+case "$NODES" in 3|5) ;; *) die "--nodes must be 3 or 5" ;; esac
+mkdir -p "$DATA_DIR"
+DATA_DIR=$(cd "$DATA_DIR" && pwd)
+
+# A cluster keeps the layout it was created with.
+if [ -f "$DATA_DIR/cluster.env" ]; then
+  # shellcheck disable=SC1091
+  . "$DATA_DIR/cluster.env"
+else
+  printf 'NODES=%s\nBASE_PORT=%s\nSHARDS=%s\n' "$NODES" "$BASE_PORT" "$SHARDS" > "$DATA_DIR/cluster.env"
+fi
+
+if [ -z "${SHOPKV_BIN:-}" ]; then
+  have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; }
+  if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "bootstrap: installing clang and libclang-dev (RocksDB's build needs them)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
+    else
+      die "clang and libclang-dev are missing: run 'sudo apt-get install -y clang libclang-dev'"
+    fi
+  fi
+  command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust (https://rustup.rs)"
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/shopkv/target}
+  echo "bootstrap: building shopkv (release; the first build compiles RocksDB and takes a while)"
+  (cd "$ROOT" && cargo build --release --quiet --bin shopkv)
+  SHOPKV_BIN="$CARGO_TARGET_DIR/release/shopkv"
+fi
+[ -x "$SHOPKV_BIN" ] || die "no binary at $SHOPKV_BIN"
+
+endpoints=""
+for i in $(seq 1 "$NODES"); do
+  dir="$DATA_DIR/n$i"
+  mkdir -p "$dir"
+  peer="127.0.0.1:$((BASE_PORT + 2 * i))"
+  client="127.0.0.1:$((BASE_PORT + 2 * i + 1))"
+  endpoints="${endpoints:+$endpoints,}$client"
+  if [ -f "$dir/shopkv.pid" ] && kill -0 "$(cat "$dir/shopkv.pid")" 2>/dev/null; then
+    echo "bootstrap: node $i already running (pid $(cat "$dir/shopkv.pid"))"
+    continue
+  fi
+  nohup "$SHOPKV_BIN" serve --id "$i" --data-dir "$dir" --peer-addr "$peer" --client-addr "$client" \
+    >> "$dir/shopkv.log" 2>&1 < /dev/null &
+  echo $! > "$dir/shopkv.pid"
+  echo "bootstrap: started node $i (pid $!, peer $peer, client $client)"
+done
+
+# Wait until every node answers.
+for ep in ${endpoints//,/ }; do
+  for _ in $(seq 1 150); do
+    "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1 || die "node at $ep did not come up (see its shopkv.log)"
+done
+
+if [ ! -f "$DATA_DIR/initialized" ]; then
+  out=$("$SHOPKV_BIN" cluster init --shards "$SHARDS" --endpoints "$endpoints" 2>&1) || {
+    case "$out" in
+      *"already"*) echo "bootstrap: $out" ;;
+      *) die "cluster init failed: $out" ;;
+    esac
+  }
+  echo "bootstrap: $out"
+  touch "$DATA_DIR/initialized"
+fi
+
+"$SHOPKV_BIN" cluster wait --timeout-secs 60 --endpoints "$endpoints" >/dev/null \
+  || die "cluster not ready: $("$SHOPKV_BIN" cluster wait --timeout-secs 1 --endpoints "$endpoints" 2>&1)"
+echo "$endpoints" > "$DATA_DIR/endpoints"
+
+if [ "$DEMO" = 1 ]; then
+  for kv in "demo/greeting=hello from shopkv" "demo/sku/TSHIRT-RED-M=T-shirt red M" "demo/sku/MUG-BLUE=Mug blue"; do
+    "$SHOPKV_BIN" kv put "${kv%%=*}" "${kv#*=}" --endpoints "$endpoints" >/dev/null
+  done
+  echo "bootstrap: demo data loaded. Try:"
+  echo "  export SHOPKV_ENDPOINTS=$endpoints"
+  echo "  $SHOPKV_BIN kv scan demo/"
+  echo "  $SHOPKV_BIN kv get demo/greeting"
+  echo "  $SHOPKV_BIN cluster status"
+fi
+echo "$endpoints"

@@ -1,0 +1,284 @@
+//! Integration tests on real 3-node clusters: replication through every node,
+//! leader kills, restart and catch-up, snapshot catch-up with log purge.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, get, put};
+use shopkv::proto;
+use shopkv::router::{META_GROUP, shard_for};
+
+/// Writes `key` through node `via` until it succeeds; returns when it did.
+async fn put_until_ok(
+    c: &TestCluster,
+    via: u64,
+    key: &str,
+    value: &str,
+    timeout: Duration,
+) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut kv = c.kv(via).await;
+        match put(&mut kv, key, value).await {
+            Ok(_) => return Instant::now(),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "write of {key} did not succeed within {timeout:?}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A key that routes to `shard`.
+fn key_on_shard(shard: u64, shards: u32, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|k| shard_for(k.as_bytes(), shards) == shard)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_leader_kills_and_the_killed_node_catches_up() {
+    let mut c = TestCluster::start_initialised(3, 4, &[]).await;
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+
+    // Puts and gets through every node (any node accepts any request).
+    for i in 0..60u64 {
+        let via = 1 + i % 3;
+        let (k, v) = (format!("key-{i}"), format!("value-{i}"));
+        let mut kv = c.kv(via).await;
+        put(&mut kv, &k, &v).await.expect("put");
+        acked.insert(k, v);
+    }
+    for via in 1..=3 {
+        let mut kv = c.kv(via).await;
+        for (k, v) in &acked {
+            assert_eq!(
+                get(&mut kv, k, false).await.expect("get").as_deref(),
+                Some(v.as_str()),
+                "via node {via}"
+            );
+        }
+    }
+
+    // Kill the meta group's leader, then the leader of a data shard led elsewhere if any.
+    let meta_leader = c.leader_of(META_GROUP, 1).await.expect("meta leader");
+    let status = c.status(1).await.expect("status");
+    let shard = status
+        .groups
+        .iter()
+        .filter(|g| g.group_id != META_GROUP)
+        .find(|g| g.leader != meta_leader)
+        .or_else(|| status.groups.iter().find(|g| g.group_id != META_GROUP))
+        .map(|g| (g.group_id, g.leader))
+        .expect("a data shard");
+    let survivor = |dead: &[u64]| (1..=3).find(|id| !dead.contains(id)).unwrap_or(1);
+
+    c.kill(meta_leader);
+    let killed_at = Instant::now();
+    let via = survivor(&[meta_leader]);
+    let new_meta = c
+        .wait_new_leader(META_GROUP, meta_leader, via, Duration::from_secs(5))
+        .await;
+    assert_ne!(new_meta, meta_leader);
+    // Writes to a shard the dead node led resume within 5 s.
+    let first_shard_led = status
+        .groups
+        .iter()
+        .find(|g| g.group_id != META_GROUP && g.leader == meta_leader)
+        .map(|g| g.group_id);
+    if let Some(s) = first_shard_led {
+        let k = key_on_shard(s, c.shards, "after-meta-kill");
+        let ok_at = put_until_ok(&c, via, &k, "v", Duration::from_secs(10)).await;
+        assert!(
+            ok_at - killed_at < Duration::from_secs(5),
+            "writes to shard {s} resumed after {:?}",
+            ok_at - killed_at
+        );
+        acked.insert(k, "v".into());
+    }
+
+    // Bring the first node back before killing the next leader (keep a quorum).
+    c.restart(meta_leader);
+    c.wait_ready(Duration::from_secs(30)).await;
+    let (shard_id, _) = shard;
+    let shard_leader = c.leader_of(shard_id, 1).await.expect("shard leader");
+    c.kill(shard_leader);
+    let killed_at = Instant::now();
+    let via = survivor(&[shard_leader]);
+    let k = key_on_shard(shard_id, c.shards, "after-shard-kill");
+    let ok_at = put_until_ok(&c, via, &k, "w", Duration::from_secs(10)).await;
+    assert!(
+        ok_at - killed_at < Duration::from_secs(5),
+        "writes to shard {shard_id} resumed after {:?}",
+        ok_at - killed_at
+    );
+    acked.insert(k, "w".into());
+    for i in 0..20 {
+        let (k, v) = (format!("late-{i}"), format!("late-value-{i}"));
+        put_until_ok(&c, via, &k, &v, Duration::from_secs(10)).await;
+        acked.insert(k, v);
+    }
+
+    // The killed node restarts from its data and catches up.
+    c.restart(shard_leader);
+    c.wait_ready(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status(shard_leader).await.expect("status");
+        let lagging: Vec<_> = s
+            .groups
+            .iter()
+            .filter(|g| {
+                let max = g
+                    .replicas
+                    .iter()
+                    .map(|r| r.applied_index)
+                    .max()
+                    .unwrap_or(0);
+                g.replicas.iter().any(|r| r.applied_index < max)
+                    || g.replicas.len() < g.members.len()
+            })
+            .map(|g| g.group_id)
+            .collect();
+        if lagging.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "groups {lagging:?} did not converge"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every acknowledged write is readable from every node: linearizable through
+    // each, and from each node's own replica (serializable) now that all caught up.
+    for via in 1..=3 {
+        let mut kv = c.kv(via).await;
+        for (k, v) in &acked {
+            assert_eq!(
+                get(&mut kv, k, false).await.expect("get").as_deref(),
+                Some(v.as_str()),
+                "{k} via node {via}"
+            );
+        }
+    }
+    let mut kv = c.kv(shard_leader).await;
+    let scan = kv
+        .scan(proto::ScanRequest {
+            prefix: Vec::new(),
+            limit: 10_000,
+            serializable: true,
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    let local: BTreeMap<String, String> = scan
+        .records
+        .iter()
+        .map(|r| {
+            (
+                String::from_utf8_lossy(&r.key).into_owned(),
+                String::from_utf8_lossy(&r.value).into_owned(),
+            )
+        })
+        .collect();
+    // The restarted node hosts every shard of a 3-node cluster, so its local
+    // replicas hold everything.
+    assert_eq!(
+        local, acked,
+        "restarted node's replicas differ from the acknowledged writes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_by_snapshot_and_the_log_is_purged() {
+    let extra = [
+        "--snapshot-logs-since-last",
+        "50",
+        "--snapshot-keep-logs",
+        "5",
+    ];
+    let mut c = TestCluster::start_initialised(3, 1, &extra).await;
+    const SHARD: u64 = 1;
+    let leader = c.leader_of(SHARD, 1).await.expect("leader");
+    let lagger = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    let via = leader;
+    c.kill(lagger);
+
+    let mut acked = BTreeMap::new();
+    for i in 0..300 {
+        let (k, v) = (format!("snap-{i:04}"), format!("value-{i}"));
+        put_until_ok(&c, via, &k, &v, Duration::from_secs(10)).await;
+        acked.insert(k, v);
+    }
+    // The leader snapshots and purges its log while the follower is away.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let purged_before = loop {
+        let s = c.status(via).await.expect("status");
+        let g = s
+            .groups
+            .iter()
+            .find(|g| g.group_id == SHARD)
+            .expect("shard status");
+        let lead = g
+            .replicas
+            .iter()
+            .find(|r| r.node_id == leader)
+            .cloned()
+            .expect("leader replica");
+        if lead.snapshot_index >= 50 && lead.purged_index > 0 {
+            break lead.purged_index;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leader did not snapshot and purge: {lead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    c.restart(lagger);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.status(via).await.expect("status");
+        let g = s
+            .groups
+            .iter()
+            .find(|g| g.group_id == SHARD)
+            .expect("shard status");
+        let lead = g
+            .replicas
+            .iter()
+            .find(|r| r.node_id == leader)
+            .map(|r| r.applied_index);
+        let lag = g.replicas.iter().find(|r| r.node_id == lagger).cloned();
+        if let (Some(l), Some(lag)) = (lead, &lag)
+            && lag.applied_index == l
+        {
+            // It could not have caught up from the log alone: it was purged.
+            assert!(
+                lag.snapshot_index >= purged_before,
+                "caught up without a snapshot: {lag:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {lagger} did not catch up: {lag:?} vs {lead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut kv = c.kv(lagger).await;
+    for (k, v) in &acked {
+        assert_eq!(
+            get(&mut kv, k, true).await.expect("local get").as_deref(),
+            Some(v.as_str()),
+            "{k} on node {lagger}"
+        );
+    }
+}

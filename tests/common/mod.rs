@@ -1,0 +1,340 @@
+//! Process-control harness shared by the integration and chaos tests: starts
+//! real `shopkv serve` processes (the binary Cargo built for this test run) on
+//! loopback ports it picks, kills them with SIGKILL, pauses them with
+//! SIGSTOP/SIGCONT, restarts them on the same data, and asks them for status.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shopkv::proto::cluster_client::ClusterClient;
+use shopkv::proto::kv_client::KvClient;
+use shopkv::proto::{self, StatusResponse};
+use tonic::transport::{Channel, Endpoint};
+
+/// The `shopkv` binary Cargo built for these tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_shopkv")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// One node process.
+pub struct NodeProc {
+    /// Node id.
+    pub id: u64,
+    /// Its data dir.
+    pub dir: PathBuf,
+    /// Peer address.
+    pub peer: String,
+    /// Client address.
+    pub client: String,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).expect("create node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("shopkv.log"))
+            .expect("open node log");
+        let child = Command::new(binary())
+            .arg("serve")
+            .args(["--id", &self.id.to_string()])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--peer-addr", &self.peer, "--client-addr", &self.client])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn shopkv serve");
+        self.child = Some(child);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) with a pid we spawned; no memory is touched.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+/// A cluster of real node processes in a temporary directory.
+pub struct TestCluster {
+    /// The nodes, index = id - 1.
+    pub nodes: Vec<NodeProc>,
+    /// Data shards given at init.
+    pub shards: u32,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (not yet initialised), each with `extra` serve flags.
+    pub fn start(n: u64, extra: &[&str]) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("shopkv-test-")
+            .tempdir()
+            .expect("tempdir");
+        let nodes = (1..=n)
+            .map(|id| {
+                let mut p = NodeProc {
+                    id,
+                    dir: dir.path().join(format!("n{id}")),
+                    peer: format!("127.0.0.1:{}", free_port()),
+                    client: format!("127.0.0.1:{}", free_port()),
+                    extra: extra.iter().map(|s| s.to_string()).collect(),
+                    child: None,
+                };
+                p.spawn();
+                p
+            })
+            .collect();
+        TestCluster {
+            nodes,
+            shards: 0,
+            dir,
+        }
+    }
+
+    /// Starts `n` nodes and forms a cluster with `shards` shards; waits until
+    /// every group has a leader.
+    pub async fn start_initialised(n: u64, shards: u32, extra: &[&str]) -> TestCluster {
+        let mut c = TestCluster::start(n, extra);
+        c.init(shards).await;
+        c.wait_ready(Duration::from_secs(30)).await;
+        c
+    }
+
+    /// The cluster's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every client address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    /// `cluster init` through node 1.
+    pub async fn init(&mut self, shards: u32) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let res = async {
+                let mut c = ClusterClient::new(channel(&self.nodes[0].client).await?);
+                c.init(proto::InitRequest {
+                    shards,
+                    endpoints: self.endpoints(),
+                })
+                .await
+                .map_err(|s| s.to_string())
+            }
+            .await;
+            match res {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("init not yet possible: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("cluster init failed: {e}"),
+            }
+        }
+        self.shards = shards;
+    }
+
+    /// Waits until every node answers and every group has a leader.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let why = match self.status(self.live_node()).await {
+                Ok(s) => shopkv::cli::not_ready(&s),
+                Err(e) => Some(e),
+            };
+            match why {
+                None => return,
+                Some(why) if Instant::now() >= deadline => {
+                    panic!("cluster not ready after {timeout:?}: {why}")
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn live_node(&self) -> u64 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .map_or(1, |n| n.id)
+    }
+
+    /// `Cluster.Status` through node `via`.
+    pub async fn status(&self, via: u64) -> Result<StatusResponse, String> {
+        let mut c = ClusterClient::new(channel(&self.node(via).client).await?);
+        c.status(proto::StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.to_string())
+    }
+
+    /// The leader of `group` as the nodes report it (highest term wins),
+    /// asking through node `via`.
+    pub async fn leader_of(&self, group: u64, via: u64) -> Option<u64> {
+        let s = self.status(via).await.ok()?;
+        let g = s.groups.iter().find(|g| g.group_id == group)?;
+        (g.leader != 0).then_some(g.leader)
+    }
+
+    /// Waits until `group` has a leader other than `not`; returns it.
+    pub async fn wait_new_leader(&self, group: u64, not: u64, via: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader_of(group, via).await
+                && l != not
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {group} elected no new leader within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A KV client connected to node `id`.
+    pub async fn kv(&self, id: u64) -> KvClient<Channel> {
+        KvClient::new(
+            channel(&self.node(id).client)
+                .await
+                .expect("connect to node"),
+        )
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: u64) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// Node `id`, mutably.
+    pub fn node_mut(&mut self, id: u64) -> &mut NodeProc {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let n = self.node_mut(id);
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOPs node `id`.
+    pub fn pause(&self, id: u64) {
+        self.node(id).signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs node `id`.
+    pub fn resume(&self, id: u64) {
+        self.node(id).signal(libc::SIGCONT);
+    }
+
+    /// Starts node `id` again on the same data dir and ports.
+    pub fn restart(&mut self, id: u64) {
+        self.kill(id);
+        self.node_mut(id).spawn();
+    }
+
+    /// Keeps the data dirs (for a failing run) and returns their path.
+    pub fn keep(mut self) -> PathBuf {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let placeholder = tempfile::TempDir::new().expect("tempdir");
+        std::mem::replace(&mut self.dir, placeholder).keep()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A channel to a client address (fails fast if nothing listens).
+pub async fn channel(addr: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))
+}
+
+/// A Put through `client`.
+pub async fn put(
+    client: &mut KvClient<Channel>,
+    key: &str,
+    value: &str,
+) -> Result<u64, tonic::Status> {
+    client
+        .put(proto::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().version)
+}
+
+/// A Get through `client`: `Ok(None)` when the key does not exist.
+pub async fn get(
+    client: &mut KvClient<Channel>,
+    key: &str,
+    serializable: bool,
+) -> Result<Option<String>, tonic::Status> {
+    match client
+        .get(proto::GetRequest {
+            key: key.as_bytes().to_vec(),
+            serializable,
+        })
+        .await
+    {
+        Ok(r) => Ok(r
+            .into_inner()
+            .record
+            .map(|rec| String::from_utf8_lossy(&rec.value).into_owned())),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s),
+    }
+}
