@@ -79,9 +79,12 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let node = Node::start(config.clone()).await?;
     tracing::info!(id = node.id, peer = %config.peer_addr, client = %config.client_addr, "node started");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Acknowledged writes are already synced: stopping needs no flush.
     tokio::select! {
         res = shopkv::server::serve(node, peer, client) => res?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
     }
     Ok(())
 }

@@ -33,25 +33,25 @@ impl StateMachine {
         StateMachine { group, store }
     }
 
-    /// A snapshot of the current state (records, last applied, membership
-    /// from one RocksDB snapshot), or `None` when nothing was applied yet.
-    fn current_snapshot(&self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+    /// A snapshot of the current state: records, last applied and membership
+    /// from one RocksDB snapshot (`last_log_id` is `None` if nothing was applied).
+    fn snapshot_now(&self) -> io::Result<SnapshotOf<TypeConfig, SnapshotData>> {
         let image = self.store.read_group_snapshot(self.group)?;
-        let Some(applied) = &image.last_applied else {
-            return Ok(None);
+        let last_log_id: Option<LogIdOf<TypeConfig>> = match &image.last_applied {
+            Some(bytes) => Some(codec::decode(bytes)?),
+            None => None,
         };
-        let last_log_id: LogIdOf<TypeConfig> = codec::decode(applied)?;
         let last_membership: StoredMembershipOf<TypeConfig> = match &image.membership {
             Some(bytes) => codec::decode(bytes)?,
             None => StoredMembership::default(),
         };
-        Ok(Some(Snapshot {
+        Ok(Snapshot {
             meta: SnapshotMetaOf::<TypeConfig> {
-                last_log_id: Some(last_log_id),
+                last_log_id,
                 last_membership,
             },
             snapshot: image,
-        }))
+        })
     }
 }
 
@@ -95,10 +95,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotData>> {
         let this = self.clone();
-        let snap = tokio::task::spawn_blocking(move || this.current_snapshot())
+        tokio::task::spawn_blocking(move || this.snapshot_now())
             .await
-            .map_err(io::Error::other)??;
-        snap.ok_or_else(|| io::Error::other("no applied state to snapshot"))
+            .map_err(io::Error::other)?
     }
 }
 
@@ -197,9 +196,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+        // Built on demand from the current state rather than kept from the
+        // last build: any applied state is a valid snapshot, and this way a
+        // restarted node can always serve one without storing a copy.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.current_snapshot())
+        let snap = tokio::task::spawn_blocking(move || this.snapshot_now())
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??;
+        Ok(snap.meta.last_log_id.is_some().then_some(snap))
     }
 }

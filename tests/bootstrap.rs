@@ -1,0 +1,125 @@
+//! `cluster/bootstrap.sh --nodes 5` forms a cluster where every group has
+//! three replicas (the meta group all five) and a leader; re-running it on the
+//! same data restarts stopped nodes without re-initialising.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::binary;
+use shopkv::proto::{self, cluster_client::ClusterClient};
+
+fn script(name: &str) -> String {
+    format!("{}/cluster/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A base port P with P+2..=P+11 free.
+fn free_base_port() -> u16 {
+    (0..200u16)
+        .map(|i| 20_000 + ((std::process::id() as u16).wrapping_mul(7) % 20_000) + i * 13)
+        .find(|p| (2..=11).all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok()))
+        .expect("a free port range")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run script");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "script failed: {text}");
+    text
+}
+
+async fn status(endpoints: &str) -> proto::StatusResponse {
+    let first = endpoints.split(',').next().expect("an endpoint");
+    let mut c = ClusterClient::new(common::channel(first).await.expect("connect"));
+    c.status(proto::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+fn stop(dir: &Path) {
+    run(Command::new("bash")
+        .arg(script("stop.sh"))
+        .arg("--data-dir")
+        .arg(dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_five_nodes_then_restart_without_reinit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port().to_string();
+    let boot = || {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script("bootstrap.sh"))
+            .args(["--nodes", "5", "--base-port", &base, "--data-dir"])
+            .arg(dir.path())
+            .env("SHOPKV_BIN", binary());
+        cmd
+    };
+    let out = run(&mut boot());
+    let endpoints = std::fs::read_to_string(dir.path().join("endpoints")).expect("endpoints file");
+    let endpoints = endpoints.trim().to_string();
+    assert_eq!(endpoints.split(',').count(), 5);
+    assert!(
+        out.lines().any(|l| l.trim() == endpoints),
+        "endpoints not printed: {out}"
+    );
+    for i in 1..=5 {
+        assert!(
+            dir.path().join(format!("n{i}/shopkv.pid")).exists(),
+            "no pid file for node {i}"
+        );
+        assert!(
+            dir.path().join(format!("n{i}/shopkv.log")).exists(),
+            "no log for node {i}"
+        );
+    }
+
+    let s = status(&endpoints).await;
+    assert_eq!(s.shards, 8);
+    assert_eq!(s.groups.len(), 9);
+    for g in &s.groups {
+        let want = if g.group_id == 0 { 5 } else { 3 };
+        assert_eq!(
+            g.members.len(),
+            want,
+            "group {} members {:?}",
+            g.group_id,
+            g.members
+        );
+        assert_eq!(
+            g.replicas.len(),
+            want,
+            "group {} replicas reporting",
+            g.group_id
+        );
+        assert_ne!(g.leader, 0, "group {} has no leader", g.group_id);
+        assert!(g.members.contains(&g.leader));
+    }
+    let cluster_id = s.cluster_id;
+
+    // Stop everything, write nothing, re-run: same cluster, not re-initialised.
+    stop(dir.path());
+    assert!(
+        !dir.path().join("n1/shopkv.pid").exists(),
+        "stop.sh left a pid file"
+    );
+    let out = run(&mut boot());
+    assert!(!out.contains("initialised:"), "re-initialised: {out}");
+    let s = status(&endpoints).await;
+    assert_eq!(
+        s.cluster_id, cluster_id,
+        "cluster id changed across restart"
+    );
+    assert!(
+        shopkv::cli::not_ready(&s).is_none(),
+        "{:?}",
+        shopkv::cli::not_ready(&s)
+    );
+    stop(dir.path());
+}
