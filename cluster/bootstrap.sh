@@ -68,7 +68,8 @@ for i in $(seq 1 "$NODES"); do
   peer="127.0.0.1:$((BASE_PORT + 2 * i))"
   client="127.0.0.1:$((BASE_PORT + 2 * i + 1))"
   endpoints="${endpoints:+$endpoints,}$client"
-  if [ -f "$dir/shopkv.pid" ] && kill -0 "$(cat "$dir/shopkv.pid")" 2>/dev/null; then
+  if [ -f "$dir/shopkv.pid" ] && pid=$(cat "$dir/shopkv.pid") && kill -0 "$pid" 2>/dev/null \
+     && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
     echo "bootstrap: node $i already running (pid $(cat "$dir/shopkv.pid"))"
     continue
   fi

@@ -9,13 +9,15 @@ while [ $# -gt 0 ]; do
     *) echo "stop: unknown argument: $1" >&2; exit 1 ;;
   esac
 done
+# Running = exists and is not a zombie (an orphan's zombie lingers where PID 1 does not reap).
+alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 for pidfile in "$DATA_DIR"/n*/shopkv.pid; do
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
     echo "stop: stopped pid $pid ($(dirname "$pidfile"))"
   fi
   rm -f "$pidfile"
