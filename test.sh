@@ -6,17 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; }
-if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "test.sh: installing clang and libclang-dev (RocksDB's build needs them)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
-  else
-    echo "test.sh: clang and libclang-dev are missing: sudo apt-get install -y clang libclang-dev" >&2
-    exit 1
-  fi
-fi
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/shopkv/target}
+# shellcheck source=cluster/ensure-deps.sh
+. cluster/ensure-deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings

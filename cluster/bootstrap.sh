@@ -44,17 +44,8 @@ else
 fi
 
 if [ -z "${SHOPKV_BIN:-}" ]; then
-  have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; }
-  if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
-    if [ "$(id -u)" = 0 ]; then
-      echo "bootstrap: installing clang and libclang-dev (RocksDB's build needs them)"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
-    else
-      die "clang and libclang-dev are missing: run 'sudo apt-get install -y clang libclang-dev'"
-    fi
-  fi
-  command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust (https://rustup.rs)"
-  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/shopkv/target}
+  # shellcheck source=cluster/ensure-deps.sh
+  . "$ROOT/cluster/ensure-deps.sh"
   echo "bootstrap: building shopkv (release; the first build compiles RocksDB and takes a while)"
   (cd "$ROOT" && cargo build --release --quiet --bin shopkv)
   SHOPKV_BIN="$CARGO_TARGET_DIR/release/shopkv"

@@ -103,6 +103,36 @@ async fn bootstrap_five_nodes_then_restart_without_reinit() {
     }
     let cluster_id = s.cluster_id;
 
+    // Every node accepts every request, also for shards it does not host.
+    let eps: Vec<&str> = endpoints.split(',').collect();
+    for (i, ep) in eps.iter().enumerate() {
+        let mut kv =
+            shopkv::proto::kv_client::KvClient::new(common::channel(ep).await.expect("connect"));
+        for j in 0..8 {
+            let key = format!("five-{i}-{j}");
+            common::put(&mut kv, &key, "v")
+                .await
+                .expect("put via any node");
+        }
+    }
+    for ep in &eps {
+        let mut kv =
+            shopkv::proto::kv_client::KvClient::new(common::channel(ep).await.expect("connect"));
+        for i in 0..eps.len() {
+            for j in 0..8 {
+                let key = format!("five-{i}-{j}");
+                assert_eq!(
+                    common::get(&mut kv, &key, false)
+                        .await
+                        .expect("get")
+                        .as_deref(),
+                    Some("v"),
+                    "{key} via {ep}"
+                );
+            }
+        }
+    }
+
     // Stop everything, write nothing, re-run: same cluster, not re-initialised.
     stop(dir.path());
     assert!(

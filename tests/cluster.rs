@@ -220,20 +220,12 @@ async fn lagging_node_catches_up_by_snapshot_and_the_log_is_purged() {
     // The leader snapshots and purges its log while the follower is away.
     let deadline = Instant::now() + Duration::from_secs(15);
     let purged_before = loop {
-        let s = c.status(via).await.expect("status");
-        let g = s
-            .groups
-            .iter()
-            .find(|g| g.group_id == SHARD)
-            .expect("shard status");
-        let lead = g
-            .replicas
-            .iter()
-            .find(|r| r.node_id == leader)
-            .cloned()
-            .expect("leader replica");
-        if lead.snapshot_index >= 50 && lead.purged_index > 0 {
-            break lead.purged_index;
+        let lead = c.replica(via, SHARD, leader).await;
+        if let Some(l) = &lead
+            && l.snapshot_index >= 50
+            && l.purged_index > 0
+        {
+            break l.purged_index;
         }
         assert!(
             Instant::now() < deadline,
@@ -245,18 +237,8 @@ async fn lagging_node_catches_up_by_snapshot_and_the_log_is_purged() {
     c.restart(lagger);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = c.status(via).await.expect("status");
-        let g = s
-            .groups
-            .iter()
-            .find(|g| g.group_id == SHARD)
-            .expect("shard status");
-        let lead = g
-            .replicas
-            .iter()
-            .find(|r| r.node_id == leader)
-            .map(|r| r.applied_index);
-        let lag = g.replicas.iter().find(|r| r.node_id == lagger).cloned();
+        let lead = c.replica(via, SHARD, leader).await.map(|r| r.applied_index);
+        let lag = c.replica(via, SHARD, lagger).await;
         if let (Some(l), Some(lag)) = (lead, &lag)
             && lag.applied_index == l
         {

@@ -148,10 +148,9 @@ impl Kv for KvService {
             )
             .await?
         {
-            SmResponse::Delete { deleted } => Ok(Response::new(proto::DeleteResponse {
-                deleted,
-                revision: 0,
-            })),
+            SmResponse::Delete { deleted, revision } => {
+                Ok(Response::new(proto::DeleteResponse { deleted, revision }))
+            }
             other => Err(unexpected(other)),
         }
     }

@@ -93,6 +93,8 @@ pub enum Response {
     Delete {
         /// Whether the key existed.
         deleted: bool,
+        /// Log index of the delete.
+        revision: u64,
     },
     /// `CompareAndSwap`.
     Cas {
@@ -172,7 +174,10 @@ pub fn apply(
             if existed {
                 state.delete(rk)?;
             }
-            Ok(Response::Delete { deleted: existed })
+            Ok(Response::Delete {
+                deleted: existed,
+                revision: index,
+            })
         }
         Command::CompareAndSwap {
             key,
@@ -291,11 +296,17 @@ mod tests {
         let del = Command::Delete { key: b"k".to_vec() };
         assert_eq!(
             apply(&mut m, 2, 4, &del).unwrap(),
-            Response::Delete { deleted: true }
+            Response::Delete {
+                deleted: true,
+                revision: 4
+            }
         );
         assert_eq!(
             apply(&mut m, 2, 5, &del).unwrap(),
-            Response::Delete { deleted: false }
+            Response::Delete {
+                deleted: false,
+                revision: 5
+            }
         );
     }
 

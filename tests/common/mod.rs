@@ -206,6 +206,13 @@ impl TestCluster {
         (g.leader != 0).then_some(g.leader)
     }
 
+    /// How node `node` reports its replica of `group`, asking through `via`.
+    pub async fn replica(&self, via: u64, group: u64, node: u64) -> Option<proto::ReplicaStatus> {
+        let s = self.status(via).await.ok()?;
+        let g = s.groups.into_iter().find(|g| g.group_id == group)?;
+        g.replicas.into_iter().find(|r| r.node_id == node)
+    }
+
     /// Waits until `group` has a leader other than `not`; returns it.
     pub async fn wait_new_leader(&self, group: u64, not: u64, via: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
