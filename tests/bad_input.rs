@@ -273,3 +273,99 @@ async fn a_data_dir_of_another_node_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_another_cluster_is_kept_out() {
+    // Cluster A: one node, id 2, initialised on its own.
+    let a_tmp = tempfile::tempdir().expect("tempdir");
+    let a_dir2 = a_tmp.path().join("a-node2");
+    let (ap, ac) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let spawn = |dir: &std::path::Path, peer: &str, client: &str| {
+        Command::new(binary())
+            .args(["serve", "--id", "2", "--data-dir"])
+            .arg(dir)
+            .args(["--peer-addr", peer, "--client-addr", client])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut a2 = spawn(&a_dir2, &ap, &ac);
+    let mut cl = None;
+    for _ in 0..100 {
+        if let Ok(ch) = common::channel(&ac).await {
+            cl = Some(ClusterClient::new(ch));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cl = cl.expect("cluster A node up");
+    let a_id = cl
+        .init(proto::InitRequest {
+            shards: 1,
+            endpoints: vec![ac.clone()],
+        })
+        .await
+        .expect("init A")
+        .into_inner()
+        .cluster_id;
+    let _ = a2.kill();
+    let _ = a2.wait();
+
+    // Cluster B: three nodes. Replace its node 2 with A's data dir on B's addresses.
+    let mut b = TestCluster::start_initialised(3, 2, &[]).await;
+    let b_id = b.status(1).await.expect("status").cluster_id;
+    assert_ne!(a_id, b_id);
+    b.kill(2);
+    let (bp, bc) = (b.node(2).peer.clone(), b.node(2).client.clone());
+    let mut intruder = spawn(&a_dir2, &bp, &bc);
+
+    // B keeps working, and its status shows node 2 as not a member.
+    let mut kv = b.kv(1).await;
+    for i in 0..10 {
+        let mut done = false;
+        for _ in 0..100 {
+            if common::put(&mut kv, &format!("b-{i}"), "v").await.is_ok() {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(done, "cluster B not writable with an intruder at node 2");
+    }
+    let mut flagged = false;
+    for _ in 0..50 {
+        let s = b.status(1).await.expect("status");
+        let n2 = s
+            .nodes
+            .iter()
+            .find(|n| n.node.as_ref().map(|i| i.id) == Some(2))
+            .expect("node 2");
+        if !n2.reachable && n2.error.contains("another cluster") {
+            flagged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(flagged, "status did not flag the intruder");
+    // The intruder still belongs to A and took none of B's data.
+    let mut icl = ClusterClient::new(common::channel(&bc).await.expect("intruder up"));
+    let ident = icl
+        .identity(proto::IdentityRequest {})
+        .await
+        .expect("identity")
+        .into_inner();
+    assert_eq!(ident.cluster_id, a_id);
+    let mut ikv =
+        shopkv::proto::kv_client::KvClient::new(common::channel(&bc).await.expect("intruder"));
+    assert_eq!(
+        get(&mut ikv, "b-0", true).await.expect("intruder get"),
+        None,
+        "B's data reached A's data dir"
+    );
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+}

@@ -215,14 +215,14 @@ impl PeerRouter {
 
 fn rpc_error(e: PeerError) -> RPCError<TypeConfig> {
     match e {
-        // Unknown group / stopped Raft on the remote or no connection: back off.
-        PeerError::Remote(_) | PeerError::UnknownNode(_) | PeerError::BadAddress(..) => {
-            RPCError::Unreachable(Unreachable::new(&e))
+        // A deadline already cost its time: retry at once.
+        PeerError::Timeout(_) => RPCError::Network(NetworkError::new(&e)),
+        PeerError::Status(ref s) if s.code() == tonic::Code::DeadlineExceeded => {
+            RPCError::Network(NetworkError::new(&e))
         }
-        PeerError::Status(ref s) if s.code() == tonic::Code::Unavailable => {
-            RPCError::Unreachable(Unreachable::new(&e))
-        }
-        _ => RPCError::Network(NetworkError::new(&e)),
+        // No connection, unknown group, a peer of another cluster, a codec
+        // error: back off rather than spin.
+        _ => RPCError::Unreachable(Unreachable::new(&e)),
     }
 }
 

@@ -174,8 +174,21 @@ impl Cluster for ClusterService {
                 );
             }
         }
+        let ours = map.as_ref().map_or(0, |m| m.cluster_id);
         let mut node_status = Vec::new();
         for (info, res) in futures::future::join_all(asks).await {
+            // A process at a member's address that belongs to another cluster
+            // (started on the wrong data dir) is not a member.
+            let res = res.and_then(|reply| {
+                if reply.cluster_id != 0 && ours != 0 && reply.cluster_id != ours {
+                    Err(format!(
+                        "belongs to another cluster ({:016x})",
+                        reply.cluster_id
+                    ))
+                } else {
+                    Ok(reply)
+                }
+            });
             match res {
                 Ok(reply) => {
                     for rep in reply.replicas {
