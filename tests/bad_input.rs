@@ -222,6 +222,18 @@ fn bad_startup_config_is_a_clear_startup_error() {
     let (ok, err) = serve(&["--id", "1", "--data-dir", d, "--peer-addr", &p]);
     assert!(!ok && err.contains("client_addr"), "{err}");
 
+    // Settings from SHOPKV_* environment variables are validated the same way.
+    let out = Command::new(binary())
+        .arg("serve")
+        .env("SHOPKV_ID", "0")
+        .env("SHOPKV_DATA_DIR", d)
+        .env("SHOPKV_PEER_ADDR", &p)
+        .env("SHOPKV_CLIENT_ADDR", &q)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`id`"), "{err}");
+
     // Peer address already in use.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let busy_addr = busy.local_addr().expect("addr").to_string();
@@ -240,6 +252,41 @@ fn bad_startup_config_is_a_clear_startup_error() {
         "{err}"
     );
     drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_configured_only_by_environment_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, q) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .env("SHOPKV_ID", "7")
+        .env("SHOPKV_DATA_DIR", dir.path())
+        .env("SHOPKV_PEER_ADDR", &p)
+        .env("SHOPKV_CLIENT_ADDR", &q)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut ident = None;
+    for _ in 0..100 {
+        if let Ok(ch) = common::channel(&q).await
+            && let Ok(r) = ClusterClient::new(ch)
+                .identity(proto::IdentityRequest {})
+                .await
+        {
+            ident = r.into_inner().node;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let ident = ident.expect("node answered");
+    assert_eq!((ident.id, ident.peer_addr.as_str()), (7, p.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
