@@ -2,6 +2,7 @@
 //! file (`--config`), in that order of precedence, then defaults.
 //! [`Config::validate`] is the one place every limit is checked.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,10 @@ pub struct ServeArgs {
     /// Deadline of a client request that carries none.
     #[arg(long, env = "SHOPKV_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Dial node ID at HOST:PORT instead of its advertised peer address
+    /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
+    #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
+    pub peer_routes: Vec<String>,
 }
 
 /// The same settings as read from the TOML file.
@@ -96,6 +101,7 @@ struct FileConfig {
     snapshot_keep_logs: Option<u64>,
     max_payload_entries: Option<u64>,
     request_timeout_ms: Option<u64>,
+    peer_routes: Option<Vec<String>>,
 }
 
 /// Validated node configuration.
@@ -123,6 +129,8 @@ pub struct Config {
     pub max_payload_entries: u64,
     /// Default request deadline.
     pub request_timeout_ms: u64,
+    /// Node id -> address to dial instead of the advertised one.
+    pub peer_routes: BTreeMap<u64, String>,
 }
 
 /// Bounds checked by [`Config::validate`].
@@ -188,6 +196,11 @@ impl Config {
                 .request_timeout_ms
                 .or(file.request_timeout_ms)
                 .unwrap_or(5000),
+            peer_routes: parse_routes(if args.peer_routes.is_empty() {
+                file.peer_routes.as_deref().unwrap_or_default()
+            } else {
+                &args.peer_routes
+            })?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -201,6 +214,15 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty".into());
+        }
+        for addr in self.peer_routes.values() {
+            resolve("peer_routes", addr)?;
+        }
+        if self.peer_routes.contains_key(&self.id) {
+            return invalid(
+                "peer_routes",
+                format!("node {} must not route to itself", self.id),
+            );
         }
         let peer = resolve("peer_addr", &self.peer_addr)?;
         let client = resolve("client_addr", &self.client_addr)?;
@@ -296,6 +318,30 @@ impl Config {
     }
 }
 
+/// Most peer routes accepted (one per other node).
+const MAX_PEER_ROUTES: usize = 64;
+
+fn parse_routes(items: &[String]) -> Result<BTreeMap<u64, String>, ConfigError> {
+    if items.len() > MAX_PEER_ROUTES {
+        return Err(ConfigError::Invalid {
+            field: "peer_routes",
+            reason: format!("at most {MAX_PEER_ROUTES} routes"),
+        });
+    }
+    items
+        .iter()
+        .map(|item| {
+            let bad = || ConfigError::Invalid {
+                field: "peer_routes",
+                reason: format!("{item:?} is not ID=HOST:PORT"),
+            };
+            let (id, addr) = item.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.trim().parse().map_err(|_| bad())?;
+            Ok((id, addr.trim().to_string()))
+        })
+        .collect()
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -368,6 +414,24 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("election_timeout_min_ms")
+        );
+        let mut a = args();
+        a.peer_routes = vec!["2=127.0.0.1:9".into(), "x".into()];
+        assert!(
+            Config::load(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("peer_routes")
+        );
+        let mut a = args();
+        a.peer_routes = vec!["2=127.0.0.1:9".into()];
+        assert_eq!(
+            Config::load(&a)
+                .unwrap()
+                .peer_routes
+                .get(&2)
+                .map(String::as_str),
+            Some("127.0.0.1:9")
         );
         let mut a = args();
         a.peer_addr = Some("nonsense".into());

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::{RaftMetrics, ReadPolicy, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -216,7 +216,12 @@ impl Node {
                 .raft_config()
                 .map_err(|e| StartError::Other(e.to_string()))?,
         );
-        let router = PeerRouter::new(config.id, Duration::from_millis(500));
+        let router = PeerRouter::new(
+            config.id,
+            Duration::from_millis(500),
+            config.peer_routes.clone(),
+        );
+        router.set_addr(config.id, &config.peer_addr);
         router.set_cluster_id(identity.cluster_id);
         let (cluster, _) = watch::channel(None);
         let node = Arc::new(Node {
@@ -472,11 +477,7 @@ impl Node {
         if replicas.is_empty() {
             return Err(NodeError::NotFound(format!("no such group {group}")));
         }
-        let target = replicas[attempt % replicas.len()];
-        map.nodes
-            .get(&target)
-            .map(|a| Route::Remote(a.peer_addr.clone()))
-            .ok_or_else(|| NodeError::Internal(format!("node {target} missing from the map")))
+        Ok(Route::Remote(replicas[attempt % replicas.len()]))
     }
 
     /// Proposes `cmd` to `group` and returns its replicated result, from
@@ -497,7 +498,7 @@ impl Node {
                     "group {group} had no reachable leader before the deadline"
                 )));
             }
-            let leader_addr = match self.route(group, attempt)? {
+            let leader = match self.route(group, attempt)? {
                 Route::Local(raft) => {
                     match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
                         Err(_) => {
@@ -506,22 +507,22 @@ impl Node {
                             )));
                         }
                         Ok(Ok(resp)) => return Ok(resp.data),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f
-                            .leader_node
-                            .filter(|_| f.leader_id != Some(self.id))
-                            .map(|n| n.peer_addr),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                            self.leader_hint(f)
+                        }
                         Ok(Err(RaftError::APIError(e))) => {
                             return Err(NodeError::Internal(e.to_string()));
                         }
+                        // The entry may already be in the log and commit later.
                         Ok(Err(RaftError::Fatal(e))) => {
-                            return Err(NodeError::Unavailable(e.to_string()));
+                            return Err(NodeError::OutcomeUnknown(e.to_string()));
                         }
                     }
                 }
-                Route::Remote(addr) => Some(addr),
+                Route::Remote(node) => Some(node),
             };
             attempt += 1;
-            if let Some(addr) = leader_addr {
+            if let Some(node) = leader {
                 if hops_left == 0 {
                     return Err(NodeError::Unavailable(format!(
                         "group {group}: too many forwarding hops"
@@ -529,7 +530,7 @@ impl Node {
                 }
                 let payload = codec::to_wire(&cmd)?;
                 match self
-                    .forward(&addr, group, payload, remaining, hops_left - 1, true)
+                    .forward(node, group, payload, remaining, hops_left - 1, true)
                     .await
                 {
                     Forwarded::Reply(bytes) => {
@@ -575,9 +576,7 @@ impl Node {
                         Err(_) => None,
                         Ok(Ok(_)) => return self.read_local(group, &op),
                         Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                            f.leader_node
-                                .filter(|_| f.leader_id != Some(self.id))
-                                .map(|n| n.peer_addr)
+                            self.leader_hint(f)
                         }
                         Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
                             None
@@ -587,10 +586,10 @@ impl Node {
                         }
                     }
                 }
-                Route::Remote(addr) => Some(addr),
+                Route::Remote(node) => Some(node),
             };
             attempt += 1;
-            if let Some(addr) = target {
+            if let Some(node) = target {
                 if hops_left == 0 {
                     return Err(NodeError::Unavailable(format!(
                         "group {group}: too many forwarding hops"
@@ -599,7 +598,7 @@ impl Node {
                 let payload = codec::to_wire(&(op.clone(), linearizable))?;
                 // Reads are safe to retry whatever happened to the request.
                 if let Forwarded::Reply(bytes) = self
-                    .forward(&addr, group, payload, remaining, hops_left - 1, false)
+                    .forward(node, group, payload, remaining, hops_left - 1, false)
                     .await
                 {
                     return codec::from_wire::<Result<ReadResult, NodeError>>(&bytes)?;
@@ -640,16 +639,26 @@ impl Node {
         }
     }
 
+    /// The node to forward to after a `ForwardToLeader` (none if no leader
+    /// is known or it names this node); learns the leader's address.
+    fn leader_hint(&self, f: ForwardToLeader<TypeConfig>) -> Option<u64> {
+        let leader = f.leader_id.filter(|id| *id != self.id)?;
+        if let Some(n) = f.leader_node {
+            self.router.set_addr(leader, &n.peer_addr);
+        }
+        Some(leader)
+    }
+
     async fn forward(
         &self,
-        addr: &str,
+        node: u64,
         group: GroupId,
         payload: Vec<u8>,
         remaining: Duration,
         hops_left: u32,
         is_write: bool,
     ) -> Forwarded {
-        let mut client = match self.router.client_for_addr(addr) {
+        let mut client = match self.router.client(node) {
             Ok(c) => c,
             Err(e) => return Forwarded::Unknown(e.to_string()),
         };
@@ -668,10 +677,28 @@ impl Node {
             Ok(Ok(reply)) => Forwarded::Reply(reply.into_inner().payload),
             Ok(Err(status)) if never_sent(&status) => Forwarded::NotSent,
             Ok(Err(status)) => {
-                Forwarded::Unknown(format!("forwarding to {addr}: {}", status.message()))
+                Forwarded::Unknown(format!("forwarding to node {node}: {}", status.message()))
             }
-            Err(_) => Forwarded::Unknown(format!("forwarding to {addr}: deadline passed")),
+            Err(_) => Forwarded::Unknown(format!("forwarding to node {node}: deadline passed")),
         }
+    }
+
+    /// A hash of `group`'s records on this replica and the applied index it
+    /// reflects, both from one RocksDB point-in-time view.
+    pub fn group_digest(&self, group: GroupId) -> Result<(u64, u64), NodeError> {
+        let image = self.store.read_group_snapshot(group)?;
+        let applied = match &image.last_applied {
+            Some(b) => codec::decode::<openraft::type_config::alias::LogIdOf<TypeConfig>>(b)?.index,
+            None => 0,
+        };
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (k, v) in &image.records {
+            h.update(&(k.len() as u64).to_be_bytes());
+            h.update(k);
+            h.update(&(v.len() as u64).to_be_bytes());
+            h.update(v);
+        }
+        Ok((applied, h.digest()))
     }
 
     /// This node's view of every group it hosts.
@@ -685,7 +712,8 @@ impl Node {
 
 enum Route {
     Local(GroupRaft),
-    Remote(String),
+    /// Another node that hosts the group (or, failing that, knows who does).
+    Remote(u64),
 }
 
 enum Forwarded {

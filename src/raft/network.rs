@@ -65,6 +65,8 @@ pub struct PeerRouter {
 
 struct Inner {
     self_id: u64,
+    /// Fixed dial addresses that win over advertised ones (`--peer-route`).
+    routes: std::collections::BTreeMap<u64, String>,
     cluster_id: std::sync::atomic::AtomicU64,
     addrs: RwLock<HashMap<u64, String>>,
     channels: Mutex<HashMap<String, Channel>>,
@@ -72,11 +74,16 @@ struct Inner {
 }
 
 impl PeerRouter {
-    /// A transport for node `self_id`.
-    pub fn new(self_id: u64, connect_timeout: Duration) -> PeerRouter {
+    /// A transport for node `self_id`; `routes` override where a node is dialled.
+    pub fn new(
+        self_id: u64,
+        connect_timeout: Duration,
+        routes: std::collections::BTreeMap<u64, String>,
+    ) -> PeerRouter {
         PeerRouter {
             inner: Arc::new(Inner {
                 self_id,
+                routes,
                 cluster_id: std::sync::atomic::AtomicU64::new(0),
                 addrs: RwLock::new(HashMap::new()),
                 channels: Mutex::new(HashMap::new()),
@@ -100,6 +107,9 @@ impl PeerRouter {
     }
 
     fn addr_of(&self, node: u64) -> Result<String, PeerError> {
+        if let Some(route) = self.inner.routes.get(&node) {
+            return Ok(route.clone());
+        }
         self.inner
             .addrs
             .read()

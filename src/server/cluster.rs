@@ -146,10 +146,8 @@ impl Cluster for ClusterService {
             let info = info.clone();
             async move {
                 let res = async {
-                    let mut client = router
-                        .client_for_addr(&info.peer_addr)
-                        .map_err(|e| e.to_string())?;
-                    let mut req = Request::new(proto::LocalStatusRequest {});
+                    let mut client = router.client(info.id).map_err(|e| e.to_string())?;
+                    let mut req = Request::new(proto::LocalStatusRequest { with_digest: false });
                     req.set_timeout(STATUS_NODE_TIMEOUT);
                     tokio::time::timeout(STATUS_NODE_TIMEOUT, client.local_status(req))
                         .await

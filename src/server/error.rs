@@ -4,8 +4,9 @@ use tonic::{Code, Status};
 
 use crate::node::NodeError;
 
-/// Detail attached (as metadata `x-shopkv-outcome`) to a write whose outcome
-/// is unknown, so clients can tell it from one that certainly failed.
+/// Metadata on every error status: `unknown` when a write was proposed but
+/// its outcome is not known, `not-applied` when the request certainly changed
+/// nothing. Errors without it (transport failures) must be treated as unknown.
 pub const OUTCOME_HEADER: &str = "x-shopkv-outcome";
 
 /// Maps a request-path error to its gRPC status.

@@ -211,28 +211,40 @@ impl Peer for PeerService {
 
     async fn local_status(
         &self,
-        _req: Request<proto::LocalStatusRequest>,
+        req: Request<proto::LocalStatusRequest>,
     ) -> Result<Response<proto::LocalStatusReply>, Status> {
+        let with_digest = req.get_ref().with_digest;
         let replicas = self
             .node
             .local_status()
             .into_iter()
-            .map(|r| proto::ReplicaOf {
-                group_id: r.group,
-                members: r.members.clone(),
-                status: Some(proto::ReplicaStatus {
-                    node_id: self.node.id,
-                    state: r.state,
-                    term: r.term,
-                    leader: r.leader,
-                    last_log_index: r.last_log_index,
-                    commit_index: r.commit_index,
-                    applied_index: r.applied_index,
-                    snapshot_index: r.snapshot_index,
-                    purged_index: r.purged_index,
-                }),
+            .map(|r| {
+                let (digest_index, digest) = if with_digest {
+                    self.node
+                        .group_digest(r.group)
+                        .map_err(super::error::to_status)?
+                } else {
+                    (0, 0)
+                };
+                Ok::<_, Status>(proto::ReplicaOf {
+                    group_id: r.group,
+                    members: r.members.clone(),
+                    status: Some(proto::ReplicaStatus {
+                        node_id: self.node.id,
+                        state: r.state,
+                        term: r.term,
+                        leader: r.leader,
+                        last_log_index: r.last_log_index,
+                        commit_index: r.commit_index,
+                        applied_index: r.applied_index,
+                        snapshot_index: r.snapshot_index,
+                        purged_index: r.purged_index,
+                        digest,
+                        digest_index,
+                    }),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, Status>>()?;
         Ok(Response::new(proto::LocalStatusReply {
             node_id: self.node.id,
             cluster_id: self.node.cluster_id(),
