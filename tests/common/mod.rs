@@ -4,6 +4,9 @@
 //! SIGSTOP/SIGCONT, restarts them on the same data, and asks them for status.
 #![allow(dead_code)]
 
+pub mod history;
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,6 +76,11 @@ impl NodeProc {
         }
     }
 
+    /// Whether the process has been started and not killed by the harness.
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
@@ -86,6 +94,8 @@ impl NodeProc {
 pub struct TestCluster {
     /// The nodes, index = id - 1.
     pub nodes: Vec<NodeProc>,
+    /// Link proxies by (from, to) node id, when started with proxies.
+    pub links: std::collections::BTreeMap<(u64, u64), proxy::LinkProxy>,
     /// Data shards given at init.
     pub shards: u32,
     dir: tempfile::TempDir,
@@ -114,8 +124,77 @@ impl TestCluster {
             .collect();
         TestCluster {
             nodes,
+            links: std::collections::BTreeMap::new(),
             shards: 0,
             dir,
+        }
+    }
+
+    /// Starts `n` nodes whose outbound peer traffic goes through one proxy per
+    /// directed link (see [`proxy`]).
+    pub async fn start_with_proxies(n: u64, extra: &[&str]) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("shopkv-chaos-")
+            .tempdir()
+            .expect("tempdir");
+        let peers: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut links = std::collections::BTreeMap::new();
+        for i in 1..=n {
+            for j in 1..=n {
+                if i != j {
+                    links.insert(
+                        (i, j),
+                        proxy::LinkProxy::start(peers[(j - 1) as usize].clone()).await,
+                    );
+                }
+            }
+        }
+        let nodes = (1..=n)
+            .map(|id| {
+                let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                for j in (1..=n).filter(|j| *j != id) {
+                    args.push("--peer-route".into());
+                    args.push(format!("{j}={}", links[&(id, j)].listen));
+                }
+                let mut p = NodeProc {
+                    id,
+                    dir: dir.path().join(format!("n{id}")),
+                    peer: peers[(id - 1) as usize].clone(),
+                    client: format!("127.0.0.1:{}", free_port()),
+                    extra: args,
+                    child: None,
+                };
+                p.spawn();
+                p
+            })
+            .collect();
+        TestCluster {
+            nodes,
+            links,
+            shards: 0,
+            dir,
+        }
+    }
+
+    /// Sets every link from a node in `a` to a node in `b` (both directions
+    /// if `both`).
+    pub fn set_links(&self, a: &[u64], b: &[u64], mode: proxy::LinkMode, both: bool) {
+        for (&(from, to), link) in &self.links {
+            if (a.contains(&from) && b.contains(&to))
+                || (both && b.contains(&from) && a.contains(&to))
+            {
+                link.set(mode);
+            }
+        }
+    }
+
+    /// Every link back to pass-through with no delay.
+    pub fn heal_links(&self) {
+        for link in self.links.values() {
+            link.set(proxy::LinkMode::Pass);
+            link.set_delay(0);
         }
     }
 
