@@ -510,6 +510,13 @@ impl Node {
                         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                             self.leader_hint(f)
                         }
+                        // Appended, then dropped from this node's log on a leader
+                        // change: another node may still commit it.
+                        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
+                            return Err(NodeError::OutcomeUnknown(format!(
+                                "group {group}: the write was discarded by a leader change ({f})"
+                            )));
+                        }
                         Ok(Err(RaftError::APIError(e))) => {
                             return Err(NodeError::Internal(e.to_string()));
                         }

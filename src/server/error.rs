@@ -19,13 +19,19 @@ pub fn to_status(e: NodeError) -> Status {
         NodeError::OutcomeUnknown(_) => (Code::Unavailable, e.to_string()),
         NodeError::Internal(m) => (Code::Internal, m.clone()),
     };
+    let outcome = match e {
+        NodeError::OutcomeUnknown(_) | NodeError::Internal(_) => "unknown",
+        // Rejected before anything was proposed: a retry cannot apply it twice.
+        NodeError::InvalidArgument(_)
+        | NodeError::NotFound(_)
+        | NodeError::FailedPrecondition(_)
+        | NodeError::Unavailable(_) => "not-applied",
+    };
     let mut status = Status::new(code, msg);
-    if matches!(e, NodeError::OutcomeUnknown(_)) {
-        status.metadata_mut().insert(
-            OUTCOME_HEADER,
-            tonic::metadata::MetadataValue::from_static("unknown"),
-        );
-    }
+    status.metadata_mut().insert(
+        OUTCOME_HEADER,
+        tonic::metadata::MetadataValue::from_static(outcome),
+    );
     status
 }
 
@@ -38,4 +44,32 @@ impl From<NodeError> for Status {
 /// Shorthand for an INVALID_ARGUMENT status.
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(e: NodeError) -> String {
+        let s = to_status(e);
+        s.metadata()
+            .get(OUTCOME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn only_certain_rejections_say_not_applied() {
+        assert_eq!(outcome(NodeError::Unavailable("x".into())), "not-applied");
+        assert_eq!(
+            outcome(NodeError::InvalidArgument("x".into())),
+            "not-applied"
+        );
+        assert_eq!(outcome(NodeError::OutcomeUnknown("x".into())), "unknown");
+        assert_eq!(outcome(NodeError::Internal("x".into())), "unknown");
+        let s = to_status(NodeError::OutcomeUnknown("deadline".into()));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("outcome unknown"));
+    }
 }
