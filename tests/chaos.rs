@@ -50,11 +50,13 @@ impl Run {
     }
 }
 
-/// Whether an error means the request certainly changed nothing.
+/// Whether an error means the request certainly changed nothing: the server
+/// said so, or no connection could be made to send it.
 fn not_applied(s: &tonic::Status) -> bool {
-    s.metadata()
-        .get("x-shopkv-outcome")
-        .is_some_and(|v| v.as_bytes() == b"not-applied")
+    match s.metadata().get("x-shopkv-outcome") {
+        Some(v) => v.as_bytes() == b"not-applied",
+        None => s.code() == tonic::Code::Unavailable && s.message().contains("tcp connect error"),
+    }
 }
 
 async fn connect(addr: &str) -> Option<KvClient<Channel>> {
@@ -122,9 +124,16 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
                 match tokio::time::timeout(OP_TIMEOUT, kv.compare_and_swap(req)).await {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        Outcome::Swapped {
-                            ok: r.succeeded,
-                            version: r.version,
+                        match r
+                            .current
+                            .map(|c| String::from_utf8_lossy(&c.value).parse::<u64>())
+                        {
+                            Some(Err(_)) => Outcome::Unknown,
+                            current => Outcome::Swapped {
+                                ok: r.succeeded,
+                                version: r.version,
+                                current: current.and_then(Result::ok),
+                            },
                         }
                     }
                     Ok(Err(s)) if not_applied(&s) => Outcome::Failed,

@@ -230,6 +230,7 @@ impl Kv for KvService {
         check_key(&r.key)?;
         check_value(&r.value)?;
         let shard = self.map()?.shard_for(&r.key);
+        let key = r.key.clone();
         let cmd = Command::CompareAndSwap {
             key: r.key,
             expected_version: r.expected_version,
@@ -240,12 +241,20 @@ impl Kv for KvService {
             .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
             .await?
         {
-            SmResponse::Cas { succeeded, version } => {
-                Ok(Response::new(proto::CompareAndSwapResponse {
-                    succeeded,
+            SmResponse::Cas {
+                succeeded,
+                version,
+                current,
+            } => Ok(Response::new(proto::CompareAndSwapResponse {
+                succeeded,
+                version,
+                current: current.map(|value| proto::Record {
+                    key: key.clone(),
+                    value,
                     version,
-                }))
-            }
+                    shard,
+                }),
+            })),
             other => Err(unexpected(other)),
         }
     }

@@ -102,6 +102,9 @@ pub enum Response {
         succeeded: bool,
         /// New version on success, current version (0 = absent) on failure.
         version: u64,
+        /// On failure, the current value (`None` if the key is absent), so
+        /// the caller learns which write the current version belongs to.
+        current: Option<Vec<u8>>,
     },
     /// The command was proposed to a group of the wrong kind.
     WrongGroup,
@@ -184,17 +187,20 @@ pub fn apply(
             expected_version,
             value,
         } => {
-            let current = read_record(state, key)?.map_or(0, |r| r.version);
-            if current != *expected_version {
+            let current = read_record(state, key)?;
+            let current_version = current.as_ref().map_or(0, |r| r.version);
+            if current_version != *expected_version {
                 return Ok(Response::Cas {
                     succeeded: false,
-                    version: current,
+                    version: current_version,
+                    current: current.map(|r| r.value),
                 });
             }
             put_record(state, key, value, index)?;
             Ok(Response::Cas {
                 succeeded: true,
                 version: index,
+                current: None,
             })
         }
     }
@@ -267,21 +273,24 @@ mod tests {
             apply(&mut m, 1, 5, &cas(0, "x")).unwrap(),
             Response::Cas {
                 succeeded: true,
-                version: 5
+                version: 5,
+                current: None
             }
         );
         assert_eq!(
             apply(&mut m, 1, 6, &cas(0, "y")).unwrap(),
             Response::Cas {
                 succeeded: false,
-                version: 5
+                version: 5,
+                current: Some(b"x".to_vec())
             }
         );
         assert_eq!(
             apply(&mut m, 1, 7, &cas(5, "z")).unwrap(),
             Response::Cas {
                 succeeded: true,
-                version: 7
+                version: 7,
+                current: None
             }
         );
     }

@@ -26,8 +26,14 @@ pub enum Outcome {
     Read(Option<(u64, u64)>),
     /// Put: the new version.
     Written(u64),
-    /// Cas: whether it swapped, and the version after the call.
-    Swapped { ok: bool, version: u64 },
+    /// Cas: whether it swapped, the version after the call, and on failure
+    /// the current value (`None` when absent).
+    Swapped {
+        ok: bool,
+        version: u64,
+        #[serde(default)]
+        current: Option<u64>,
+    },
     /// The request certainly changed nothing.
     Failed,
     /// Timeout or lost connection after sending: may or may not have happened.
@@ -119,7 +125,12 @@ impl Model for Register {
                     version: op.observed_version,
                 },
             ),
-            (Call::Cas { expected, value }, Outcome::Swapped { ok: true, version }) => (
+            (
+                Call::Cas { expected, value },
+                Outcome::Swapped {
+                    ok: true, version, ..
+                },
+            ) => (
                 // A version nobody observed cannot have been the expected one.
                 s.version == Some(*expected) && newer(*version),
                 RegState {
@@ -127,8 +138,17 @@ impl Model for Register {
                     version: Some(*version),
                 },
             ),
-            (Call::Cas { expected, .. }, Outcome::Swapped { ok: false, version }) => (
-                version != expected && s.version.is_none_or(|v| v == *version),
+            (
+                Call::Cas { expected, .. },
+                Outcome::Swapped {
+                    ok: false,
+                    version,
+                    current,
+                },
+            ) => (
+                version != expected
+                    && s.value == *current
+                    && s.version.is_none_or(|v| v == *version),
                 RegState {
                     value: s.value,
                     version: Some(*version),
@@ -174,7 +194,20 @@ pub fn check_linearizable(history: &[Op], timeout: Duration) -> Verdict {
                 seen.insert(*value, *version);
             }
             (Call::Put { value }, Outcome::Written(version))
-            | (Call::Cas { value, .. }, Outcome::Swapped { ok: true, version }) => {
+            | (
+                Call::Cas { value, .. },
+                Outcome::Swapped {
+                    ok: true, version, ..
+                },
+            )
+            | (
+                Call::Cas { .. },
+                Outcome::Swapped {
+                    ok: false,
+                    version,
+                    current: Some(value),
+                },
+            ) => {
                 seen.insert(*value, *version);
             }
             _ => {}
@@ -184,6 +217,7 @@ pub fn check_linearizable(history: &[Op], timeout: Duration) -> Verdict {
         .iter()
         .filter(|op| op.outcome != Outcome::Failed)
         .filter(|op| !(op.outcome == Outcome::Unknown && op.call == Call::Get))
+        .filter(|op| !unseen_unknown_write(op, &seen))
         .map(|op| {
             let value = match op.call {
                 Call::Put { value } | Call::Cas { value, .. } => Some(value),
@@ -211,6 +245,21 @@ pub fn check_linearizable(history: &[Op], timeout: Duration) -> Verdict {
         CheckResult::Ok => Verdict::Ok,
         CheckResult::Illegal => Verdict::Violation,
         CheckResult::Unknown => Verdict::Unknown,
+    }
+}
+
+/// Whether `op` is a write of unknown outcome whose value nobody ever
+/// observed, and so may be dropped: had it taken effect, only blind writes
+/// could follow it (a read or a failed CAS would show its value, and a CAS
+/// needs its version, which nobody saw). Dropping such writes keeps the
+/// search from exploding on runs with thousands of timeouts.
+fn unseen_unknown_write(op: &Op, seen: &HashMap<u64, u64>) -> bool {
+    if op.outcome != Outcome::Unknown {
+        return false;
+    }
+    match op.call {
+        Call::Put { value } | Call::Cas { value, .. } => !seen.contains_key(&value),
+        Call::Get => false,
     }
 }
 

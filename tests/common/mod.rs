@@ -17,9 +17,10 @@ use shopkv::proto::kv_client::KvClient;
 use shopkv::proto::{self, StatusResponse};
 use tonic::transport::{Channel, Endpoint};
 
-/// The `shopkv` binary Cargo built for these tests.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_shopkv")
+/// The `shopkv` binary Cargo built for these tests (`SHOPKV_TEST_BIN`
+/// overrides it, e.g. to keep a long chaos campaign on one build).
+pub fn binary() -> String {
+    std::env::var("SHOPKV_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shopkv").to_string())
 }
 
 /// A loopback port that was free a moment ago.
