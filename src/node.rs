@@ -507,23 +507,10 @@ impl Node {
                             )));
                         }
                         Ok(Ok(resp)) => return Ok(resp.data),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                            self.leader_hint(f)
-                        }
-                        // Appended, then dropped from this node's log on a leader
-                        // change: another node may still commit it.
-                        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
-                            return Err(NodeError::OutcomeUnknown(format!(
-                                "group {group}: the write was discarded by a leader change ({f})"
-                            )));
-                        }
-                        Ok(Err(RaftError::APIError(e))) => {
-                            return Err(NodeError::Internal(e.to_string()));
-                        }
-                        // The entry may already be in the log and commit later.
-                        Ok(Err(RaftError::Fatal(e))) => {
-                            return Err(NodeError::OutcomeUnknown(e.to_string()));
-                        }
+                        Ok(Err(e)) => match write_failure(group, e) {
+                            WriteFailure::NotLeader(f) => self.leader_hint(f),
+                            WriteFailure::Fail(e) => return Err(e),
+                        },
                     }
                 }
                 Route::Remote(node) => Some(node),
@@ -717,6 +704,34 @@ impl Node {
     }
 }
 
+/// What a failed local `client_write` means for the request.
+#[derive(Debug)]
+enum WriteFailure {
+    /// Not appended here: safe to send to the leader.
+    NotLeader(ForwardToLeader<TypeConfig>),
+    /// Give up with this error.
+    Fail(NodeError),
+}
+
+fn write_failure(
+    group: GroupId,
+    e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+) -> WriteFailure {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteFailure::NotLeader(f),
+        // Appended, then dropped from this node's log on a leader change:
+        // another node may still commit it, so it must not be re-sent.
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+            WriteFailure::Fail(NodeError::OutcomeUnknown(format!(
+                "group {group}: the write was discarded by a leader change ({f})"
+            )))
+        }
+        RaftError::APIError(e) => WriteFailure::Fail(NodeError::Internal(e.to_string())),
+        // The entry may already be in the log and commit later.
+        RaftError::Fatal(e) => WriteFailure::Fail(NodeError::OutcomeUnknown(e.to_string())),
+    }
+}
+
 enum Route {
     Local(GroupRaft),
     /// Another node that hosts the group (or, failing that, knows who does).
@@ -762,4 +777,28 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_discarded_by_a_leader_change_is_outcome_unknown_not_retried() {
+        let discarded =
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(ForwardToLeader::<
+                TypeConfig,
+            >::empty()));
+        assert!(matches!(
+            write_failure(1, discarded),
+            WriteFailure::Fail(NodeError::OutcomeUnknown(_))
+        ));
+        let not_leader = RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader::<
+            TypeConfig,
+        >::empty()));
+        assert!(matches!(
+            write_failure(1, not_leader),
+            WriteFailure::NotLeader(_)
+        ));
+    }
 }
