@@ -439,7 +439,7 @@ async fn chaos() {
         ));
     }
 
-    println!(
+    let summary = format!(
         "CHAOS seed={seed} secs={} nodes={nodes} kills={} pauses={} partitions={} ops={ops} unknown={unknown} violations={}",
         elapsed.as_secs(),
         faults.kills,
@@ -447,6 +447,9 @@ async fn chaos() {
         faults.partitions,
         violations.len()
     );
+    // Straight to the stderr handle: libtest captures print!/eprint! of passing
+    // tests, and this line belongs in every run's log, CI's included.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{summary}\n").as_bytes());
     if !violations.is_empty() {
         let history_path = c.dir().join("history.json");
         let _ = std::fs::write(
