@@ -34,6 +34,25 @@ async fn put_until_ok(
     }
 }
 
+/// A write to `shard` through `via` succeeds within 5 s of `killed_at`.
+async fn assert_writes_resume(
+    c: &TestCluster,
+    via: u64,
+    shard: u64,
+    killed_at: Instant,
+    tag: &str,
+    acked: &mut BTreeMap<String, String>,
+) {
+    let k = key_on_shard(shard, c.shards, tag);
+    let ok_at = put_until_ok(c, via, &k, tag, Duration::from_secs(10)).await;
+    assert!(
+        ok_at - killed_at < Duration::from_secs(5),
+        "writes to shard {shard} resumed after {:?}",
+        ok_at - killed_at
+    );
+    acked.insert(k, tag.to_string());
+}
+
 /// A key that routes to `shard`.
 fn key_on_shard(shard: u64, shards: u32, tag: &str) -> String {
     (0..)
@@ -93,14 +112,7 @@ async fn writes_survive_leader_kills_and_the_killed_node_catches_up() {
         .find(|g| g.group_id != META_GROUP && g.leader == meta_leader)
         .map(|g| g.group_id);
     if let Some(s) = first_shard_led {
-        let k = key_on_shard(s, c.shards, "after-meta-kill");
-        let ok_at = put_until_ok(&c, via, &k, "v", Duration::from_secs(10)).await;
-        assert!(
-            ok_at - killed_at < Duration::from_secs(5),
-            "writes to shard {s} resumed after {:?}",
-            ok_at - killed_at
-        );
-        acked.insert(k, "v".into());
+        assert_writes_resume(&c, via, s, killed_at, "after-meta-kill", &mut acked).await;
     }
 
     // Bring the first node back before killing the next leader (keep a quorum).
@@ -111,14 +123,7 @@ async fn writes_survive_leader_kills_and_the_killed_node_catches_up() {
     c.kill(shard_leader);
     let killed_at = Instant::now();
     let via = survivor(&[shard_leader]);
-    let k = key_on_shard(shard_id, c.shards, "after-shard-kill");
-    let ok_at = put_until_ok(&c, via, &k, "w", Duration::from_secs(10)).await;
-    assert!(
-        ok_at - killed_at < Duration::from_secs(5),
-        "writes to shard {shard_id} resumed after {:?}",
-        ok_at - killed_at
-    );
-    acked.insert(k, "w".into());
+    assert_writes_resume(&c, via, shard_id, killed_at, "after-shard-kill", &mut acked).await;
     for i in 0..20 {
         let (k, v) = (format!("late-{i}"), format!("late-value-{i}"));
         put_until_ok(&c, via, &k, &v, Duration::from_secs(10)).await;

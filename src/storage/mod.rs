@@ -58,8 +58,11 @@ pub type FlushCallback = Box<dyn FnOnce(std::io::Result<()>) + Send>;
 /// One node's RocksDB. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    // Field order matters: `flusher` drops last, and its drop joins the WAL
+    // thread, so the database is closed before the last Store is gone (never
+    // by a thread racing the process's exit).
     db: Arc<DB>,
-    flusher: GroupCommit,
+    flusher: Arc<GroupCommit>,
 }
 
 impl Store {
@@ -82,7 +85,7 @@ impl Store {
             ColumnFamilyDescriptor::new(*name, cf_opts)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
-        let flusher = GroupCommit::start(db.clone());
+        let flusher = Arc::new(GroupCommit::start(db.clone())?);
         Ok(Store { db, flusher })
     }
 
@@ -402,21 +405,21 @@ impl ApplyBatch {
 
 /// The node's single WAL flusher: every callback queued before a sync starts
 /// is completed by that sync, so one fsync covers many appends of many groups.
-#[derive(Clone)]
 struct GroupCommit {
-    tx: mpsc::Sender<FlushCallback>,
+    tx: Option<mpsc::Sender<FlushCallback>>,
     syncs: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl GroupCommit {
-    fn start(db: Arc<DB>) -> GroupCommit {
+    fn start(db: Arc<DB>) -> Result<GroupCommit> {
         let (tx, rx) = mpsc::channel::<FlushCallback>();
         let syncs = Arc::new(AtomicU64::new(0));
         let counter = syncs.clone();
-        let spawned = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("shopkv-wal-sync".into())
             .spawn(move || {
-                // Ends when every Store clone (and so every sender) is dropped.
+                // Ends when the sender is dropped (see Drop below).
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
@@ -426,17 +429,31 @@ impl GroupCommit {
                         cb(res.clone().map_err(std::io::Error::other));
                     }
                 }
-            });
-        if let Err(e) = spawned {
-            // Without the thread every append fails with FlusherStopped below,
-            // which openraft treats as a storage error; log it once here.
-            tracing::error!("cannot start the WAL sync thread: {e}");
-        }
-        GroupCommit { tx, syncs }
+            })?;
+        Ok(GroupCommit {
+            tx: Some(tx),
+            syncs,
+            thread: Some(thread),
+        })
     }
 
     fn enqueue(&self, cb: FlushCallback) -> Result<()> {
-        self.tx.send(cb).map_err(|_| StorageError::FlusherStopped)
+        self.tx
+            .as_ref()
+            .ok_or(StorageError::FlusherStopped)?
+            .send(cb)
+            .map_err(|_| StorageError::FlusherStopped)
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
     }
 }
 
@@ -476,6 +493,28 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(g1, (0..APPENDS).filter(|i| i % 4 == 1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn dropping_the_last_store_closes_the_database_before_returning() {
+        // The WAL thread holds the database too; if it closed it later, the
+        // reopen below would find RocksDB's lock still held (and a process
+        // exiting meanwhile could abort in RocksDB's teardown).
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20u64 {
+            let store = Store::open(dir.path()).unwrap();
+            store.append_log(1, &[(round, vec![7])]).unwrap();
+            let (tx, rx) = mpsc::channel();
+            store
+                .flush_then(Box::new(move |r| tx.send(r.is_ok()).unwrap()))
+                .unwrap();
+            assert!(rx.recv().unwrap());
+            let clone = store.clone();
+            drop(store);
+            drop(clone);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_log(1, 0, u64::MAX).unwrap().len(), 20);
     }
 
     #[test]
