@@ -34,6 +34,20 @@ async fn put_until_ok(
     }
 }
 
+/// Every acknowledged write reads back (linearizably) through every node.
+async fn assert_readable_everywhere(c: &TestCluster, acked: &BTreeMap<String, String>) {
+    for via in 1..=3 {
+        let mut kv = c.kv(via).await;
+        for (k, v) in acked {
+            assert_eq!(
+                get(&mut kv, k, false).await.expect("get").as_deref(),
+                Some(v.as_str()),
+                "{k} via node {via}"
+            );
+        }
+    }
+}
+
 /// A write to `shard` through `via` succeeds within 5 s of `killed_at`.
 async fn assert_writes_resume(
     c: &TestCluster,
@@ -74,16 +88,7 @@ async fn writes_survive_leader_kills_and_the_killed_node_catches_up() {
         put(&mut kv, &k, &v).await.expect("put");
         acked.insert(k, v);
     }
-    for via in 1..=3 {
-        let mut kv = c.kv(via).await;
-        for (k, v) in &acked {
-            assert_eq!(
-                get(&mut kv, k, false).await.expect("get").as_deref(),
-                Some(v.as_str()),
-                "via node {via}"
-            );
-        }
-    }
+    assert_readable_everywhere(&c, &acked).await;
 
     // Kill the meta group's leader, then the leader of a data shard led elsewhere if any.
     let meta_leader = c.leader_of(META_GROUP, 1).await.expect("meta leader");
@@ -161,18 +166,9 @@ async fn writes_survive_leader_kills_and_the_killed_node_catches_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Every acknowledged write is readable from every node: linearizable through
-    // each, and from each node's own replica (serializable) now that all caught up.
-    for via in 1..=3 {
-        let mut kv = c.kv(via).await;
-        for (k, v) in &acked {
-            assert_eq!(
-                get(&mut kv, k, false).await.expect("get").as_deref(),
-                Some(v.as_str()),
-                "{k} via node {via}"
-            );
-        }
-    }
+    // Every acknowledged write is readable through every node, and (below) from
+    // the restarted node's own replicas now that all caught up.
+    assert_readable_everywhere(&c, &acked).await;
     let mut kv = c.kv(shard_leader).await;
     let scan = kv
         .scan(proto::ScanRequest {

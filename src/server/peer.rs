@@ -2,7 +2,7 @@
 //! streams, and requests forwarded by other nodes to a group's leader.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use openraft::storage::Snapshot;
@@ -194,13 +194,7 @@ impl Peer for PeerService {
         let res = match codec::from_wire::<(ReadOp, bool)>(&m.payload) {
             Ok((op, linearizable)) => {
                 self.node
-                    .read(
-                        m.group_id,
-                        op,
-                        linearizable,
-                        deadline.max(Instant::now()),
-                        m.hops_left,
-                    )
+                    .read(m.group_id, op, linearizable, deadline, m.hops_left)
                     .await
             }
             Err(e) => Err(NodeError::InvalidArgument(e.to_string())),
