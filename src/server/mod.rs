@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::node::Node;
 use crate::proto::cluster_server::ClusterServer;
@@ -31,15 +31,13 @@ pub async fn serve(
     client_listener: TcpListener,
 ) -> Result<(), tonic::transport::Error> {
     let peer = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             PeerServer::new(peer::PeerService::new(node.clone()))
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
-        .serve_with_incoming(TcpListenerStream::new(peer_listener));
+        .serve_with_incoming(no_delay(peer_listener));
     let client = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             KvServer::new(kv::KvService::new(node.clone()))
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES),
@@ -47,9 +45,16 @@ pub async fn serve(
         .add_service(ClusterServer::new(cluster::ClusterService::new(
             node.clone(),
         )))
-        .serve_with_incoming(TcpListenerStream::new(client_listener));
+        .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;
     Ok(())
+}
+
+/// Accepted connections with Nagle off. The builder's `tcp_nodelay` only applies to
+/// listeners it binds itself, not to `serve_with_incoming`: without this, small
+/// responses waited for the client's delayed ACK (~40 ms per request under load).
+fn no_delay(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The deadline of a request: its `grpc-timeout`, else the node default,
