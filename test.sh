@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, clippy, unit, integration and chaos
-# tests (real `shopkv serve` processes on loopback). Installs clang/libclang-dev
+# tests (real `shopkv serve` processes on loopback) and the bench harness (built
+# without its etcd driver, which only `bench/run.sh` needs). Installs clang/libclang-dev
 # if missing (as root). Builds go to $CARGO_TARGET_DIR (default
 # ~/.cache/shopkv/target, shared with cluster/bootstrap.sh so RocksDB compiles once).
 set -euo pipefail
@@ -10,7 +11,7 @@ cd "$(dirname "$0")"
 . cluster/ensure-deps.sh
 
 cargo fmt --all -- --check
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --workspace --all-targets -- -D warnings
 # One test at a time: the cluster tests each run several node processes and
 # their timing bounds (writes resume within 5 s) assume the 2 cores are theirs.
-cargo test --release -- --test-threads=1
+cargo test --release --workspace -- --test-threads=1

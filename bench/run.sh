@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: shopkv vs etcd 3.4 on this machine, in one run.
+#
+#   bench/run.sh [--quick]
+#
+# Installs etcd-server (and protoc, which the etcd-client crate's build needs) from
+# Debian if missing (as root), builds shopkv and shopkv-bench, then one system at a
+# time on fresh data under bench/data/: a 3-member etcd on loopback (default flags,
+# fsync on), a 3-node shopkv via cluster/bootstrap.sh; runs every workload against
+# both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
+# one RESULT line per compared row, and appends the tables with the date, machine
+# and commit to bench/RESULTS.md. --quick: short runs, under 3 minutes in all.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument: $arg" >&2; exit 1 ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then
+  DURATION=3; WARMUP=1; MODE=quick
+else
+  DURATION=10; WARMUP=2; MODE=full
+fi
+KEYS=10000
+PUT_CLIENTS="1 16 64 256"
+WORK="$ROOT/bench/data"
+RESULTS="$WORK/results.jsonl"
+ETCD_BASE=24000      # member i: client ETCD_BASE+10i, peer ETCD_BASE+10i+1
+SHOPKV_BASE=24100    # cluster/bootstrap.sh --base-port
+
+need_root() {
+  [ "$(id -u)" = 0 ] || { echo "run.sh: $1 is missing; run as root once to install it" >&2; exit 1; }
+}
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  need_root etcd-server
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+if ! command -v protoc >/dev/null; then
+  need_root protoc
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+# shellcheck source=cluster/ensure-deps.sh
+. "$ROOT/cluster/ensure-deps.sh"
+
+echo "run.sh: building shopkv and shopkv-bench (release)"
+(cd "$ROOT" && cargo build --release --quiet --bin shopkv && cargo build --release --quiet -p shopkv-bench --features etcd)
+export SHOPKV_BIN="$CARGO_TARGET_DIR/release/shopkv"
+BENCH="$CARGO_TARGET_DIR/release/shopkv-bench"
+
+ETCD_PIDS=()
+stop_etcd() {
+  for pid in "${ETCD_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${ETCD_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  ETCD_PIDS=()
+}
+SHOPKV_DIRS=()
+cleanup() {
+  stop_etcd
+  for d in "${SHOPKV_DIRS[@]}"; do "$ROOT/cluster/stop.sh" --data-dir "$d" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+FSYNC=$("$BENCH" fsync-probe "$WORK")
+echo "run.sh: $FSYNC"
+
+bench() { # system endpoints workload clients nodes shards label
+  "$BENCH" run --system "$1" --endpoints "$2" --workload "$3" --clients "$4" --nodes "$5" \
+    --shards "$6" --label "$7" --keys "$KEYS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" \
+    --out "$RESULTS"
+}
+compare_set() { # system endpoints nodes shards
+  for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
+  bench "$1" "$2" get-lin 64 "$3" "$4" compare
+  bench "$1" "$2" get-ser 64 "$3" "$4" compare
+}
+
+# --- etcd: 3 members on loopback, default flags (fsync on) ---
+cluster=""
+for i in 1 2 3; do
+  cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
+done
+etcd_endpoints=""
+for i in 1 2 3; do
+  client="127.0.0.1:$((ETCD_BASE + 10 * i))"
+  peer="http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
+  etcd_endpoints="${etcd_endpoints:+$etcd_endpoints,}$client"
+  etcd --name "e$i" --data-dir "$WORK/etcd/e$i" \
+    --listen-client-urls "http://$client" --advertise-client-urls "http://$client" \
+    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+    --initial-cluster "$cluster" --initial-cluster-token shopkv-bench --initial-cluster-state new \
+    > "$WORK/etcd-e$i.log" 2>&1 &
+  ETCD_PIDS+=($!)
+done
+for _ in $(seq 1 100); do
+  ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null 2>&1 && break
+  sleep 0.3
+done
+ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null \
+  || { echo "run.sh: etcd did not become healthy (see $WORK/etcd-e*.log)" >&2; exit 1; }
+echo "run.sh: etcd $(etcd --version | awk 'NR==1{print $3}') up at $etcd_endpoints"
+compare_set etcd "$etcd_endpoints" 3 1
+stop_etcd
+
+# --- shopkv: 3 nodes, 8 shards (bootstrap's default) ---
+shopkv_cluster() { # name nodes shards -> prints endpoints
+  local dir="$WORK/$1"
+  SHOPKV_DIRS+=("$dir")
+  "$ROOT/cluster/bootstrap.sh" --nodes "$2" --shards "$3" --data-dir "$dir" --base-port "$SHOPKV_BASE" \
+    >"$WORK/$1-bootstrap.log" 2>&1 || { cat "$WORK/$1-bootstrap.log" >&2; exit 1; }
+  cat "$dir/endpoints"
+}
+stop_shopkv() { "$ROOT/cluster/stop.sh" --data-dir "$WORK/$1" >/dev/null; }
+
+ep=$(shopkv_cluster shopkv-3n 3 8)
+echo "run.sh: shopkv up at $ep"
+compare_set shopkv "$ep" 3 8
+stop_shopkv shopkv-3n
+
+# --- shopkv alone: 5 nodes; 1 vs 8 shards ---
+EXTRA_CLIENTS="64 256"
+[ "$QUICK" = 1 ] && EXTRA_CLIENTS=64
+ep=$(shopkv_cluster shopkv-5n 5 8)
+for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 5 8 5-nodes; done
+stop_shopkv shopkv-5n
+for shards in 1 8; do
+  ep=$(shopkv_cluster "shopkv-3n-${shards}s" 3 "$shards")
+  for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 3 "$shards" "3-nodes-${shards}-shards"; done
+  stop_shopkv "shopkv-3n-${shards}s"
+done
+
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
+disk=$(df -T "$WORK" | awk 'NR==2{print $1" "$2}')
+rota=$(lsblk -ndo ROTA "$(df "$WORK" | awk 'NR==2{print $1}')" 2>/dev/null | tr -d " " || echo "?")
+echo
+"$BENCH" report "$RESULTS" --markdown "$ROOT/bench/RESULTS.md" \
+  --heading "$(date -u '+%Y-%m-%d %H:%M UTC') — $MODE run, commit $commit" \
+  --note "command: \`bench/run.sh${1:+ $1}\` (${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
+  --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
+  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 8 shards"
+echo "run.sh: appended to bench/RESULTS.md"

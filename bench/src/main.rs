@@ -1,0 +1,204 @@
+//! `shopkv-bench`: run one workload against one system and append its result line,
+//! render a results file as the side-by-side table, or measure the disk's fsync.
+//! `bench/run.sh` drives it; see `bench/README.md`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use shopkv_bench::client::{self, System};
+use shopkv_bench::report::{self, Row};
+use shopkv_bench::runner::RunSpec;
+use shopkv_bench::workloads::{self, KeySpace};
+
+#[derive(Parser)]
+#[command(
+    name = "shopkv-bench",
+    about = "Side-by-side load generator: shopkv vs etcd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one workload closed-loop and append one JSON result line to --out.
+    Run(RunArgs),
+    /// Print the side-by-side table and RESULT lines of a results file.
+    Report {
+        results: PathBuf,
+        /// Also append the tables as Markdown to this file, under --heading.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        #[arg(long, default_value = "bench run")]
+        heading: String,
+        /// Lines written under the heading (command, machine, commit ...).
+        #[arg(long)]
+        note: Vec<String>,
+    },
+    /// Time `count` small write+fdatasync calls in DIR: the floor both systems sit on.
+    FsyncProbe {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    system: System,
+    /// Client endpoints, comma separated (host:port).
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// One of: put, get-lin, get-ser.
+    #[arg(long)]
+    workload: String,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// HTTP/2 connections (default: min(clients, 16)).
+    #[arg(long)]
+    conns: Option<usize>,
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// Recorded with the result: cluster size and shard count.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// "compare" pairs the row with the other system's; anything else is an extra row.
+    #[arg(long, default_value = report::COMPARE)]
+    label: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Report {
+            results,
+            markdown,
+            heading,
+            note,
+        } => {
+            let text = std::fs::read_to_string(&results)
+                .with_context(|| format!("reading {}", results.display()))?;
+            let rows: Vec<Row> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()
+                .context("parsing results")?;
+            print!("{}", report::render_text(&rows));
+            if let Some(path) = markdown {
+                let mut md = format!("\n## {heading}\n\n");
+                for line in &note {
+                    md.push_str(&format!("- {line}\n"));
+                }
+                md.push('\n');
+                md.push_str(&report::render_markdown(&rows));
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                f.write_all(md.as_bytes())?;
+            }
+            Ok(())
+        }
+        Command::FsyncProbe { dir, count } => fsync_probe(&dir, count),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.clients > 0 && args.keys > 0,
+        "--clients and --keys must be positive"
+    );
+    anyhow::ensure!(
+        args.duration_secs > 0.0 && args.warmup_secs >= 0.0,
+        "bad duration"
+    );
+    let space = KeySpace {
+        keys: args.keys,
+        value_bytes: args.value_bytes,
+    };
+    let workload = workloads::build(&args.workload, space)?;
+    let conns = args.conns.unwrap_or(args.clients.min(16)).max(1);
+    let connections = client::connect(args.system, &args.endpoints, conns).await?;
+    let spec = RunSpec {
+        clients: args.clients,
+        warmup: Duration::from_secs_f64(args.warmup_secs),
+        duration: Duration::from_secs_f64(args.duration_secs),
+        progress: true,
+        seed: args.seed,
+    };
+    eprintln!(
+        "{} {} clients={} conns={} for {}s (+{}s warm-up)",
+        args.system.as_str(),
+        args.workload,
+        args.clients,
+        conns,
+        args.duration_secs,
+        args.warmup_secs
+    );
+    let report = workload.setup_and_run(&connections, &spec).await?;
+    let s = &report.summary;
+    eprintln!(
+        "  => {:.0} ops/s p50={:.2}ms p99={:.2}ms p999={:.2}ms errors={} retries={}",
+        s.ops_per_s, s.p50_ms, s.p99_ms, s.p999_ms, s.errors, s.retries
+    );
+    let row = Row {
+        system: args.system,
+        workload: args.workload,
+        clients: args.clients,
+        nodes: args.nodes,
+        shards: args.shards,
+        label: args.label,
+        duration_s: args.duration_secs,
+        summary: report.summary,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.out)
+        .with_context(|| format!("opening {}", args.out.display()))?;
+    writeln!(f, "{}", serde_json::to_string(&row)?)?;
+    Ok(())
+}
+
+fn fsync_probe(dir: &std::path::Path, count: u32) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut samples_us = Vec::with_capacity(count as usize);
+    let block = [7u8; 256];
+    for _ in 0..count.max(1) {
+        let t0 = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        samples_us.push(t0.elapsed().as_micros() as u64);
+    }
+    std::fs::remove_file(&path)?;
+    samples_us.sort_unstable();
+    let q = |p: f64| samples_us[((samples_us.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    println!(
+        "FSYNC count={} p50_ms={:.2} p99_ms={:.2}",
+        samples_us.len(),
+        q(0.5),
+        q(0.99)
+    );
+    Ok(())
+}

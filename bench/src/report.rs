@@ -1,0 +1,270 @@
+//! Results: one JSON line per run ([`Row`]), and the side-by-side rendering of a
+//! set of them — a table, one machine-readable `RESULT` line per compared row, and
+//! the same as Markdown for `bench/RESULTS.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::System;
+use crate::stats::Summary;
+
+/// Rows with this label are paired etcd vs shopkv; others are shopkv-only extras.
+pub const COMPARE: &str = "compare";
+
+/// One run's result as stored in the results file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    pub system: System,
+    pub workload: String,
+    pub clients: usize,
+    pub nodes: usize,
+    /// Data shards (shopkv); 1 for etcd.
+    pub shards: usize,
+    /// [`COMPARE`] for the side-by-side table, anything else for an extra row.
+    pub label: String,
+    pub duration_s: f64,
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+/// etcd and shopkv results of one (workload, clients) pair.
+struct Pair<'a> {
+    workload: &'a str,
+    clients: usize,
+    etcd: Option<&'a Row>,
+    shopkv: Option<&'a Row>,
+}
+
+fn pairs(rows: &[Row]) -> Vec<Pair<'_>> {
+    // Keep the order in which workloads first appear; clients ascending inside one.
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_key: BTreeMap<(usize, usize), Pair<'_>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.label == COMPARE) {
+        let w = match order.iter().position(|w| *w == row.workload) {
+            Some(p) => p,
+            None => {
+                order.push(&row.workload);
+                order.len() - 1
+            }
+        };
+        let pair = by_key.entry((w, row.clients)).or_insert(Pair {
+            workload: &row.workload,
+            clients: row.clients,
+            etcd: None,
+            shopkv: None,
+        });
+        match row.system {
+            System::Etcd => pair.etcd = Some(row),
+            System::Shopkv => pair.shopkv = Some(row),
+        }
+    }
+    by_key.into_values().collect()
+}
+
+fn ops(row: Option<&Row>) -> String {
+    row.map_or("-".into(), |r| format!("{:.0}", r.summary.ops_per_s))
+}
+
+fn p99(row: Option<&Row>) -> String {
+    row.map_or("-".into(), |r| format!("{:.2}", r.summary.p99_ms))
+}
+
+fn ratio(pair: &Pair<'_>) -> Option<f64> {
+    let (e, s) = (pair.etcd?, pair.shopkv?);
+    (e.summary.ops_per_s > 0.0).then(|| s.summary.ops_per_s / e.summary.ops_per_s)
+}
+
+fn ratio_text(pair: &Pair<'_>) -> String {
+    ratio(pair).map_or("-".into(), |r| format!("{r:.2}"))
+}
+
+fn errors(pair: &Pair<'_>) -> String {
+    let e = |r: Option<&Row>| r.map_or(0, |r| r.summary.errors);
+    format!("{}/{}", e(pair.etcd), e(pair.shopkv))
+}
+
+/// The compared table, the shopkv-only extras and the `RESULT` lines, as plain text.
+pub fn render_text(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
+        "workload",
+        "clients",
+        "etcd ops/s",
+        "shopkv ops/s",
+        "ratio",
+        "etcd p99 ms",
+        "shopkv p99 ms",
+        "errors"
+    );
+    let pairs = pairs(rows);
+    for p in &pairs {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
+            p.workload,
+            p.clients,
+            ops(p.etcd),
+            ops(p.shopkv),
+            ratio_text(p),
+            p99(p.etcd),
+            p99(p.shopkv),
+            errors(p)
+        );
+    }
+    let extras: Vec<&Row> = rows.iter().filter(|r| r.label != COMPARE).collect();
+    if !extras.is_empty() {
+        let _ = writeln!(out, "\nshopkv alone:");
+        let _ = writeln!(
+            out,
+            "{:<14} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6}",
+            "setup",
+            "nodes",
+            "shards",
+            "workload",
+            "clients",
+            "ops/s",
+            "p50 ms",
+            "p99 ms",
+            "errors"
+        );
+        for r in extras {
+            let _ = writeln!(
+                out,
+                "{:<14} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6}",
+                r.label,
+                r.nodes,
+                r.shards,
+                r.workload,
+                r.clients,
+                r.summary.ops_per_s,
+                r.summary.p50_ms,
+                r.summary.p99_ms,
+                r.summary.errors
+            );
+        }
+    }
+    out.push('\n');
+    for p in &pairs {
+        let _ = writeln!(
+            out,
+            "RESULT workload={} clients={} etcd_ops={} shopkv_ops={} ratio={} etcd_p99_ms={} shopkv_p99_ms={}",
+            p.workload,
+            p.clients,
+            ops(p.etcd),
+            ops(p.shopkv),
+            ratio_text(p),
+            p99(p.etcd),
+            p99(p.shopkv)
+        );
+    }
+    out
+}
+
+/// The same tables as Markdown (for `bench/RESULTS.md`).
+pub fn render_markdown(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str("| workload | clients | etcd ops/s | shopkv ops/s | ratio | etcd p50/p99/p999 ms | shopkv p50/p99/p999 ms | errors etcd/shopkv |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let lat = |r: Option<&Row>| {
+        r.map_or("-".into(), |r| {
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                r.summary.p50_ms, r.summary.p99_ms, r.summary.p999_ms
+            )
+        })
+    };
+    for p in pairs(rows) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.workload,
+            p.clients,
+            ops(p.etcd),
+            ops(p.shopkv),
+            ratio_text(&p),
+            lat(p.etcd),
+            lat(p.shopkv),
+            errors(&p)
+        );
+    }
+    let extras: Vec<&Row> = rows.iter().filter(|r| r.label != COMPARE).collect();
+    if !extras.is_empty() {
+        out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|\n");
+        for r in extras {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+                r.label,
+                r.nodes,
+                r.shards,
+                r.workload,
+                r.clients,
+                r.summary.ops_per_s,
+                lat(Some(r)),
+                r.summary.errors
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(system: System, workload: &str, clients: usize, ops_per_s: f64, label: &str) -> Row {
+        Row {
+            system,
+            workload: workload.into(),
+            clients,
+            nodes: 3,
+            shards: 8,
+            label: label.into(),
+            duration_s: 10.0,
+            summary: Summary {
+                ops: (ops_per_s * 10.0) as u64,
+                ops_per_s,
+                p99_ms: 12.5,
+                ..Summary::default()
+            },
+        }
+    }
+
+    #[test]
+    fn rows_pair_up_by_workload_and_clients_with_the_ratio() {
+        let rows = vec![
+            row(System::Etcd, "put", 64, 2000.0, COMPARE),
+            row(System::Etcd, "put", 1, 500.0, COMPARE),
+            row(System::Shopkv, "put", 64, 5000.0, COMPARE),
+            row(System::Shopkv, "put", 1, 400.0, COMPARE),
+            row(System::Shopkv, "put", 64, 6000.0, "5-nodes"),
+        ];
+        let text = render_text(&rows);
+        let results: Vec<&str> = text.lines().filter(|l| l.starts_with("RESULT ")).collect();
+        assert_eq!(
+            results,
+            [
+                "RESULT workload=put clients=1 etcd_ops=500 shopkv_ops=400 ratio=0.80 etcd_p99_ms=12.50 shopkv_p99_ms=12.50",
+                "RESULT workload=put clients=64 etcd_ops=2000 shopkv_ops=5000 ratio=2.50 etcd_p99_ms=12.50 shopkv_p99_ms=12.50",
+            ]
+        );
+        assert!(text.contains("5-nodes"), "{text}");
+        let md = render_markdown(&rows);
+        assert!(md.contains("| put | 64 | 2000 | 5000 | 2.50 |"), "{md}");
+    }
+
+    #[test]
+    fn a_row_without_its_partner_has_no_ratio() {
+        let rows = vec![row(System::Shopkv, "get-lin", 64, 9000.0, COMPARE)];
+        let text = render_text(&rows);
+        assert!(
+            text.contains("RESULT workload=get-lin clients=64 etcd_ops=- shopkv_ops=9000 ratio=-"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Workloads, one file each. A workload prepares its data once ([`Workload::setup`])
+//! and then performs one operation per call ([`Workload::op`]) on whichever system the
+//! connection drives. To add one: write the file, add it to [`NAMES`] and [`build`]'s
+//! match, and the runner, report and `bench/run.sh` take it as is.
+
+use std::future::Future;
+
+use crate::BenchError;
+use crate::client::{Conn, OpError};
+use crate::runner::Worker;
+
+pub mod get;
+pub mod put;
+
+/// Workload names `--workload` accepts.
+pub const NAMES: &[&str] = &["put", "get-lin", "get-ser"];
+
+/// Sizes shared by the key-value workloads.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySpace {
+    /// Keys are `bench/00000000` … `bench/{keys-1}`.
+    pub keys: u64,
+    pub value_bytes: usize,
+}
+
+/// A successful operation; `retries` counts attempts the workload repeated inside it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpDone {
+    pub retries: u32,
+}
+
+/// One benchmark workload.
+pub trait Workload: Send + Sync + 'static {
+    /// Name in progress lines and results.
+    fn name(&self) -> String;
+    /// Creates the data the operations need (not measured).
+    fn setup(&self, conns: &[Conn]) -> impl Future<Output = Result<(), BenchError>> + Send;
+    /// Performs one operation.
+    fn op(
+        &self,
+        conn: &mut Conn,
+        worker: &mut Worker,
+    ) -> impl Future<Output = Result<OpDone, OpError>> + Send;
+}
+
+/// The workloads by name, as an enum so the runner stays generic (static dispatch).
+pub enum Named {
+    Put(put::Put),
+    Get(get::Get),
+}
+
+/// Builds the workload `name` over `space`.
+pub fn build(name: &str, space: KeySpace) -> Result<Named, BenchError> {
+    match name {
+        "put" => Ok(Named::Put(put::Put { space })),
+        "get-lin" => Ok(Named::Get(get::Get {
+            space,
+            linearizable: true,
+        })),
+        "get-ser" => Ok(Named::Get(get::Get {
+            space,
+            linearizable: false,
+        })),
+        other => Err(BenchError::UnknownWorkload(
+            other.to_string(),
+            NAMES.join(", "),
+        )),
+    }
+}
+
+/// The key of index `i`.
+pub fn key(i: u64) -> Vec<u8> {
+    format!("bench/{i:08}").into_bytes()
+}
+
+impl Named {
+    /// Prepares the data, then runs the closed loop.
+    pub async fn setup_and_run(
+        self,
+        conns: &[Conn],
+        spec: &crate::runner::RunSpec,
+    ) -> Result<crate::runner::RunReport, BenchError> {
+        use std::sync::Arc;
+        match self {
+            Named::Put(w) => {
+                w.setup(conns).await?;
+                crate::runner::run(Arc::new(w), conns, spec).await
+            }
+            Named::Get(w) => {
+                w.setup(conns).await?;
+                crate::runner::run(Arc::new(w), conns, spec).await
+            }
+        }
+    }
+}

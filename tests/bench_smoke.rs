@@ -1,0 +1,86 @@
+//! Smoke test of the benchmark harness (`bench/`) against a real 3-node shopkv:
+//! the put workload's acknowledged writes are read back and must be exactly the
+//! keys its clients chose, each holding a whole value one of them really issued;
+//! the linearizable get workload finds every key it loaded.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TestCluster, get};
+use shopkv_bench::client::{self, System};
+use shopkv_bench::runner::{self, RunSpec, client_rng};
+use shopkv_bench::workloads::{self, KeySpace, Named, key, put};
+
+const KEYS: u64 = 300;
+const CLIENTS: usize = 8;
+const SEED: u64 = 77;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_counts_operations_and_the_writes_read_back() {
+    let cluster = TestCluster::start_initialised(3, 4, &[]).await;
+    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
+        .await
+        .expect("connect");
+    let space = KeySpace {
+        keys: KEYS,
+        value_bytes: 256,
+    };
+    let spec = RunSpec {
+        clients: CLIENTS,
+        warmup: Duration::from_millis(300),
+        duration: Duration::from_secs(2),
+        progress: false,
+        seed: SEED,
+    };
+    let workload = Arc::new(put::Put { space });
+    let report = runner::run(Arc::clone(&workload), &conns, &spec)
+        .await
+        .expect("put run");
+    let s = &report.summary;
+    let issued: u64 = report.issued_per_client.iter().sum();
+    assert_eq!(s.errors, 0, "{s:?}");
+    assert!(s.ops >= 50, "too few operations for 2 s: {s:?}");
+    assert!(s.ops < issued, "measured {} must exclude the warm-up of {issued}", s.ops);
+    assert!(s.ops_per_s > 0.0 && s.p50_ms > 0.0 && s.p50_ms <= s.p99_ms, "{s:?}");
+
+    // Replay every client's random stream: the keys it chose are the keys written.
+    let mut touched = BTreeSet::new();
+    for (id, &n) in report.issued_per_client.iter().enumerate() {
+        let mut rng = client_rng(SEED, id as u64);
+        for _ in 0..n {
+            touched.insert(workload.pick_key(&mut rng));
+        }
+    }
+    let mut kv = cluster.kv(2).await;
+    for i in 0..KEYS {
+        let k = String::from_utf8(key(i)).expect("ascii key");
+        let value = get(&mut kv, &k, false).await.expect("read back");
+        match value {
+            None => assert!(!touched.contains(&i), "acknowledged write to {k} is missing"),
+            Some(v) => {
+                assert!(touched.contains(&i), "{k} was never written by the run");
+                let (client, seq) = put::decode_value(v.as_bytes())
+                    .unwrap_or_else(|| panic!("{k} holds a damaged value {v:?}"));
+                assert!(
+                    (client as usize) < CLIENTS && seq < report.issued_per_client[client as usize],
+                    "{k} holds write ({client}, {seq}) that was never issued"
+                );
+                assert_eq!(v.len(), 256);
+            }
+        }
+    }
+
+    // Linearizable gets of every key the setup loads: none may be missing.
+    let get_lin = workloads::build("get-lin", space).expect("workload");
+    assert!(matches!(get_lin, Named::Get(_)));
+    let spec = RunSpec {
+        duration: Duration::from_secs(1),
+        ..spec
+    };
+    let report = get_lin.setup_and_run(&conns, &spec).await.expect("get run");
+    assert_eq!(report.summary.errors, 0, "{:?}", report.summary);
+    assert!(report.summary.ops >= 50, "{:?}", report.summary);
+}
