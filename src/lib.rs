@@ -1,13 +1,14 @@
 //! shopkv: a replicated multi-Raft store for e-commerce records.
 //!
 //! Module map (dependencies point down): `server` (tonic services) → `node`
-//! (request path, groups, forwarding) → `raft` (openraft glue) → `sm`
+//! (request path, groups) → `forward` (request forwarding streams) → `raft` (openraft glue) → `sm`
 //! (deterministic apply) → `router` (placement) → `storage` (RocksDB) and
 //! `codec` (value encoding). `cli` is the client side of the same binary.
 
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod forward;
 pub mod node;
 pub mod raft;
 pub mod router;

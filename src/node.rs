@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use openraft::{RaftMetrics, ReadPolicy, ServerState};
+use openraft::{LinearizerOption, RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::codec;
 use crate::config::Config;
+use crate::forward::{Forwarded, Forwarder};
 use crate::proto::GroupMessage;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{GroupNetworkFactory, PeerRouter};
@@ -165,8 +166,11 @@ pub struct Node {
     raft_config: Arc<openraft::Config>,
     store: Store,
     router: PeerRouter,
+    forwarder: Forwarder,
     groups: RwLock<BTreeMap<GroupId, GroupRaft>>,
     cluster: watch::Sender<Option<Arc<ClusterMap>>>,
+    /// Until then this process neither votes nor campaigns (see [`Node::in_vote_hold_off`]).
+    vote_hold_off_until: Instant,
 }
 
 impl Node {
@@ -224,14 +228,19 @@ impl Node {
         router.set_addr(config.id, &config.peer_addr);
         router.set_cluster_id(identity.cluster_id);
         let (cluster, _) = watch::channel(None);
+        // Followers remember a leader's lease only in memory; a restarted one must
+        // not help elect anyone until every lease it may have granted has expired.
+        let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
         let node = Arc::new(Node {
             id: config.id,
             config,
             raft_config,
             store,
+            forwarder: Forwarder::new(router.clone()),
             router,
             groups: RwLock::new(BTreeMap::new()),
             cluster,
+            vote_hold_off_until: Instant::now() + leader_lease,
         });
         let meta = node
             .start_group(META_GROUP)
@@ -273,6 +282,15 @@ impl Node {
         self.groups.read().ok()?.get(&group).cloned()
     }
 
+    /// True during the first leader lease (election_timeout_max) after this process
+    /// started: it then refuses votes and does not campaign. Leaders serve reads on
+    /// their lease, and followers keep the lease they granted only in memory; without
+    /// the hold-off, a follower that crashed and restarted could elect a new leader
+    /// while the old one still serves lease reads, which would then be stale.
+    pub fn in_vote_hold_off(&self) -> bool {
+        Instant::now() < self.vote_hold_off_until
+    }
+
     fn local_groups(&self) -> Vec<(GroupId, GroupRaft)> {
         self.groups
             .read()
@@ -293,6 +311,17 @@ impl Node {
         )
         .await
         .map_err(|e| NodeError::Internal(format!("start group {group}: {e}")))?;
+        let hold_off = self
+            .vote_hold_off_until
+            .saturating_duration_since(Instant::now());
+        if !hold_off.is_zero() {
+            raft.runtime_config().elect(false);
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(hold_off).await;
+                raft.runtime_config().elect(true);
+            });
+        }
         let mut groups = self
             .groups
             .write()
@@ -530,7 +559,7 @@ impl Node {
                     Forwarded::Reply(bytes) => {
                         return codec::from_wire::<Result<Response, NodeError>>(&bytes)?;
                     }
-                    Forwarded::NotSent => {}
+                    Forwarded::NotSent(_) => {}
                     Forwarded::Unknown(why) => return Err(NodeError::OutcomeUnknown(why)),
                 }
             }
@@ -539,7 +568,7 @@ impl Node {
         }
     }
 
-    /// Serves `op` from `group`: linearizable (ReadIndex on the leader) or
+    /// Serves `op` from `group`: linearizable (on the leader, see [`lease_or_quorum_read`]) or
     /// serializable (this node's replica, or any replica if none here).
     pub async fn read(
         &self,
@@ -563,7 +592,7 @@ impl Node {
                 Route::Local(raft) => {
                     match tokio::time::timeout(
                         remaining,
-                        raft.ensure_linearizable(ReadPolicy::ReadIndex),
+                        raft.ensure_linearizable(lease_or_quorum_read()),
                     )
                     .await
                     {
@@ -652,29 +681,14 @@ impl Node {
         hops_left: u32,
         is_write: bool,
     ) -> Forwarded {
-        let mut client = match self.router.client(node) {
-            Ok(c) => c,
-            Err(e) => return Forwarded::Unknown(e.to_string()),
-        };
-        let mut req = tonic::Request::new(GroupMessage {
+        let message = GroupMessage {
             group_id: group,
             payload,
             hops_left,
-        });
-        req.set_timeout(remaining);
-        let res = if is_write {
-            tokio::time::timeout(remaining, client.propose(req)).await
-        } else {
-            tokio::time::timeout(remaining, client.read(req)).await
         };
-        match res {
-            Ok(Ok(reply)) => Forwarded::Reply(reply.into_inner().payload),
-            Ok(Err(status)) if never_sent(&status) => Forwarded::NotSent,
-            Ok(Err(status)) => {
-                Forwarded::Unknown(format!("forwarding to node {node}: {}", status.message()))
-            }
-            Err(_) => Forwarded::Unknown(format!("forwarding to node {node}: deadline passed")),
-        }
+        self.forwarder
+            .forward(node, message, is_write, remaining)
+            .await
     }
 
     /// A hash of `group`'s records on this replica and the applied index it
@@ -738,20 +752,6 @@ enum Route {
     Remote(u64),
 }
 
-enum Forwarded {
-    Reply(Vec<u8>),
-    /// The request certainly did not reach the remote (connection refused).
-    NotSent,
-    Unknown(String),
-}
-
-/// Whether a failed forward certainly never reached the remote handler.
-fn never_sent(status: &tonic::Status) -> bool {
-    let msg = status.message().to_ascii_lowercase();
-    status.code() == tonic::Code::Unavailable
-        && (msg.contains("connect") || msg.contains("refused"))
-}
-
 fn replica_info(group: GroupId, m: &RaftMetrics<TypeConfig>) -> ReplicaInfo {
     ReplicaInfo {
         group,
@@ -777,6 +777,15 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// How the leader confirms a linearizable read: with its lease while a quorum
+/// acknowledged it within the last election_timeout_max (no network round), else
+/// by a heartbeat round it starts at once (ReadIndex), waiting up to one lease.
+/// Lease safety rests on followers not voting within the lease (openraft) and on
+/// [`Node::in_vote_hold_off`] after a restart.
+fn lease_or_quorum_read() -> LinearizerOption {
+    LinearizerOption::new(None, true)
 }
 
 #[cfg(test)]

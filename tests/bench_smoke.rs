@@ -43,8 +43,15 @@ async fn harness_counts_operations_and_the_writes_read_back() {
     let issued: u64 = report.issued_per_client.iter().sum();
     assert_eq!(s.errors, 0, "{s:?}");
     assert!(s.ops >= 50, "too few operations for 2 s: {s:?}");
-    assert!(s.ops < issued, "measured {} must exclude the warm-up of {issued}", s.ops);
-    assert!(s.ops_per_s > 0.0 && s.p50_ms > 0.0 && s.p50_ms <= s.p99_ms, "{s:?}");
+    assert!(
+        s.ops < issued,
+        "measured {} must exclude the warm-up of {issued}",
+        s.ops
+    );
+    assert!(
+        s.ops_per_s > 0.0 && s.p50_ms > 0.0 && s.p50_ms <= s.p99_ms,
+        "{s:?}"
+    );
 
     // Replay every client's random stream: the keys it chose are the keys written.
     let mut touched = BTreeSet::new();
@@ -59,7 +66,10 @@ async fn harness_counts_operations_and_the_writes_read_back() {
         let k = String::from_utf8(key(i)).expect("ascii key");
         let value = get(&mut kv, &k, false).await.expect("read back");
         match value {
-            None => assert!(!touched.contains(&i), "acknowledged write to {k} is missing"),
+            None => assert!(
+                !touched.contains(&i),
+                "acknowledged write to {k} is missing"
+            ),
             Some(v) => {
                 assert!(touched.contains(&i), "{k} was never written by the run");
                 let (client, seq) = put::decode_value(v.as_bytes())

@@ -265,3 +265,71 @@ async fn lagging_node_catches_up_by_snapshot_and_the_log_is_purged() {
         );
     }
 }
+
+/// Leaders serve linearizable reads on their lease, which followers keep only in
+/// memory. A node that restarts must therefore neither vote nor campaign for one
+/// lease (election_timeout_max): it refuses Vote RPCs in that window, answers them
+/// after it, and the cluster keeps serving writes and linearizable reads meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
+    const LEASE_MS: u64 = 3000;
+    let extra = [
+        "--election-timeout-min-ms",
+        "1500",
+        "--election-timeout-max-ms",
+        "3000",
+    ];
+    let mut c = TestCluster::start_initialised(3, 1, &extra).await;
+    c.restart(3);
+    let restarted = Instant::now();
+    let vote = || async {
+        let ch = common::channel(&c.node(3).peer).await?;
+        let reply = proto::peer_client::PeerClient::new(ch)
+            .raft(proto::RaftRequest {
+                group_id: META_GROUP,
+                kind: proto::RaftKind::Vote as i32,
+                payload: b"not a vote".to_vec(),
+                from_node: 1,
+                cluster_id: 0,
+            })
+            .await
+            .map_err(|s| s.to_string())?;
+        Ok::<_, String>(reply.into_inner().error)
+    };
+    let first = loop {
+        match vote().await {
+            Ok(error) => break error,
+            Err(_) if restarted.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("restarted node never answered: {e}"),
+        }
+    };
+    assert!(
+        restarted.elapsed() < Duration::from_millis(LEASE_MS),
+        "node took too long to start for the check to mean anything"
+    );
+    assert!(first.contains("not voting yet"), "{first}");
+
+    // Meanwhile the two others serve writes and linearizable reads.
+    put_until_ok(&c, 1, "lease/k", "v1", Duration::from_secs(10)).await;
+    let mut kv = c.kv(2).await;
+    assert_eq!(
+        get(&mut kv, "lease/k", false).await.expect("read"),
+        Some("v1".into())
+    );
+
+    // The window starts when the process has opened its store, a little after spawn.
+    let window_over = Duration::from_millis(LEASE_MS + 1500);
+    tokio::time::sleep(window_over.saturating_sub(restarted.elapsed())).await;
+    let later = vote().await.expect("vote rpc");
+    assert!(
+        !later.contains("not voting yet"),
+        "still holding off: {later}"
+    );
+    assert!(
+        !later.is_empty(),
+        "a garbage vote must be refused by the decoder"
+    );
+    c.wait_ready(Duration::from_secs(20)).await;
+}

@@ -5,16 +5,20 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, Stream, StreamExt};
 use openraft::error::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
+use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
@@ -24,7 +28,7 @@ use super::TypeConfig;
 use super::state_machine::SnapshotData;
 use crate::codec;
 use crate::proto::peer_client::PeerClient;
-use crate::proto::{RaftKind, RaftRequest, SnapshotChunk};
+use crate::proto::{AppendAck, AppendFrame, RaftKind, RaftRequest, SnapshotChunk};
 use crate::router::NodeAddr;
 use crate::storage::keys::GroupId;
 
@@ -33,6 +37,11 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest peer message accepted (an append of `max_payload_entries` entries
 /// of at most one 1 MiB value each, plus headroom).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Floor of the time an owed append ack may take before the stream is declared
+/// stuck (openraft passes the heartbeat interval; a loaded follower's fsync can
+/// take longer than that without anything being wrong).
+const MIN_APPEND_PROGRESS_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Errors of a peer call.
 #[derive(Debug, thiserror::Error)]
@@ -344,10 +353,183 @@ impl GroupNetworkFactory {
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
-    type Network = GroupNetworkAdapter<TypeConfig, GroupId, PeerRouter>;
+    type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, node: &NodeAddr) -> Self::Network {
         self.router.set_addr(target, &node.peer_addr);
-        GroupNetworkAdapter::new(self.router.clone(), target, self.group)
+        GroupNetwork {
+            unary: GroupNetworkAdapter::new(self.router.clone(), target, self.group),
+            router: self.router.clone(),
+            target,
+            group: self.group,
+        }
+    }
+}
+
+/// The connection of one group's leader to one follower: openraft-multi's
+/// adapter for the unary RPCs, plus a pipelined `stream_append` over one gRPC
+/// stream (the adapter's default waits for each response before the next send).
+pub struct GroupNetwork {
+    unary: GroupNetworkAdapter<TypeConfig, GroupId, PeerRouter>,
+    router: PeerRouter,
+    target: u64,
+    group: GroupId,
+}
+
+/// The leader's side of one AppendStream: acks still owed and the response stream.
+struct AppendSession {
+    acks: tonic::Streaming<AppendAck>,
+    /// Requests sent minus acks received (each request gets exactly one ack).
+    owed: Arc<AtomicU64>,
+    /// How long an owed ack may take before the stream counts as stuck.
+    progress_timeout: Duration,
+    ended: bool,
+}
+
+impl AppendSession {
+    /// The next ack, or an error if the follower stopped answering or ended the
+    /// stream while acks were owed. Idle waits (nothing owed) never time out.
+    async fn next(&mut self) -> Option<Result<StreamAppendResult<TypeConfig>, PeerError>> {
+        if self.ended {
+            return None;
+        }
+        let mut waited_with_owed = false;
+        let item = loop {
+            match tokio::time::timeout(self.progress_timeout, self.acks.message()).await {
+                Ok(item) => break item,
+                Err(_) if self.owed.load(Ordering::Acquire) == 0 => waited_with_owed = false,
+                // Owed acks for a whole period (at most two): the link is stuck.
+                Err(_) if waited_with_owed => {
+                    self.ended = true;
+                    return Some(Err(PeerError::Timeout(self.progress_timeout)));
+                }
+                Err(_) => waited_with_owed = true,
+            }
+        };
+        let ack = match item {
+            Ok(Some(ack)) => ack,
+            Ok(None) if self.owed.load(Ordering::Acquire) == 0 => {
+                self.ended = true;
+                return None;
+            }
+            Ok(None) => {
+                self.ended = true;
+                return Some(Err(PeerError::Remote(
+                    "append stream closed by the follower".into(),
+                )));
+            }
+            Err(status) => {
+                self.ended = true;
+                return Some(Err(PeerError::Status(status)));
+            }
+        };
+        self.owed.fetch_sub(1, Ordering::AcqRel);
+        if !ack.error.is_empty() {
+            self.ended = true;
+            return Some(Err(PeerError::Remote(ack.error)));
+        }
+        Some(codec::from_wire(&ack.payload).map_err(PeerError::from))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupNetwork {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary.append_entries(rpc, option).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut client = self.router.client(self.target).map_err(rpc_error)?;
+            let owed = Arc::new(AtomicU64::new(0));
+            let (group, from_node) = (self.group, self.router.inner.self_id);
+            let cluster_id = self.router.inner.cluster_id.load(Ordering::Relaxed);
+            let sent = Arc::clone(&owed);
+            let mut first = true;
+            let frames = input.map(move |request| {
+                sent.fetch_add(1, Ordering::AcqRel);
+                // Encoding our own types does not fail; if it ever did, the empty
+                // payload makes the follower end the stream and openraft retries.
+                let payload = codec::to_wire(&request).unwrap_or_default();
+                let header = std::mem::take(&mut first);
+                AppendFrame {
+                    group_id: if header { group } else { 0 },
+                    from_node: if header { from_node } else { 0 },
+                    cluster_id: if header { cluster_id } else { 0 },
+                    payload,
+                }
+            });
+            let setup = option.hard_ttl();
+            let acks = tokio::time::timeout(setup, client.append_stream(frames))
+                .await
+                .map_err(|_| rpc_error(PeerError::Timeout(setup)))?
+                .map_err(|s| rpc_error(PeerError::Status(s)))?
+                .into_inner();
+            let session = AppendSession {
+                acks,
+                owed,
+                progress_timeout: option.soft_ttl().max(MIN_APPEND_PROGRESS_TIMEOUT),
+                ended: false,
+            };
+            let results = futures::stream::unfold(session, |mut session| async move {
+                let item = session.next().await?;
+                Some((item.map_err(rpc_error), session))
+            });
+            Ok(results.boxed())
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary.vote(rpc, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary.pre_vote(rpc, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        self.unary
+            .full_snapshot(vote, snapshot, cancel, option)
+            .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary.transfer_leader(req, option).await
     }
 }

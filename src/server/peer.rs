@@ -2,14 +2,16 @@
 //! streams, and requests forwarded by other nodes to a group's leader.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use openraft::raft::AppendEntriesRequest;
 use openraft::storage::Snapshot;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::deadline_of;
 use crate::codec;
+use crate::forward::MAX_IN_FLIGHT_PER_LINK;
 use crate::node::{Node, NodeError, ReadOp};
 use crate::proto::peer_server::Peer;
 use crate::proto::{self, RaftKind};
@@ -21,6 +23,7 @@ use crate::sm::Command;
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 
 /// The peer service.
+#[derive(Clone)]
 pub struct PeerService {
     node: Arc<Node>,
 }
@@ -60,6 +63,12 @@ impl PeerService {
                 enc(codec::to_wire(&resp))
             }
             RaftKind::Vote => {
+                if self.node.in_vote_hold_off() {
+                    return Err(format!(
+                        "node {} restarted less than a leader lease ago; not voting yet",
+                        self.node.id
+                    ));
+                }
                 let req = codec::from_wire(&r.payload).map_err(de)?;
                 let resp = raft.vote(req).await.map_err(|e| e.to_string())?;
                 enc(codec::to_wire(&resp))
@@ -95,8 +104,175 @@ fn reply(res: Result<Vec<u8>, String>) -> proto::RaftReply {
     }
 }
 
+/// Acks the follower side of an AppendStream has produced but not yet sent.
+const APPEND_ACK_QUEUE: usize = 64;
+
+/// The follower side of an AppendStream: decodes the leader's frames into one
+/// pipelined `stream_append` of the group and sends its results back in order.
+/// A frame that does not decode ends the input; the leader sees the stream end
+/// with requests unanswered and starts a new one.
+async fn serve_append_stream(
+    service: PeerService,
+    mut inbound: Streaming<proto::AppendFrame>,
+    acks: tokio::sync::mpsc::Sender<Result<proto::AppendAck, Status>>,
+) {
+    let stop = |error: String| proto::AppendAck {
+        payload: Vec::new(),
+        error,
+    };
+    let first = match inbound.message().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) | Err(_) => return,
+    };
+    let raft = match service
+        .check_cluster(first.cluster_id)
+        .map_err(|s| s.message().to_string())
+        .and_then(|()| service.group(first.group_id))
+    {
+        Ok(raft) => raft,
+        Err(error) => {
+            let _ = acks.send(Ok(stop(error))).await;
+            return;
+        }
+    };
+    let requests =
+        futures::stream::unfold((Some(first), inbound), |(first, mut inbound)| async move {
+            let frame = match first {
+                Some(frame) => frame,
+                None => inbound.message().await.ok()??,
+            };
+            let request = codec::from_wire::<AppendEntriesRequest<TypeConfig>>(&frame.payload);
+            Some((request.ok()?, (None, inbound)))
+        });
+    let results = raft.stream_append(requests);
+    futures::pin_mut!(results);
+    while let Some(result) = results.next().await {
+        let (ack, last) = match result {
+            Ok(r) => match codec::to_wire(&r) {
+                Ok(payload) => (
+                    proto::AppendAck {
+                        payload,
+                        error: String::new(),
+                    },
+                    r.is_err(),
+                ),
+                Err(e) => (stop(e.to_string()), true),
+            },
+            Err(fatal) => (stop(fatal.to_string()), true),
+        };
+        if acks.send(Ok(ack)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A proposal forwarded by another node: the encoded `Result<Response, NodeError>`.
+async fn forwarded_propose(
+    node: &Node,
+    m: proto::GroupMessage,
+    deadline: Instant,
+) -> Result<Vec<u8>, Status> {
+    let res = match codec::from_wire::<Command>(&m.payload) {
+        Ok(cmd) => node.propose(m.group_id, cmd, deadline, m.hops_left).await,
+        Err(e) => Err(NodeError::InvalidArgument(e.to_string())),
+    };
+    codec::to_wire(&res).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// A read forwarded by another node: the encoded `Result<ReadResult, NodeError>`.
+async fn forwarded_read(
+    node: &Node,
+    m: proto::GroupMessage,
+    deadline: Instant,
+) -> Result<Vec<u8>, Status> {
+    let res = match codec::from_wire::<(ReadOp, bool)>(&m.payload) {
+        Ok((op, linearizable)) => {
+            node.read(m.group_id, op, linearizable, deadline, m.hops_left)
+                .await
+        }
+        Err(e) => Err(NodeError::InvalidArgument(e.to_string())),
+    };
+    codec::to_wire(&res).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// An error reply to a forwarded request. `Err(e)` encodes the same whatever the
+/// `Ok` type, so this decodes as the reply of a proposal or of a read.
+fn encoded_error(e: NodeError) -> Vec<u8> {
+    codec::to_wire(&Err::<(), NodeError>(e)).unwrap_or_default()
+}
+
+/// Replies a Forward stream has produced but not yet sent.
+const FORWARD_REPLY_QUEUE: usize = 1024;
+
+/// The receiving side of a Forward stream: each frame runs as its own task (they
+/// finish in any order) under the deadline the sender gave it, capped by the
+/// node's request timeout; at most `MAX_IN_FLIGHT_PER_LINK` run at once, more
+/// are refused as not applied.
+async fn serve_forward_stream(
+    node: Arc<Node>,
+    mut inbound: Streaming<proto::ForwardFrame>,
+    replies: tokio::sync::mpsc::Sender<Result<proto::ForwardReply, Status>>,
+) {
+    let max_timeout = Duration::from_millis(node.config.request_timeout_ms);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_LINK));
+    while let Ok(Some(frame)) = inbound.message().await {
+        let Some(message) = frame.message else {
+            continue;
+        };
+        let (id, write) = (frame.id, frame.write);
+        let deadline = Instant::now() + Duration::from_millis(frame.timeout_ms).min(max_timeout);
+        let replies = replies.clone();
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let payload = encoded_error(NodeError::Unavailable(format!(
+                "node {} has {MAX_IN_FLIGHT_PER_LINK} forwarded requests in flight",
+                node.id
+            )));
+            if replies
+                .send(Ok(proto::ForwardReply { id, payload }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let res = if write {
+                forwarded_propose(&node, message, deadline).await
+            } else {
+                forwarded_read(&node, message, deadline).await
+            };
+            drop(slot);
+            // A Status would end the whole stream: report this request's failure in its reply.
+            let payload =
+                res.unwrap_or_else(|s| encoded_error(NodeError::Internal(s.message().to_string())));
+            let _ = replies.send(Ok(proto::ForwardReply { id, payload })).await;
+        });
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type AppendStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::AppendAck, Status>> + Send>>;
+
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<proto::AppendFrame>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        // Answer the call at once and read the first frame in the task: the leader
+        // may have nothing to send yet and must not wait for response headers.
+        let (tx, rx) = tokio::sync::mpsc::channel(APPEND_ACK_QUEUE);
+        tokio::spawn(serve_append_stream(self.clone(), req.into_inner(), tx));
+        let acks =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|ack| (ack, rx)) },
+            );
+        Ok(Response::new(Box::pin(acks)))
+    }
+
     async fn raft(
         &self,
         req: Request<proto::RaftRequest>,
@@ -168,16 +344,7 @@ impl Peer for PeerService {
             &req,
             Duration::from_millis(self.node.config.request_timeout_ms),
         );
-        let m = req.into_inner();
-        let res = match codec::from_wire::<Command>(&m.payload) {
-            Ok(cmd) => {
-                self.node
-                    .propose(m.group_id, cmd, deadline, m.hops_left)
-                    .await
-            }
-            Err(e) => Err(NodeError::InvalidArgument(e.to_string())),
-        };
-        let payload = codec::to_wire(&res).map_err(|e| Status::internal(e.to_string()))?;
+        let payload = forwarded_propose(&self.node, req.into_inner(), deadline).await?;
         Ok(Response::new(proto::GroupReply { payload }))
     }
 
@@ -190,17 +357,28 @@ impl Peer for PeerService {
             &req,
             Duration::from_millis(self.node.config.request_timeout_ms),
         );
-        let m = req.into_inner();
-        let res = match codec::from_wire::<(ReadOp, bool)>(&m.payload) {
-            Ok((op, linearizable)) => {
-                self.node
-                    .read(m.group_id, op, linearizable, deadline, m.hops_left)
-                    .await
-            }
-            Err(e) => Err(NodeError::InvalidArgument(e.to_string())),
-        };
-        let payload = codec::to_wire(&res).map_err(|e| Status::internal(e.to_string()))?;
+        let payload = forwarded_read(&self.node, req.into_inner(), deadline).await?;
         Ok(Response::new(proto::GroupReply { payload }))
+    }
+
+    type ForwardStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::ForwardReply, Status>> + Send>>;
+
+    #[tracing::instrument(name = "peer.forward", skip_all)]
+    async fn forward(
+        &self,
+        req: Request<Streaming<proto::ForwardFrame>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(FORWARD_REPLY_QUEUE);
+        tokio::spawn(serve_forward_stream(
+            self.node.clone(),
+            req.into_inner(),
+            tx,
+        ));
+        let replies = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|reply| (reply, rx))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn local_status(
@@ -244,5 +422,21 @@ impl Peer for PeerService {
             cluster_id: self.node.cluster_id(),
             replicas,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::ReadResult;
+    use crate::sm::Response as SmResponse;
+
+    #[test]
+    fn an_error_reply_decodes_as_the_reply_of_a_proposal_and_of_a_read() {
+        let bytes = encoded_error(NodeError::Unavailable("busy".into()));
+        let write: Result<SmResponse, NodeError> = codec::from_wire(&bytes).expect("write reply");
+        assert!(matches!(write, Err(NodeError::Unavailable(m)) if m == "busy"));
+        let read: Result<ReadResult, NodeError> = codec::from_wire(&bytes).expect("read reply");
+        assert!(matches!(read, Err(NodeError::Unavailable(m)) if m == "busy"));
     }
 }
