@@ -6,8 +6,8 @@
 # Installs etcd-server (and protoc, which the etcd-client crate's build needs) from
 # Debian if missing (as root), builds shopkv and shopkv-bench, then one system at a
 # time on fresh data under bench/data/: a 3-member etcd on loopback (default flags,
-# fsync on), a 3-node shopkv via cluster/bootstrap.sh; runs every workload against
-# both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
+# fsync on), a 3-node shopkv via cluster/bootstrap.sh (its default: 3 shards); runs every
+# workload against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
 # one RESULT line per compared row, and appends the tables with the date, machine
 # and commit to bench/RESULTS.md. --quick: short runs, under 3 minutes in all.
 set -euo pipefail
@@ -108,7 +108,7 @@ echo "run.sh: etcd $(etcd --version | awk 'NR==1{print $3}') up at $etcd_endpoin
 compare_set etcd "$etcd_endpoints" 3 1
 stop_etcd
 
-# --- shopkv: 3 nodes, 8 shards (bootstrap's default) ---
+# --- shopkv: 3 nodes, bootstrap's default shards (one per node) ---
 shopkv_cluster() { # name nodes shards -> prints endpoints
   local dir="$WORK/$1"
   SHOPKV_DIRS+=("$dir")
@@ -118,16 +118,16 @@ shopkv_cluster() { # name nodes shards -> prints endpoints
 }
 stop_shopkv() { "$ROOT/cluster/stop.sh" --data-dir "$WORK/$1" >/dev/null; }
 
-ep=$(shopkv_cluster shopkv-3n 3 8)
+ep=$(shopkv_cluster shopkv-3n 3 3)
 echo "run.sh: shopkv up at $ep"
-compare_set shopkv "$ep" 3 8
+compare_set shopkv "$ep" 3 3
 stop_shopkv shopkv-3n
 
 # --- shopkv alone: 5 nodes; 1 vs 8 shards ---
 EXTRA_CLIENTS="64 256"
 [ "$QUICK" = 1 ] && EXTRA_CLIENTS=64
-ep=$(shopkv_cluster shopkv-5n 5 8)
-for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 5 8 5-nodes; done
+ep=$(shopkv_cluster shopkv-5n 5 5)
+for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 5 5 5-nodes; done
 stop_shopkv shopkv-5n
 for shards in 1 8; do
   ep=$(shopkv_cluster "shopkv-3n-${shards}s" 3 "$shards")
@@ -144,5 +144,5 @@ echo
   --heading "$(date -u '+%Y-%m-%d %H:%M UTC') — $MODE run, commit $commit" \
   --note "command: \`bench/run.sh${1:+ $1}\` (${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
-  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 8 shards"
+  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default)"
 echo "run.sh: appended to bench/RESULTS.md"

@@ -15,7 +15,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NODES=3
 DATA_DIR="$ROOT/cluster/data"
 BASE_PORT=7100
-SHARDS=8
+SHARDS=""   # default: one per node
 DEMO=0
 
 die() { echo "bootstrap: $*" >&2; exit 1; }
@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$NODES" in 3|5) ;; *) die "--nodes must be 3 or 5" ;; esac
+[ -n "$SHARDS" ] || SHARDS=$NODES
 mkdir -p "$DATA_DIR"
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
 

@@ -43,9 +43,11 @@ pub struct GlobalArgs {
 pub enum ClusterCmd {
     /// Form a cluster from every node in --endpoints.
     Init {
-        /// Number of data shards.
-        #[arg(long, default_value_t = 8)]
-        shards: u32,
+        /// Number of data shards (default: one per node in --endpoints, so each
+        /// node leads about one; every extra Raft group costs per-batch work, and
+        /// on a small cluster fewer, busier groups batch better: see bench/RESULTS.md).
+        #[arg(long)]
+        shards: Option<u32>,
     },
     /// Every group's members, leader, term, commit and applied index.
     Status,
@@ -154,12 +156,13 @@ pub async fn cluster(g: &GlobalArgs, cmd: ClusterCmd) -> Result<(), CliError> {
     let mut client = ClusterClient::new(connect(g).await?);
     match cmd {
         ClusterCmd::Init { shards } => {
-            let endpoints = g
+            let endpoints: Vec<String> = g
                 .endpoints
                 .iter()
                 .map(|e| e.trim().to_string())
                 .filter(|e| !e.is_empty())
                 .collect();
+            let shards = shards.unwrap_or(endpoints.len() as u32);
             let r = client
                 .init(proto::InitRequest { shards, endpoints })
                 .await?

@@ -311,6 +311,11 @@ impl Node {
         )
         .await
         .map_err(|e| NodeError::Internal(format!("start group {group}: {e}")))?;
+        // Until its core reports the state it loaded, a new Raft's metrics are
+        // placeholders (term 0, nothing committed); status would show them after
+        // every restart. Register the group only once they are real.
+        let mut metrics = raft.metrics();
+        let _ = tokio::time::timeout(FIRST_METRICS_TIMEOUT, metrics.changed()).await;
         let hold_off = self
             .vote_hold_off_until
             .saturating_duration_since(Instant::now());
@@ -778,6 +783,9 @@ fn random_u64() -> u64 {
     );
     h.finish()
 }
+
+/// How long a starting group may take to report its loaded state (see `start_group`).
+const FIRST_METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the leader confirms a linearizable read: with its lease while a quorum
 /// acknowledged it within the last election_timeout_max (no network round), else

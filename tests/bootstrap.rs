@@ -81,8 +81,9 @@ async fn bootstrap_five_nodes_then_restart_without_reinit() {
     }
 
     let s = status(&endpoints).await;
-    assert_eq!(s.shards, 8);
-    assert_eq!(s.groups.len(), 9);
+    // Default: one shard per node.
+    assert_eq!(s.shards, 5);
+    assert_eq!(s.groups.len(), 6);
     for g in &s.groups {
         let want = if g.group_id == 0 { 5 } else { 3 };
         assert_eq!(

@@ -19,12 +19,19 @@ use crate::storage::keys::{GroupId, RaftStateTag};
 pub struct LogStore {
     group: GroupId,
     store: Store,
+    /// The latest committed log id openraft saved, encoded, not yet written: it
+    /// rides in the next append's batch instead of costing a write per commit.
+    unsaved_committed: Option<Vec<u8>>,
 }
 
 impl LogStore {
     /// The log of `group` in `store`.
     pub fn new(group: GroupId, store: Store) -> LogStore {
-        LogStore { group, store }
+        LogStore {
+            group,
+            store,
+            unsaved_committed: None,
+        }
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(
@@ -100,18 +107,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
-        // Unsynced: it rides on the next WAL sync. A committed index that is
-        // a little behind after a crash is safe (the leader re-commits).
-        self.store.put_raft_state(
-            self.group,
-            RaftStateTag::Committed,
-            &codec::encode(&committed)?,
-            false,
-        )?;
+        // Written with the next append (see `unsaved_committed`). A committed
+        // index that is behind after a crash is safe: the leader re-sends it.
+        self.unsaved_committed = Some(codec::encode(&committed)?);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
+        if let Some(bytes) = &self.unsaved_committed {
+            return Ok(codec::decode::<Option<LogIdOf<TypeConfig>>>(bytes)?);
+        }
         Ok(self
             .read_state::<Option<LogIdOf<TypeConfig>>>(RaftStateTag::Committed)?
             .flatten())
@@ -128,7 +133,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect::<io::Result<Vec<_>>>()?;
         // Readable as soon as written; durable (and acknowledged) after the
         // flusher's next WAL sync, which covers every append queued before it.
-        self.store.append_log(self.group, &encoded)?;
+        let committed = self.unsaved_committed.take();
+        self.store
+            .append_log(self.group, &encoded, committed.as_deref())?;
         self.store
             .flush_then(Box::new(move |res| callback.io_completed(res)))?;
         Ok(())

@@ -31,6 +31,11 @@ pub async fn serve(
     client_listener: TcpListener,
 ) -> Result<(), tonic::transport::Error> {
     let peer = tonic::transport::Server::builder()
+        // Peers reset streams legitimately and in bursts (a heartbeat's 100 ms
+        // deadline passing on a loaded or just-resumed node); h2's rapid-reset guard
+        // (20 by default) would then close the whole connection, breaking every
+        // replication and forwarding stream on it. Peers are cluster members.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PEER_PENDING_RESETS))
         .add_service(
             PeerServer::new(peer::PeerService::new(node.clone()))
                 .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -49,6 +54,9 @@ pub async fn serve(
     tokio::try_join!(peer, client)?;
     Ok(())
 }
+
+/// Streams a peer may reset before the node accepts them (see `serve`).
+const MAX_PEER_PENDING_RESETS: usize = 4096;
 
 /// Accepted connections with Nagle off. The builder's `tcp_nodelay` only applies to
 /// listeners it binds itself, not to `serve_with_incoming`: without this, small

@@ -116,12 +116,26 @@ impl Store {
     // ---- raft log ---------------------------------------------------------
 
     /// Writes log entries of one group in one batch, unsynced: call
-    /// [`Store::flush_then`] to learn when they are durable.
-    pub fn append_log(&self, group: GroupId, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+    /// [`Store::flush_then`] to learn when they are durable. `committed`, if
+    /// given, is the group's committed log id, written in the same batch.
+    pub fn append_log(
+        &self,
+        group: GroupId,
+        entries: &[(u64, Vec<u8>)],
+        committed: Option<&[u8]>,
+    ) -> Result<()> {
         let cf = self.cf(keys::CF_RAFT_LOG)?;
         let mut batch = WriteBatch::default();
         for (index, bytes) in entries {
             batch.put_cf(cf, keys::log_key(group, *index), bytes);
+        }
+        if let Some(value) = committed {
+            let state = self.cf(keys::CF_RAFT_STATE)?;
+            batch.put_cf(
+                state,
+                keys::raft_state_key(group, RaftStateTag::Committed),
+                value,
+            );
         }
         self.db.write(batch)?;
         Ok(())
@@ -462,6 +476,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_append_can_carry_the_committed_log_id_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.append_log(3, &[(1, vec![1])], None).unwrap();
+        assert_eq!(store.raft_state(3, RaftStateTag::Committed).unwrap(), None);
+        store.append_log(3, &[(2, vec![2])], Some(b"c1")).unwrap();
+        assert_eq!(
+            store.raft_state(3, RaftStateTag::Committed).unwrap(),
+            Some(b"c1".to_vec())
+        );
+        assert_eq!(store.raft_state(4, RaftStateTag::Committed).unwrap(), None);
+        assert_eq!(store.read_log(3, 1, 3).unwrap().len(), 2);
+    }
+
+    #[test]
     fn one_wal_sync_covers_every_append_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -469,7 +498,9 @@ mod tests {
         const APPENDS: u64 = 200;
         for i in 0..APPENDS {
             let group = i % 4;
-            store.append_log(group, &[(i, vec![1, 2, 3])]).unwrap();
+            store
+                .append_log(group, &[(i, vec![1, 2, 3])], None)
+                .unwrap();
             let tx = tx.clone();
             store
                 .flush_then(Box::new(move |res| {
@@ -503,7 +534,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..20u64 {
             let store = Store::open(dir.path()).unwrap();
-            store.append_log(1, &[(round, vec![7])]).unwrap();
+            store.append_log(1, &[(round, vec![7])], None).unwrap();
             let (tx, rx) = mpsc::channel();
             store
                 .flush_then(Box::new(move |r| tx.send(r.is_ok()).unwrap()))
@@ -523,7 +554,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         for g in [1u64, 2] {
             let entries: Vec<_> = (1..=10).map(|i| (i, vec![g as u8])).collect();
-            store.append_log(g, &entries).unwrap();
+            store.append_log(g, &entries, None).unwrap();
         }
         store.purge_log_upto(1, 4, b"p").unwrap();
         store.truncate_log_from(1, 8).unwrap();
