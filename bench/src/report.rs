@@ -63,6 +63,21 @@ fn pairs(rows: &[Row]) -> Vec<Pair<'_>> {
     by_key.into_values().collect()
 }
 
+impl Pair<'_> {
+    /// workload, clients, etcd ops/s, shopkv ops/s, ratio, etcd p99, shopkv p99.
+    fn cells(&self) -> [String; 7] {
+        [
+            self.workload.to_string(),
+            self.clients.to_string(),
+            ops(self.etcd),
+            ops(self.shopkv),
+            ratio_text(self),
+            p99(self.etcd),
+            p99(self.shopkv),
+        ]
+    }
+}
+
 fn ops(row: Option<&Row>) -> String {
     row.map_or("-".into(), |r| format!("{:.0}", r.summary.ops_per_s))
 }
@@ -102,16 +117,18 @@ pub fn render_text(rows: &[Row]) -> String {
     );
     let pairs = pairs(rows);
     for p in &pairs {
+        let [
+            workload,
+            clients,
+            etcd_ops,
+            shopkv_ops,
+            ratio,
+            etcd_p99,
+            shopkv_p99,
+        ] = p.cells();
         let _ = writeln!(
             out,
-            "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
-            p.workload,
-            p.clients,
-            ops(p.etcd),
-            ops(p.shopkv),
-            ratio_text(p),
-            p99(p.etcd),
-            p99(p.shopkv),
+            "{workload:<10} {clients:>7} {etcd_ops:>11} {shopkv_ops:>12} {ratio:>6} {etcd_p99:>11} {shopkv_p99:>13} {:>9}",
             errors(p)
         );
     }
@@ -120,7 +137,7 @@ pub fn render_text(rows: &[Row]) -> String {
         let _ = writeln!(out, "\nshopkv alone:");
         let _ = writeln!(
             out,
-            "{:<14} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6}",
+            "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6}",
             "setup",
             "nodes",
             "shards",
@@ -134,7 +151,7 @@ pub fn render_text(rows: &[Row]) -> String {
         for r in extras {
             let _ = writeln!(
                 out,
-                "{:<14} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6}",
+                "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6}",
                 r.label,
                 r.nodes,
                 r.shards,
@@ -149,16 +166,18 @@ pub fn render_text(rows: &[Row]) -> String {
     }
     out.push('\n');
     for p in &pairs {
+        let [
+            workload,
+            clients,
+            etcd_ops,
+            shopkv_ops,
+            ratio,
+            etcd_p99,
+            shopkv_p99,
+        ] = p.cells();
         let _ = writeln!(
             out,
-            "RESULT workload={} clients={} etcd_ops={} shopkv_ops={} ratio={} etcd_p99_ms={} shopkv_p99_ms={}",
-            p.workload,
-            p.clients,
-            ops(p.etcd),
-            ops(p.shopkv),
-            ratio_text(p),
-            p99(p.etcd),
-            p99(p.shopkv)
+            "RESULT workload={workload} clients={clients} etcd_ops={etcd_ops} shopkv_ops={shopkv_ops} ratio={ratio} etcd_p99_ms={etcd_p99} shopkv_p99_ms={shopkv_p99}"
         );
     }
     out
