@@ -9,7 +9,9 @@
 # fsync on), a 3-node shopkv via cluster/bootstrap.sh (its default: 3 shards); runs every
 # workload against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
 # one RESULT line per compared row, and appends the tables with the date, machine
-# and commit to bench/RESULTS.md. --quick: short runs, under 3 minutes in all.
+# and commit to bench/RESULTS.md. The compared rows run twice (each system on a fresh
+# cluster each round; the report averages them and shows the spread): single runs on
+# a shared 2-core machine move by 15-20 %. --quick: one round of short runs, < 3 min.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,14 +19,14 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument: $arg" >&2; exit 1 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then
-  DURATION=3; WARMUP=1; MODE=quick
+  DURATION=3; WARMUP=1; ROUNDS=1; MODE=quick
 else
-  DURATION=10; WARMUP=2; MODE=full
+  DURATION=10; WARMUP=2; ROUNDS=2; MODE=full
 fi
 KEYS=10000
 PUT_CLIENTS="1 16 64 256"
@@ -82,33 +84,33 @@ compare_set() { # system endpoints nodes shards
 }
 
 # --- etcd: 3 members on loopback, default flags (fsync on) ---
-cluster=""
-for i in 1 2 3; do
-  cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
-done
-etcd_endpoints=""
-for i in 1 2 3; do
-  client="127.0.0.1:$((ETCD_BASE + 10 * i))"
-  peer="http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
-  etcd_endpoints="${etcd_endpoints:+$etcd_endpoints,}$client"
-  etcd --name "e$i" --data-dir "$WORK/etcd/e$i" \
-    --listen-client-urls "http://$client" --advertise-client-urls "http://$client" \
-    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
-    --initial-cluster "$cluster" --initial-cluster-token shopkv-bench --initial-cluster-state new \
-    > "$WORK/etcd-e$i.log" 2>&1 &
-  ETCD_PIDS+=($!)
-done
-for _ in $(seq 1 100); do
-  ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null 2>&1 && break
-  sleep 0.3
-done
-ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null \
-  || { echo "run.sh: etcd did not become healthy (see $WORK/etcd-e*.log)" >&2; exit 1; }
-echo "run.sh: etcd $(etcd --version | awk 'NR==1{print $3}') up at $etcd_endpoints"
-compare_set etcd "$etcd_endpoints" 3 1
-stop_etcd
+start_etcd() { # data-dir -> sets etcd_endpoints
+  local dir=$1 cluster="" i client peer
+  etcd_endpoints=""
+  for i in 1 2 3; do
+    cluster="${cluster:+$cluster,}e$i=http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
+  done
+  for i in 1 2 3; do
+    client="127.0.0.1:$((ETCD_BASE + 10 * i))"
+    peer="http://127.0.0.1:$((ETCD_BASE + 10 * i + 1))"
+    etcd_endpoints="${etcd_endpoints:+$etcd_endpoints,}$client"
+    etcd --name "e$i" --data-dir "$dir/e$i" \
+      --listen-client-urls "http://$client" --advertise-client-urls "http://$client" \
+      --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+      --initial-cluster "$cluster" --initial-cluster-token shopkv-bench --initial-cluster-state new \
+      > "$dir-e$i.log" 2>&1 &
+    ETCD_PIDS+=($!)
+  done
+  for _ in $(seq 1 100); do
+    ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null 2>&1 && break
+    sleep 0.3
+  done
+  ETCDCTL_API=3 etcdctl --endpoints "$etcd_endpoints" endpoint health >/dev/null \
+    || { echo "run.sh: etcd did not become healthy (see $dir-e*.log)" >&2; exit 1; }
+  echo "run.sh: etcd $(etcd --version | awk 'NR==1{print $3}') up at $etcd_endpoints"
+}
 
-# --- shopkv: 3 nodes, bootstrap's default shards (one per node) ---
+# --- shopkv: bootstrap.sh on fresh data ---
 shopkv_cluster() { # name nodes shards -> prints endpoints
   local dir="$WORK/$1"
   SHOPKV_DIRS+=("$dir")
@@ -118,10 +120,18 @@ shopkv_cluster() { # name nodes shards -> prints endpoints
 }
 stop_shopkv() { "$ROOT/cluster/stop.sh" --data-dir "$WORK/$1" >/dev/null; }
 
-ep=$(shopkv_cluster shopkv-3n 3 3)
-echo "run.sh: shopkv up at $ep"
-compare_set shopkv "$ep" 3 3
-stop_shopkv shopkv-3n
+# The compared rows, ROUNDS times, each system on a fresh cluster every round;
+# the report averages the rounds and shows their spread.
+for round in $(seq 1 "$ROUNDS"); do
+  start_etcd "$WORK/etcd-r$round"
+  compare_set etcd "$etcd_endpoints" 3 1
+  stop_etcd
+  # 3 nodes with bootstrap's default shards (one per node).
+  ep=$(shopkv_cluster "shopkv-3n-r$round" 3 3)
+  echo "run.sh: shopkv up at $ep (round $round of $ROUNDS)"
+  compare_set shopkv "$ep" 3 3
+  stop_shopkv "shopkv-3n-r$round"
+done
 
 # --- shopkv alone: 5 nodes; 1 vs 8 shards ---
 EXTRA_CLIENTS="64 256"
@@ -142,7 +152,7 @@ rota=$(lsblk -ndo ROTA "$(df "$WORK" | awk 'NR==2{print $1}')" 2>/dev/null | tr 
 echo
 "$BENCH" report "$RESULTS" --markdown "$ROOT/bench/RESULTS.md" \
   --heading "$(date -u '+%Y-%m-%d %H:%M UTC') — $MODE run, commit $commit" \
-  --note "command: \`bench/run.sh${1:+ $1}\` (${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
+  --note "command: \`bench/run.sh${1:+ $1}\` (${ROUNDS} round(s) of ${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
   --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default)"
 echo "run.sh: appended to bench/RESULTS.md"

@@ -29,6 +29,65 @@ pub struct Row {
     pub summary: Summary,
 }
 
+/// The rounds of one row (same system, workload, clients, cluster and label) merged:
+/// means of rate and latencies, sums of counts, and the spread of the rate.
+pub struct Merged {
+    pub row: Row,
+    pub rounds: usize,
+    pub min_ops_per_s: f64,
+    pub max_ops_per_s: f64,
+}
+
+/// Merges repeated rounds of each row, in the order rows first appear.
+pub fn merge_rounds(rows: &[Row]) -> Vec<Merged> {
+    let mut out: Vec<Merged> = Vec::new();
+    for r in rows {
+        let same = |m: &&mut Merged| {
+            let k = &m.row;
+            (
+                k.system,
+                &k.workload,
+                k.clients,
+                k.nodes,
+                k.shards,
+                &k.label,
+            ) == (
+                r.system,
+                &r.workload,
+                r.clients,
+                r.nodes,
+                r.shards,
+                &r.label,
+            )
+        };
+        match out.iter_mut().find(|m| same(m)) {
+            None => out.push(Merged {
+                row: r.clone(),
+                rounds: 1,
+                min_ops_per_s: r.summary.ops_per_s,
+                max_ops_per_s: r.summary.ops_per_s,
+            }),
+            Some(m) => {
+                let n = m.rounds as f64;
+                let mean = |a: f64, b: f64| (a * n + b) / (n + 1.0);
+                let (a, b) = (&mut m.row.summary, &r.summary);
+                a.ops_per_s = mean(a.ops_per_s, b.ops_per_s);
+                a.p50_ms = mean(a.p50_ms, b.p50_ms);
+                a.p99_ms = mean(a.p99_ms, b.p99_ms);
+                a.p999_ms = mean(a.p999_ms, b.p999_ms);
+                a.max_ms = a.max_ms.max(b.max_ms);
+                a.ops += b.ops;
+                a.errors += b.errors;
+                a.retries += b.retries;
+                m.rounds += 1;
+                m.min_ops_per_s = m.min_ops_per_s.min(b.ops_per_s);
+                m.max_ops_per_s = m.max_ops_per_s.max(b.ops_per_s);
+            }
+        }
+    }
+    out
+}
+
 /// etcd and shopkv results of one (workload, clients) pair.
 struct Pair<'a> {
     workload: &'a str,
@@ -37,11 +96,12 @@ struct Pair<'a> {
     shopkv: Option<&'a Row>,
 }
 
-fn pairs(rows: &[Row]) -> Vec<Pair<'_>> {
+fn pairs(merged: &[Merged]) -> Vec<Pair<'_>> {
     // Keep the order in which workloads first appear; clients ascending inside one.
     let mut order: Vec<&str> = Vec::new();
     let mut by_key: BTreeMap<(usize, usize), Pair<'_>> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.label == COMPARE) {
+    for m in merged.iter().filter(|m| m.row.label == COMPARE) {
+        let row = &m.row;
         let w = match order.iter().position(|w| *w == row.workload) {
             Some(p) => p,
             None => {
@@ -115,7 +175,8 @@ pub fn render_text(rows: &[Row]) -> String {
         "shopkv p99 ms",
         "errors"
     );
-    let pairs = pairs(rows);
+    let merged = merge_rounds(rows);
+    let pairs = pairs(&merged);
     for p in &pairs {
         let [
             workload,
@@ -132,7 +193,11 @@ pub fn render_text(rows: &[Row]) -> String {
             errors(p)
         );
     }
-    let extras: Vec<&Row> = rows.iter().filter(|r| r.label != COMPARE).collect();
+    let extras: Vec<&Row> = merged
+        .iter()
+        .map(|m| &m.row)
+        .filter(|r| r.label != COMPARE)
+        .collect();
     if !extras.is_empty() {
         let _ = writeln!(out, "\nshopkv alone:");
         let _ = writeln!(
@@ -196,21 +261,35 @@ pub fn render_markdown(rows: &[Row]) -> String {
             )
         })
     };
-    for p in pairs(rows) {
+    let merged = merge_rounds(rows);
+    let spread = |r: Option<&Row>| {
+        let m = r.and_then(|r| merged.iter().find(|m| std::ptr::eq(&m.row, r)));
+        match m {
+            Some(m) if m.rounds > 1 => {
+                format!("{} ({:.0}–{:.0})", ops(r), m.min_ops_per_s, m.max_ops_per_s)
+            }
+            _ => ops(r),
+        }
+    };
+    for p in pairs(&merged) {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             p.workload,
             p.clients,
-            ops(p.etcd),
-            ops(p.shopkv),
+            spread(p.etcd),
+            spread(p.shopkv),
             ratio_text(&p),
             lat(p.etcd),
             lat(p.shopkv),
             errors(&p)
         );
     }
-    let extras: Vec<&Row> = rows.iter().filter(|r| r.label != COMPARE).collect();
+    let extras: Vec<&Row> = merged
+        .iter()
+        .map(|m| &m.row)
+        .filter(|r| r.label != COMPARE)
+        .collect();
     if !extras.is_empty() {
         out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors |\n");
         out.push_str("|---|---:|---:|---|---:|---:|---:|---:|\n");
@@ -275,6 +354,36 @@ mod tests {
         assert!(text.contains("5-nodes"), "{text}");
         let md = render_markdown(&rows);
         assert!(md.contains("| put | 64 | 2000 | 5000 | 2.50 |"), "{md}");
+    }
+
+    #[test]
+    fn repeated_rounds_are_averaged_with_their_spread() {
+        let rows = vec![
+            row(System::Etcd, "put", 64, 2000.0, COMPARE),
+            row(System::Shopkv, "put", 64, 4000.0, COMPARE),
+            row(System::Etcd, "put", 64, 3000.0, COMPARE),
+            row(System::Shopkv, "put", 64, 5000.0, COMPARE),
+        ];
+        let merged = merge_rounds(&rows);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].rounds, 2);
+        assert_eq!(merged[0].row.summary.ops_per_s, 2500.0);
+        assert_eq!(
+            (merged[1].min_ops_per_s, merged[1].max_ops_per_s),
+            (4000.0, 5000.0)
+        );
+        let text = render_text(&rows);
+        assert!(
+            text.contains(
+                "RESULT workload=put clients=64 etcd_ops=2500 shopkv_ops=4500 ratio=1.80"
+            ),
+            "{text}"
+        );
+        let md = render_markdown(&rows);
+        assert!(
+            md.contains("| put | 64 | 2500 (2000–3000) | 4500 (4000–5000) | 1.80 |"),
+            "{md}"
+        );
     }
 
     #[test]
