@@ -9,6 +9,15 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
+/// Log entries between snapshots by default. The state machine is persistent, so a
+/// snapshot is only needed to purge the log and to catch up followers that lag
+/// behind it; building one reads and encodes a whole group, which at 5 000 cost ~9 %
+/// of the CPU of a 1-shard cluster under write load (etcd's default is 100 000).
+pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 50_000;
+/// Log entries kept behind a snapshot by default: a follower that was down for about
+/// a second of heavy writes still catches up from the log, not a snapshot.
+pub const DEFAULT_SNAPSHOT_KEEP_LOGS: u64 = 10_000;
+
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -183,11 +192,11 @@ impl Config {
             snapshot_logs_since_last: args
                 .snapshot_logs_since_last
                 .or(file.snapshot_logs_since_last)
-                .unwrap_or(5000),
+                .unwrap_or(DEFAULT_SNAPSHOT_LOGS_SINCE_LAST),
             snapshot_keep_logs: args
                 .snapshot_keep_logs
                 .or(file.snapshot_keep_logs)
-                .unwrap_or(1000),
+                .unwrap_or(DEFAULT_SNAPSHOT_KEEP_LOGS),
             max_payload_entries: args
                 .max_payload_entries
                 .or(file.max_payload_entries)

@@ -257,7 +257,15 @@ async fn chaos() {
     eprintln!("chaos: seed={seed} secs={secs} nodes={nodes}");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let mut c = TestCluster::start_with_proxies(nodes, &[]).await;
+    // Snapshots every 5 000 entries and 1 000 kept (not the production 50 000 /
+    // 10 000): a run then builds, sends and installs snapshots while faults happen.
+    let extra = [
+        "--snapshot-logs-since-last",
+        "5000",
+        "--snapshot-keep-logs",
+        "1000",
+    ];
+    let mut c = TestCluster::start_with_proxies(nodes, &extra).await;
     c.init(SHARDS).await;
     c.wait_ready(Duration::from_secs(30)).await;
     let mut incarnations = vec![0u32; nodes as usize];
