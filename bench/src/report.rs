@@ -123,6 +123,18 @@ fn pairs(merged: &[Merged]) -> Vec<Pair<'_>> {
     by_key.into_values().collect()
 }
 
+/// Names of the `RESULT` line's fields, in the order of [`Pair::cells`]; other
+/// programs parse these lines, so the names and order are fixed.
+const RESULT_KEYS: [&str; 7] = [
+    "workload",
+    "clients",
+    "etcd_ops",
+    "shopkv_ops",
+    "ratio",
+    "etcd_p99_ms",
+    "shopkv_p99_ms",
+];
+
 impl Pair<'_> {
     /// workload, clients, etcd ops/s, shopkv ops/s, ratio, etcd p99, shopkv p99.
     fn cells(&self) -> [String; 7] {
@@ -178,18 +190,17 @@ pub fn render_text(rows: &[Row]) -> String {
     let merged = merge_rounds(rows);
     let pairs = pairs(&merged);
     for p in &pairs {
-        let [
-            workload,
-            clients,
-            etcd_ops,
-            shopkv_ops,
-            ratio,
-            etcd_p99,
-            shopkv_p99,
-        ] = p.cells();
+        let c = p.cells();
         let _ = writeln!(
             out,
-            "{workload:<10} {clients:>7} {etcd_ops:>11} {shopkv_ops:>12} {ratio:>6} {etcd_p99:>11} {shopkv_p99:>13} {:>9}",
+            "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            c[6],
             errors(p)
         );
     }
@@ -231,19 +242,12 @@ pub fn render_text(rows: &[Row]) -> String {
     }
     out.push('\n');
     for p in &pairs {
-        let [
-            workload,
-            clients,
-            etcd_ops,
-            shopkv_ops,
-            ratio,
-            etcd_p99,
-            shopkv_p99,
-        ] = p.cells();
-        let _ = writeln!(
-            out,
-            "RESULT workload={workload} clients={clients} etcd_ops={etcd_ops} shopkv_ops={shopkv_ops} ratio={ratio} etcd_p99_ms={etcd_p99} shopkv_p99_ms={shopkv_p99}"
-        );
+        let fields: Vec<String> = RESULT_KEYS
+            .iter()
+            .zip(p.cells())
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(out, "RESULT {}", fields.join(" "));
     }
     out
 }
