@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{ForwardFrame, GroupMessage};
@@ -125,9 +126,7 @@ async fn run_link(
 ) {
     let mut pending: HashMap<u64, ReplyTx> = HashMap::new();
     let (frames_tx, frames_rx) = mpsc::channel::<ForwardFrame>(LINK_QUEUE);
-    let outbound = futures::stream::unfold(frames_rx, |mut rx| async move {
-        rx.recv().await.map(|f| (f, rx))
-    });
+    let outbound = ReceiverStream::new(frames_rx);
     // Take the first request before opening so an idle link costs nothing.
     let Some((first, reply)) = requests.recv().await else {
         return;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use openraft::raft::AppendEntriesRequest;
 use openraft::storage::Snapshot;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::deadline_of;
@@ -265,12 +266,7 @@ impl Peer for PeerService {
         // may have nothing to send yet and must not wait for response headers.
         let (tx, rx) = tokio::sync::mpsc::channel(APPEND_ACK_QUEUE);
         tokio::spawn(serve_append_stream(self.clone(), req.into_inner(), tx));
-        let acks =
-            futures::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|ack| (ack, rx)) },
-            );
-        Ok(Response::new(Box::pin(acks)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn raft(
@@ -375,10 +371,7 @@ impl Peer for PeerService {
             req.into_inner(),
             tx,
         ));
-        let replies = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|reply| (reply, rx))
-        });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn local_status(
