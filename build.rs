@@ -6,11 +6,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shopkv/v1/kv.proto",
         "proto/shopkv/v1/cluster.proto",
         "proto/shopkv/v1/peer.proto",
+        "proto/shopkv/v1/commerce.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
+    // The encoded descriptors feed gRPC server reflection (grpcurl, grpcui).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("shopkv_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

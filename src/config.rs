@@ -17,6 +17,8 @@ pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 50_000;
 /// Log entries kept behind a snapshot by default: a follower that was down for about
 /// a second of heavy writes still catches up from the log, not a snapshot.
 pub const DEFAULT_SNAPSHOT_KEEP_LOGS: u64 = 10_000;
+/// Default time an order may stay unpaid: 15 minutes (a checkout session).
+pub const DEFAULT_ORDER_PAYMENT_TIMEOUT_MS: u64 = 15 * 60_000;
 
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,9 @@ pub struct ServeArgs {
     /// Deadline of a client request that carries none.
     #[arg(long, env = "SHOPKV_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// An order not paid this long after placement expires (stock released).
+    #[arg(long, env = "SHOPKV_ORDER_PAYMENT_TIMEOUT_MS")]
+    pub order_payment_timeout_ms: Option<u64>,
     /// Dial node ID at HOST:PORT instead of its advertised peer address
     /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
     #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
@@ -110,6 +115,7 @@ struct FileConfig {
     snapshot_keep_logs: Option<u64>,
     max_payload_entries: Option<u64>,
     request_timeout_ms: Option<u64>,
+    order_payment_timeout_ms: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
 
@@ -138,6 +144,8 @@ pub struct Config {
     pub max_payload_entries: u64,
     /// Default request deadline.
     pub request_timeout_ms: u64,
+    /// How long a placed order may stay unpaid before it expires.
+    pub order_payment_timeout_ms: u64,
     /// Node id -> address to dial instead of the advertised one.
     pub peer_routes: BTreeMap<u64, String>,
 }
@@ -150,6 +158,8 @@ mod limits {
     pub const KEEP_LOGS: (u64, u64) = (0, 1_000_000);
     pub const PAYLOAD_ENTRIES: (u64, u64) = (1, 10_000);
     pub const REQUEST_TIMEOUT_MS: (u64, u64) = (100, 600_000);
+    /// From one second (tests) to a week.
+    pub const ORDER_PAYMENT_TIMEOUT_MS: (u64, u64) = (1_000, 7 * 24 * 3_600_000);
 }
 
 impl Config {
@@ -205,6 +215,10 @@ impl Config {
                 .request_timeout_ms
                 .or(file.request_timeout_ms)
                 .unwrap_or(5000),
+            order_payment_timeout_ms: args
+                .order_payment_timeout_ms
+                .or(file.order_payment_timeout_ms)
+                .unwrap_or(DEFAULT_ORDER_PAYMENT_TIMEOUT_MS),
             peer_routes: parse_routes(if args.peer_routes.is_empty() {
                 file.peer_routes.as_deref().unwrap_or_default()
             } else {
@@ -293,6 +307,11 @@ impl Config {
             "request_timeout_ms",
             self.request_timeout_ms,
             limits::REQUEST_TIMEOUT_MS,
+        )?;
+        in_range(
+            "order_payment_timeout_ms",
+            self.order_payment_timeout_ms,
+            limits::ORDER_PAYMENT_TIMEOUT_MS,
         )?;
         Ok(())
     }

@@ -7,17 +7,25 @@
 
 pub mod cli;
 pub mod codec;
+pub mod commerce;
 pub mod config;
+pub mod domain;
 pub mod forward;
 pub mod node;
+pub mod payment;
 pub mod raft;
 pub mod router;
 pub mod server;
 pub mod sm;
 pub mod storage;
+pub mod sweeper;
 
 /// Generated gRPC types of `proto/shopkv/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("shopkv.v1");
+
+    /// Encoded descriptors of every proto, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/shopkv_descriptor.bin"));
 }

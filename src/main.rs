@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shopkv::cli::commerce::{self, CartCmd, OrderCmd, ProductCmd, StockCmd};
 use shopkv::cli::{self, ClusterCmd, GlobalArgs, KvCmd};
 use shopkv::config::{Config, ServeArgs};
 use shopkv::node::Node;
@@ -28,6 +29,18 @@ enum Cmd {
     /// Key-value commands.
     #[command(subcommand)]
     Kv(KvCmd),
+    /// Catalog: products by SKU.
+    #[command(subcommand)]
+    Product(ProductCmd),
+    /// Inventory: on-hand and reserved stock per SKU.
+    #[command(subcommand)]
+    Stock(StockCmd),
+    /// Shopping carts by customer.
+    #[command(subcommand)]
+    Cart(CartCmd),
+    /// Orders: place, pay, ship, deliver, cancel.
+    #[command(subcommand)]
+    Order(OrderCmd),
 }
 
 #[tokio::main]
@@ -37,6 +50,10 @@ async fn main() -> ExitCode {
         Cmd::Serve(args) => return serve(args).await,
         Cmd::Cluster(c) => cli::cluster(&cli.global, c).await,
         Cmd::Kv(c) => cli::kv(&cli.global, c).await,
+        Cmd::Product(c) => commerce::product(&cli.global, c).await,
+        Cmd::Stock(c) => commerce::stock(&cli.global, c).await,
+        Cmd::Cart(c) => commerce::cart(&cli.global, c).await,
+        Cmd::Order(c) => commerce::order(&cli.global, c).await,
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,12 +16,14 @@ use tokio::sync::watch;
 use crate::codec;
 use crate::config::Config;
 use crate::forward::{Forwarded, Forwarder};
+use crate::payment::{PaymentProvider, SimulatedProvider};
 use crate::proto::GroupMessage;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{GroupNetworkFactory, PeerRouter};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{GroupRaft, TypeConfig};
 use crate::router::{ClusterMap, META_GROUP, NodeAddr};
+use crate::sm::commerce::{CommerceRead, CommerceReadResult, RecordReader};
 use crate::sm::{self, Command, Response, StoredRecord};
 use crate::storage::keys::{self, GroupId};
 use crate::storage::{StorageError, Store};
@@ -83,6 +85,8 @@ pub enum ReadOp {
         /// At most this many.
         limit: usize,
     },
+    /// Catalog, inventory, cart or order records.
+    Commerce(CommerceRead),
 }
 
 /// Result of a [`ReadOp`].
@@ -97,6 +101,33 @@ pub enum ReadResult {
         /// More matched than the limit.
         more: bool,
     },
+    /// `Commerce`.
+    Commerce(CommerceReadResult),
+}
+
+/// One group's records on this node, for `sm::commerce::read`.
+struct GroupReader<'a> {
+    store: &'a Store,
+    group: GroupId,
+}
+
+impl RecordReader for GroupReader<'_> {
+    fn get(&self, record_key: &[u8]) -> Result<Option<Vec<u8>>, sm::SmError> {
+        self.store
+            .get_record(self.group, record_key)
+            .map_err(|e| sm::SmError::Storage(e.to_string()))
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sm::SmError> {
+        self.store
+            .scan_records_after(self.group, prefix, after, limit)
+            .map_err(|e| sm::SmError::Storage(e.to_string()))
+    }
 }
 
 /// What this data dir belongs to (stored in the default column family).
@@ -171,6 +202,8 @@ pub struct Node {
     cluster: watch::Sender<Option<Arc<ClusterMap>>>,
     /// Until then this process neither votes nor campaigns (see [`Node::in_vote_hold_off`]).
     vote_hold_off_until: Instant,
+    /// The payment provider orders are charged and refunded through.
+    pub payments: Arc<dyn PaymentProvider>,
 }
 
 impl Node {
@@ -241,6 +274,7 @@ impl Node {
             groups: RwLock::new(BTreeMap::new()),
             cluster,
             vote_hold_off_until: Instant::now() + leader_lease,
+            payments: Arc::new(SimulatedProvider::new()),
         });
         let meta = node
             .start_group(META_GROUP)
@@ -251,6 +285,7 @@ impl Node {
             .map_err(|e| StartError::Other(e.to_string()))?;
         tokio::spawn(Node::watch_meta(Arc::downgrade(&node), meta));
         tokio::spawn(Node::balance_leaders(Arc::downgrade(&node)));
+        tokio::spawn(crate::sweeper::run(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -289,6 +324,17 @@ impl Node {
     /// while the old one still serves lease reads, which would then be stale.
     pub fn in_vote_hold_off(&self) -> bool {
         Instant::now() < self.vote_hold_off_until
+    }
+
+    /// Data shards whose leader is this node's replica.
+    pub fn led_data_groups(&self) -> Vec<GroupId> {
+        self.local_groups()
+            .into_iter()
+            .filter(|(g, raft)| {
+                *g != META_GROUP && raft.metrics().borrow_watched().current_leader == Some(self.id)
+            })
+            .map(|(g, _)| g)
+            .collect()
     }
 
     fn local_groups(&self) -> Vec<(GroupId, GroupRaft)> {
@@ -663,6 +709,15 @@ impl Node {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(ReadResult::Records { records, more })
+            }
+            ReadOp::Commerce(op) => {
+                let reader = GroupReader {
+                    store: &self.store,
+                    group,
+                };
+                sm::commerce::read(&reader, op)
+                    .map(ReadResult::Commerce)
+                    .map_err(|e| NodeError::Internal(e.to_string()))
             }
         }
     }

@@ -91,6 +91,21 @@ impl ClusterMap {
         shard_for(routing_key, self.shards)
     }
 
+    /// The shard of a SKU's product, stock and reservations.
+    pub fn shard_of_sku(&self, sku: &str) -> GroupId {
+        self.shard_for(&routing_key(b"sku/", sku))
+    }
+
+    /// The shard of a customer's cart.
+    pub fn shard_of_customer(&self, customer: &str) -> GroupId {
+        self.shard_for(&routing_key(b"customer/", customer))
+    }
+
+    /// The shard of an order, its payment and its customer-index entry.
+    pub fn shard_of_order(&self, order_id: &str) -> GroupId {
+        self.shard_for(&routing_key(b"order/", order_id))
+    }
+
     /// Replica node ids of `group` (every node for the meta group).
     pub fn replicas(&self, group: GroupId) -> Vec<u64> {
         if group == META_GROUP {
@@ -106,6 +121,15 @@ impl ClusterMap {
     pub fn data_groups(&self) -> impl Iterator<Item = GroupId> + '_ {
         self.groups.keys().copied()
     }
+}
+
+/// A typed routing key: `kind` then the id, so that a SKU, a customer and an
+/// order with the same id spread independently.
+fn routing_key(kind: &[u8], id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(kind.len() + id.len());
+    k.extend_from_slice(kind);
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 /// The data shard of a routing key among `shards` shards (stable across

@@ -123,9 +123,9 @@ impl Kv for KvService {
                 }),
             })),
             ReadResult::Record(None) => Err(Status::not_found("key not found")),
-            ReadResult::Records { .. } => {
-                Err(to_status(NodeError::Internal("scan result for get".into())))
-            }
+            ReadResult::Records { .. } | ReadResult::Commerce(_) => Err(to_status(
+                NodeError::Internal("wrong result for get".into()),
+            )),
         }
     }
 
@@ -207,8 +207,10 @@ impl Kv for KvService {
                         shard,
                     }));
                 }
-                ReadResult::Record(_) => {
-                    return Err(to_status(NodeError::Internal("get result for scan".into())));
+                ReadResult::Record(_) | ReadResult::Commerce(_) => {
+                    return Err(to_status(NodeError::Internal(
+                        "wrong result for scan".into(),
+                    )));
                 }
             }
         }

@@ -2,10 +2,15 @@
 //! the node-to-node one on the peer port (`peer`). One service per file; the
 //! error table is `error`.
 
+pub mod cart;
+pub mod catalog;
 pub mod cluster;
 pub mod error;
+pub mod inventory;
 pub mod kv;
+pub mod orders;
 pub mod peer;
+pub mod records;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +19,12 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::node::Node;
+use crate::proto::cart_server::CartServer;
+use crate::proto::catalog_server::CatalogServer;
 use crate::proto::cluster_server::ClusterServer;
+use crate::proto::inventory_server::InventoryServer;
 use crate::proto::kv_server::KvServer;
+use crate::proto::orders_server::OrdersServer;
 use crate::proto::peer_server::PeerServer;
 use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
 
@@ -24,12 +33,23 @@ pub const MAX_CLIENT_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);
 /// Longest deadline a client may ask for.
 const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not load the descriptors (a build bug).
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
 /// Serves the peer and client ports until either server fails.
 pub async fn serve(
     node: Arc<Node>,
     peer_listener: TcpListener,
     client_listener: TcpListener,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let peer = tonic::transport::Server::builder()
         // Peers reset streams legitimately and in bursts (a heartbeat's 100 ms
         // deadline passing on a loaded or just-resumed node); h2's rapid-reset guard
@@ -42,6 +62,11 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
         .serve_with_incoming(no_delay(peer_listener));
+    let ctx = records::Ctx { node: node.clone() };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let client = tonic::transport::Server::builder()
         .add_service(
             KvServer::new(kv::KvService::new(node.clone()))
@@ -50,6 +75,15 @@ pub async fn serve(
         .add_service(ClusterServer::new(cluster::ClusterService::new(
             node.clone(),
         )))
+        .add_service(CatalogServer::new(catalog::CatalogService::new(
+            ctx.clone(),
+        )))
+        .add_service(InventoryServer::new(inventory::InventoryService::new(
+            ctx.clone(),
+        )))
+        .add_service(CartServer::new(cart::CartService::new(ctx.clone())))
+        .add_service(OrdersServer::new(orders::OrdersService::new(ctx)))
+        .add_service(reflection)
         .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;
     Ok(())

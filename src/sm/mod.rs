@@ -5,6 +5,8 @@
 //! match, an init of an initialised cluster) are normal [`Response`]s inside
 //! the replicated result; [`SmError`] is only for the system failing.
 
+pub mod commerce;
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
@@ -38,6 +40,8 @@ pub enum Command {
         /// New value.
         value: Vec<u8>,
     },
+    /// Data shard: a catalog, inventory, cart or order change.
+    Commerce(commerce::CommerceCommand),
 }
 
 impl Command {
@@ -45,9 +49,10 @@ impl Command {
     pub fn belongs_to(&self, group: GroupId) -> bool {
         match self {
             Command::InitCluster(_) => group == META_GROUP,
-            Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
-                group != META_GROUP
-            }
+            Command::Put { .. }
+            | Command::Delete { .. }
+            | Command::CompareAndSwap { .. }
+            | Command::Commerce(_) => group != META_GROUP,
         }
     }
 }
@@ -66,6 +71,7 @@ impl std::fmt::Display for Command {
                 expected_version,
                 ..
             } => write!(f, "Cas(key_len={}, expected={expected_version})", key.len()),
+            Command::Commerce(c) => c.fmt(f),
         }
     }
 }
@@ -108,6 +114,8 @@ pub enum Response {
     },
     /// The command was proposed to a group of the wrong kind.
     WrongGroup,
+    /// A commerce command's result.
+    Commerce(commerce::CommerceResponse),
 }
 
 /// A stored KV record.
@@ -203,6 +211,7 @@ pub fn apply(
                 current: None,
             })
         }
+        Command::Commerce(c) => Ok(Response::Commerce(commerce::apply(state, index, c)?)),
     }
 }
 

@@ -10,8 +10,22 @@
 //! | `data`        | group (8) · record key       | encoded record                |
 //! | `default`     | `node_identity`              | node id and cluster id        |
 //!
-//! A record key starts with a namespace byte (`k` for the KV API, `m` for meta
-//! group records) so that later record kinds cannot collide with user keys.
+//! A record key starts with a namespace byte so that record kinds cannot
+//! collide: `k` KV API, `m` meta group, and the commerce records below. Ids
+//! (SKU, customer, order) are at most 64 bytes; where an id is followed by
+//! more key bytes it is length-prefixed (one byte) so prefixes stay exact.
+//!
+//! | record key                               | record                          |
+//! |------------------------------------------|---------------------------------|
+//! | `P` · sku                                | product                         |
+//! | `I` · sku                                | inventory level                 |
+//! | `R` · len · sku · order id               | stock reserved by an order      |
+//! | `C` · customer                           | cart                            |
+//! | `O` · order id                           | order                           |
+//! | `Q` · order id                           | payment of the order            |
+//! | `X` · len · customer · order id          | customer → order index          |
+//! | `Y` · expires_at_ms (8) · order id       | unpaid order deadline index     |
+//! | `F` · order id                           | refund owed index               |
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -56,6 +70,16 @@ pub enum SmMetaTag {
 const NS_KV: u8 = b'k';
 /// Namespace byte of meta-group records.
 const NS_META: u8 = b'm';
+/// Namespace bytes of commerce records (see the module table).
+const NS_PRODUCT: u8 = b'P';
+const NS_INVENTORY: u8 = b'I';
+const NS_RESERVATION: u8 = b'R';
+const NS_CART: u8 = b'C';
+const NS_ORDER: u8 = b'O';
+const NS_PAYMENT: u8 = b'Q';
+const NS_CUSTOMER_ORDER: u8 = b'X';
+const NS_ORDER_DEADLINE: u8 = b'Y';
+const NS_REFUND_DUE: u8 = b'F';
 
 /// `group · index` in `raft_log`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
@@ -138,6 +162,142 @@ pub fn cluster_map_key() -> Vec<u8> {
     k
 }
 
+fn ns_id(ns: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(ns);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `ns · len · id`: an id other key bytes follow. Ids are at most 64 bytes
+/// (checked at the API edge); a longer one is cut at 255 rather than panic.
+fn ns_len_id(ns: u8, id: &str) -> Vec<u8> {
+    let bytes = &id.as_bytes()[..id.len().min(255)];
+    let mut k = Vec::with_capacity(2 + bytes.len() + 64);
+    k.push(ns);
+    k.push(bytes.len() as u8);
+    k.extend_from_slice(bytes);
+    k
+}
+
+/// Record key of a product.
+pub fn product_key(sku: &str) -> Vec<u8> {
+    ns_id(NS_PRODUCT, sku)
+}
+
+/// Prefix of every product record (they sort by SKU).
+pub fn product_prefix() -> Vec<u8> {
+    vec![NS_PRODUCT]
+}
+
+/// The SKU of a product record key.
+pub fn sku_of_product_key(record_key: &[u8]) -> Option<&str> {
+    match record_key.split_first() {
+        Some((&NS_PRODUCT, rest)) => std::str::from_utf8(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Record key of a SKU's inventory level.
+pub fn inventory_key(sku: &str) -> Vec<u8> {
+    ns_id(NS_INVENTORY, sku)
+}
+
+/// Prefix of every inventory record.
+pub fn inventory_prefix() -> Vec<u8> {
+    vec![NS_INVENTORY]
+}
+
+/// Record key of the stock `order_id` holds reserved of `sku`.
+pub fn reservation_key(sku: &str, order_id: &str) -> Vec<u8> {
+    let mut k = ns_len_id(NS_RESERVATION, sku);
+    k.extend_from_slice(order_id.as_bytes());
+    k
+}
+
+/// Prefix of every reservation of `sku`.
+pub fn reservation_prefix(sku: &str) -> Vec<u8> {
+    ns_len_id(NS_RESERVATION, sku)
+}
+
+/// Record key of a customer's cart.
+pub fn cart_key(customer: &str) -> Vec<u8> {
+    ns_id(NS_CART, customer)
+}
+
+/// Record key of an order.
+pub fn order_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_ORDER, order_id)
+}
+
+/// Prefix of every order record.
+pub fn order_prefix() -> Vec<u8> {
+    vec![NS_ORDER]
+}
+
+/// Record key of an order's payment.
+pub fn payment_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_PAYMENT, order_id)
+}
+
+/// Record key of the customer → order index entry.
+pub fn customer_order_key(customer: &str, order_id: &str) -> Vec<u8> {
+    let mut k = ns_len_id(NS_CUSTOMER_ORDER, customer);
+    k.extend_from_slice(order_id.as_bytes());
+    k
+}
+
+/// Prefix of a customer's index entries (they sort by order id).
+pub fn customer_order_prefix(customer: &str) -> Vec<u8> {
+    ns_len_id(NS_CUSTOMER_ORDER, customer)
+}
+
+/// The order id of a customer index key under `prefix`.
+pub fn order_id_after<'a>(prefix: &[u8], record_key: &'a [u8]) -> Option<&'a str> {
+    record_key
+        .strip_prefix(prefix)
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+}
+
+/// Record key of an unpaid order's deadline entry.
+pub fn order_deadline_key(expires_at_ms: u64, order_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + order_id.len());
+    k.push(NS_ORDER_DEADLINE);
+    k.extend_from_slice(&expires_at_ms.to_be_bytes());
+    k.extend_from_slice(order_id.as_bytes());
+    k
+}
+
+/// Prefix of every deadline entry (they sort by deadline).
+pub fn order_deadline_prefix() -> Vec<u8> {
+    vec![NS_ORDER_DEADLINE]
+}
+
+/// (deadline, order id) of a deadline entry.
+pub fn parse_order_deadline_key(record_key: &[u8]) -> Option<(u64, &str)> {
+    let rest = record_key.strip_prefix(&[NS_ORDER_DEADLINE])?;
+    let at: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let id = std::str::from_utf8(rest.get(8..)?).ok()?;
+    Some((u64::from_be_bytes(at), id))
+}
+
+/// Record key of an order's refund-owed entry.
+pub fn refund_due_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_REFUND_DUE, order_id)
+}
+
+/// Prefix of every refund-owed entry.
+pub fn refund_due_prefix() -> Vec<u8> {
+    vec![NS_REFUND_DUE]
+}
+
+/// The order id of a refund-owed entry.
+pub fn order_id_of_refund_due(record_key: &[u8]) -> Option<&str> {
+    record_key
+        .strip_prefix(&[NS_REFUND_DUE])
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+}
+
 /// Smallest byte string greater than every string starting with `prefix`, or
 /// `None` when no such bound exists (prefix of all 0xff).
 pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -168,6 +328,39 @@ mod tests {
         assert_eq!(kv_user_key(&rk), Some(&b"cart/1"[..]));
         assert_eq!(kv_user_key(&cluster_map_key()), None);
         assert_eq!(record_key_of(&data_key(3, &rk)), &rk[..]);
+    }
+
+    #[test]
+    fn commerce_keys_keep_ids_apart_and_round_trip() {
+        // Length prefixes: customer "a" must not see customer "ab"'s orders.
+        let a = customer_order_prefix("a");
+        assert!(!customer_order_key("ab", "o1").starts_with(&a));
+        assert_eq!(
+            order_id_after(&a, &customer_order_key("a", "o1")),
+            Some("o1")
+        );
+        assert!(!reservation_key("ab", "o").starts_with(&reservation_prefix("a")));
+        assert_eq!(sku_of_product_key(&product_key("sku-1")), Some("sku-1"));
+        assert!(order_deadline_key(5, "z") < order_deadline_key(6, "a"));
+        assert_eq!(
+            parse_order_deadline_key(&order_deadline_key(7, "o9")),
+            Some((7, "o9"))
+        );
+        assert_eq!(order_id_of_refund_due(&refund_due_key("o3")), Some("o3"));
+        let kinds = [
+            product_key("x"),
+            inventory_key("x"),
+            cart_key("x"),
+            order_key("x"),
+            payment_key("x"),
+            refund_due_key("x"),
+            kv_record_key(b"x"),
+        ];
+        for (i, a) in kinds.iter().enumerate() {
+            for b in &kinds[i + 1..] {
+                assert_ne!(a[0], b[0]);
+            }
+        }
     }
 
     #[test]

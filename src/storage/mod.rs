@@ -282,8 +282,28 @@ impl Store {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_records_after(group, prefix, None, limit)
+    }
+
+    /// Like [`Store::scan_records`], starting after record key `after` (for
+    /// pagination; `after` should start with `prefix`).
+    pub fn scan_records_after(
+        &self,
+        group: GroupId,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let cf = self.cf(keys::CF_DATA)?;
-        let start = keys::data_key(group, prefix);
+        // The smallest key greater than `after` is `after · 0x00`.
+        let start = match after.filter(|a| a >= &prefix) {
+            Some(a) => {
+                let mut k = keys::data_key(group, a);
+                k.push(0);
+                k
+            }
+            None => keys::data_key(group, prefix),
+        };
         let upper = match keys::prefix_successor(prefix) {
             Some(succ) => keys::data_key(group, &succ),
             None => keys::group_end(group),

@@ -1,6 +1,9 @@
-//! Client commands of the `shopkv` binary (`cluster`, `kv`): etcdctl habits —
+//! Client commands of the `shopkv` binary (`cluster`, `kv`, and the commerce
+//! commands in `commerce`): etcdctl habits —
 //! `--endpoints` and `-w table|json` anywhere on the line, one-line errors,
 //! non-zero exit on failure.
+
+pub mod commerce;
 
 use std::time::Duration;
 
@@ -113,10 +116,19 @@ pub struct CliError(pub String);
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         let msg = s.message().replace('\n', " ");
-        CliError(if msg.is_empty() {
+        let msg = if msg.is_empty() {
             format!("{:?}", s.code())
         } else {
             msg
+        };
+        // A business rejection leads with its stable reason (OUT_OF_STOCK: ...).
+        let reason = s
+            .metadata()
+            .get(crate::server::error::REASON_HEADER)
+            .and_then(|v| v.to_str().ok());
+        CliError(match reason {
+            Some(r) => format!("{r}: {msg}"),
+            None => msg,
         })
     }
 }

@@ -1,0 +1,307 @@
+//! `shopkv.v1.Orders`: orders on the order id's shard. `Place` is one Raft
+//! command (1PC) when every line and the order live on one shard; a
+//! cross-shard order is UNIMPLEMENTED until 2PC. `Pay` goes through the
+//! payment provider (`commerce::pay`), `Cancel` refunds a capture.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::catalog::unexpected;
+use super::records::{Ctx, check_id, order_msg, page_size, page_token};
+use crate::commerce::{self, CommerceError, now_ms};
+use crate::domain::order::{OrderEvent, normalize_lines};
+use crate::domain::{RejectCode, Rejection};
+use crate::proto;
+use crate::proto::orders_server::Orders;
+use crate::router::ClusterMap;
+use crate::sm::commerce::{CommerceCommand, CommerceRead, CommerceReadResult, OrderView};
+
+/// The Orders service.
+pub struct OrdersService {
+    ctx: Ctx,
+}
+
+impl OrdersService {
+    /// A service over `ctx`'s node.
+    pub fn new(ctx: Ctx) -> OrdersService {
+        OrdersService { ctx }
+    }
+
+    fn reply(&self, map: &ClusterMap, v: OrderView) -> Response<proto::Order> {
+        let shard = map.shard_of_order(&v.order.record.order_id);
+        Response::new(order_msg(v, shard))
+    }
+
+    async fn transition(
+        &self,
+        req: Request<proto::OrderIdRequest>,
+        event: OrderEvent,
+    ) -> Result<Response<proto::Order>, Status> {
+        let deadline = self.ctx.deadline(&req);
+        let r = req.into_inner();
+        check_id("order_id", &r.order_id)?;
+        let map = self.ctx.map()?;
+        let shard = map.shard_of_order(&r.order_id);
+        let cmd = CommerceCommand::Transition {
+            order_id: r.order_id,
+            event,
+            now_ms: now_ms(),
+        };
+        let mut view = commerce::propose_order(&self.ctx.node, shard, cmd, deadline).await?;
+        if view.payment.refund_due_minor > 0 {
+            // Refund now if the provider answers; otherwise the sweeper will.
+            view = match commerce::settle_refund(&self.ctx.node, shard, view, deadline).await {
+                Ok(v) => v,
+                Err((v, e)) => {
+                    tracing::warn!(error = %e, "refund deferred to the sweeper");
+                    v
+                }
+            };
+        }
+        Ok(self.reply(&map, view))
+    }
+
+    /// The lines of the customer's cart and the cart's version.
+    async fn cart_lines(
+        &self,
+        map: &ClusterMap,
+        customer: &str,
+        deadline: Instant,
+    ) -> Result<(Vec<(String, i64)>, u64), Status> {
+        let shard = map.shard_of_customer(customer);
+        let op = CommerceRead::Cart {
+            customer: customer.to_string(),
+        };
+        match commerce::read(&self.ctx.node, shard, op, true, deadline).await? {
+            CommerceReadResult::Cart(c) => Ok((
+                c.record
+                    .lines
+                    .into_iter()
+                    .map(|l| (l.sku, i64::from(l.qty)))
+                    .collect(),
+                c.version,
+            )),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Orders for OrdersService {
+    #[tracing::instrument(name = "orders.place", skip_all, fields(customer = %req.get_ref().customer_id, order_id = %req.get_ref().order_id))]
+    async fn place(
+        &self,
+        req: Request<proto::PlaceOrderRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        let deadline = self.ctx.deadline(&req);
+        let r = req.into_inner();
+        check_id("customer_id", &r.customer_id)?;
+        if !r.order_id.is_empty() {
+            check_id("order_id", &r.order_id)?;
+        }
+        let map = self.ctx.map()?;
+        let (requested, cart_version) = if r.from_cart {
+            if !r.lines.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either lines or from_cart, not both",
+                ));
+            }
+            // A retried checkout finds its cart already emptied: answer with
+            // the order it placed.
+            if !r.order_id.is_empty() {
+                let shard = map.shard_of_order(&r.order_id);
+                match commerce::get_order(&self.ctx.node, shard, &r.order_id, deadline).await {
+                    Ok(v) if v.order.record.customer == r.customer_id => {
+                        return Ok(self.reply(&map, v));
+                    }
+                    Ok(_) => {
+                        return Err(Rejection::new(
+                            RejectCode::OrderIdReused,
+                            format!("order id {} is already used by another order", r.order_id),
+                        )
+                        .into());
+                    }
+                    Err(CommerceError::Rejected(rej)) if rej.code == RejectCode::UnknownOrder => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let (lines, version) = self.cart_lines(&map, &r.customer_id, deadline).await?;
+            if lines.is_empty() {
+                return Err(Rejection::new(
+                    RejectCode::EmptyOrder,
+                    format!("the cart of {} is empty", r.customer_id),
+                )
+                .into());
+            }
+            (lines, Some(version))
+        } else {
+            let lines = r
+                .lines
+                .into_iter()
+                .map(|l| (l.sku, i64::from(l.quantity)))
+                .collect::<Vec<_>>();
+            (lines, None)
+        };
+        let lines = normalize_lines(&requested)?;
+        let shards: BTreeSet<u64> = lines.iter().map(|(sku, _)| map.shard_of_sku(sku)).collect();
+        let Some(&line_shard) = shards.iter().next() else {
+            return Err(Rejection::new(RejectCode::EmptyOrder, "order has no lines").into());
+        };
+        let order_id = if r.order_id.is_empty() {
+            commerce::choose_order_id(&map, line_shard)
+        } else {
+            r.order_id
+        };
+        let order_shard = map.shard_of_order(&order_id);
+        if shards.len() > 1 || order_shard != line_shard {
+            return Err(CommerceError::Unimplemented(format!(
+                "order {order_id} spans shards (lines on {shards:?}, order on {order_shard}); \
+                 cross-shard orders need 2PC, not built yet: use a 1-shard cluster or \
+                 let the server choose the order id"
+            ))
+            .into());
+        }
+        let cart_shard = map.shard_of_customer(&r.customer_id);
+        let clear_here = cart_version.filter(|_| cart_shard == order_shard);
+        let now = now_ms();
+        let cmd = CommerceCommand::PlaceOrder {
+            order_id: order_id.clone(),
+            customer: r.customer_id.clone(),
+            lines,
+            now_ms: now,
+            expires_at_ms: now.saturating_add(self.ctx.node.config.order_payment_timeout_ms),
+            clear_cart_version: clear_here,
+        };
+        let view = commerce::propose_order(&self.ctx.node, order_shard, cmd, deadline).await?;
+        if let (Some(version), None) = (cart_version, clear_here) {
+            // The cart lives elsewhere: empty it if nobody changed it since.
+            let cmd = CommerceCommand::CartClear {
+                customer: r.customer_id,
+                expected_version: Some(version),
+            };
+            if let Err(e) = commerce::propose(&self.ctx.node, cart_shard, cmd, deadline).await {
+                tracing::info!(error = %e, "cart not cleared after checkout");
+            }
+        }
+        Ok(self.reply(&map, view))
+    }
+
+    #[tracing::instrument(name = "orders.get", skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn get(
+        &self,
+        req: Request<proto::GetOrderRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        let deadline = self.ctx.deadline(&req);
+        let r = req.into_inner();
+        check_id("order_id", &r.order_id)?;
+        let map = self.ctx.map()?;
+        let shard = map.shard_of_order(&r.order_id);
+        let op = CommerceRead::Order {
+            order_id: r.order_id.clone(),
+        };
+        match commerce::read(&self.ctx.node, shard, op, !r.serializable, deadline).await? {
+            CommerceReadResult::Order(Some(v)) => Ok(self.reply(&map, *v)),
+            CommerceReadResult::Order(None) => Err(Rejection::new(
+                RejectCode::UnknownOrder,
+                format!("no order {}", r.order_id),
+            )
+            .into()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(name = "orders.list", skip_all, fields(customer = %req.get_ref().customer_id))]
+    async fn list_by_customer(
+        &self,
+        req: Request<proto::ListOrdersRequest>,
+    ) -> Result<Response<proto::ListOrdersResponse>, Status> {
+        let deadline = self.ctx.deadline(&req);
+        let r = req.into_inner();
+        check_id("customer_id", &r.customer_id)?;
+        let limit = page_size(r.page_size)?;
+        let after = page_token(&r.page_token)?;
+        let map = self.ctx.map()?;
+        // The index entry lives with each order: ask every shard, merge by id.
+        let reads = map.data_groups().map(|shard| {
+            let op = CommerceRead::CustomerOrders {
+                customer: r.customer_id.clone(),
+                after: after.clone(),
+                limit,
+            };
+            commerce::read(&self.ctx.node, shard, op, true, deadline)
+        });
+        let mut orders = Vec::new();
+        let mut more = false;
+        for res in futures::future::join_all(reads).await {
+            match res? {
+                CommerceReadResult::Orders(rows, m) => {
+                    more |= m;
+                    orders.extend(rows);
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        orders.sort_by(|a, b| a.order.record.order_id.cmp(&b.order.record.order_id));
+        if orders.len() > limit as usize {
+            orders.truncate(limit as usize);
+            more = true;
+        }
+        let next_page_token = match (more, orders.last()) {
+            (true, Some(v)) => v.order.record.order_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListOrdersResponse {
+            orders: orders
+                .into_iter()
+                .map(|v| {
+                    let shard = map.shard_of_order(&v.order.record.order_id);
+                    order_msg(v, shard)
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(name = "orders.pay", skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn pay(
+        &self,
+        req: Request<proto::PayOrderRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        let deadline = self.ctx.deadline(&req);
+        let r = req.into_inner();
+        check_id("order_id", &r.order_id)?;
+        if r.card_number.is_empty() || r.card_number.len() > 19 {
+            return Err(Status::invalid_argument("card_number must be 12-19 digits"));
+        }
+        let map = self.ctx.map()?;
+        let view =
+            commerce::pay(&self.ctx.node, &map, &r.order_id, &r.card_number, deadline).await?;
+        Ok(self.reply(&map, view))
+    }
+
+    #[tracing::instrument(name = "orders.ship", skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn ship(
+        &self,
+        req: Request<proto::OrderIdRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        self.transition(req, OrderEvent::Ship).await
+    }
+
+    #[tracing::instrument(name = "orders.deliver", skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn deliver(
+        &self,
+        req: Request<proto::OrderIdRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        self.transition(req, OrderEvent::Deliver).await
+    }
+
+    #[tracing::instrument(name = "orders.cancel", skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn cancel(
+        &self,
+        req: Request<proto::OrderIdRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        self.transition(req, OrderEvent::Cancel).await
+    }
+}

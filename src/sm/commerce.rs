@@ -1,0 +1,1215 @@
+//! Apply and read of the commerce records (catalog, inventory, carts,
+//! orders, payments) of one data shard. The rules are `domain`'s; this module
+//! loads records, calls them, and writes the results — all reads and checks
+//! first, then the writes, so a rejected command writes nothing.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{SmError, StateAccess};
+use crate::codec;
+use crate::domain::cart::Cart;
+use crate::domain::catalog::Product;
+use crate::domain::inventory::InventoryLevel;
+use crate::domain::order::{
+    self, Order, OrderEvent, OrderLine, OrderStatus, Payment, price_lines, transition,
+};
+use crate::domain::{RejectCode, Rejection};
+use crate::storage::keys;
+
+/// Most orders one `ExpireOrders` command may name.
+pub const MAX_EXPIRE_BATCH: usize = 256;
+
+/// A record with the log index of its last write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored<T> {
+    /// Log index of the write that produced this value.
+    pub version: u64,
+    /// The record.
+    pub record: T,
+}
+
+/// An order with its payment record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderView {
+    /// The order.
+    pub order: Stored<Order>,
+    /// Its payment.
+    pub payment: Payment,
+}
+
+/// What a payment attempt came to at the provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentOutcome {
+    /// Authorized and captured.
+    Captured {
+        /// Provider's reference of the capture.
+        provider_ref: String,
+        /// Captured amount (the order total).
+        amount_minor: i64,
+        /// Last four digits of the card.
+        card_last4: String,
+    },
+    /// Declined by the provider.
+    Declined {
+        /// The provider's reason.
+        reason: String,
+    },
+}
+
+/// A commerce state change, proposed to the shard that holds its records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommerceCommand {
+    /// Creates or replaces a product (already validated at the edge).
+    PutProduct(Product),
+    /// Marks a product inactive.
+    DeactivateProduct {
+        /// Product.
+        sku: String,
+    },
+    /// Sets a SKU's `on_hand`.
+    SetStock {
+        /// Product.
+        sku: String,
+        /// New on-hand count.
+        on_hand: i64,
+    },
+    /// Adds `delta` to a SKU's `on_hand`.
+    AdjustStock {
+        /// Product.
+        sku: String,
+        /// Change (negative removes).
+        delta: i64,
+    },
+    /// Adds units to a cart line (the edge read the product's line limit).
+    CartAdd {
+        /// Cart owner.
+        customer: String,
+        /// Product.
+        sku: String,
+        /// Units to add.
+        qty: u32,
+        /// The product's per-order limit.
+        line_limit: u32,
+    },
+    /// Sets a cart line's quantity.
+    CartUpdate {
+        /// Cart owner.
+        customer: String,
+        /// Product.
+        sku: String,
+        /// New quantity.
+        qty: u32,
+        /// The product's per-order limit.
+        line_limit: u32,
+    },
+    /// Removes a cart line.
+    CartRemove {
+        /// Cart owner.
+        customer: String,
+        /// Product.
+        sku: String,
+    },
+    /// Empties a cart; with `expected_version`, only if it is still that one
+    /// (checkout clears exactly the cart it ordered).
+    CartClear {
+        /// Cart owner.
+        customer: String,
+        /// Version the cart must have.
+        expected_version: Option<u64>,
+    },
+    /// Places an order whose lines and record all live on this shard (1PC):
+    /// prices the lines, reserves stock, writes the order. Idempotent by id.
+    PlaceOrder {
+        /// Order id (the idempotency key).
+        order_id: String,
+        /// Customer.
+        customer: String,
+        /// Normalised lines: one per SKU, sorted.
+        lines: Vec<(String, u32)>,
+        /// Proposer's clock.
+        now_ms: u64,
+        /// Payment deadline.
+        expires_at_ms: u64,
+        /// Checkout from a cart on this shard: clear it if still at this version.
+        clear_cart_version: Option<u64>,
+    },
+    /// Records the provider's answer to a payment attempt.
+    RecordPayment {
+        /// Order.
+        order_id: String,
+        /// `order_id:attempt` the provider was called with.
+        attempt_key: String,
+        /// Captured or declined.
+        outcome: PaymentOutcome,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Records a refund the provider made of an owed amount.
+    RecordRefund {
+        /// Order.
+        order_id: String,
+        /// Refunded amount.
+        amount_minor: i64,
+    },
+    /// Ship, Deliver or Cancel (compare-and-set on the current status).
+    Transition {
+        /// Order.
+        order_id: String,
+        /// `Ship`, `Deliver` or `Cancel`.
+        event: OrderEvent,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Expires the named orders that are still unpaid at `now_ms` (proposed by
+    /// the shard leader's sweeper; apply re-checks each deadline).
+    ExpireOrders {
+        /// Candidates.
+        order_ids: Vec<String>,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+}
+
+impl std::fmt::Display for CommerceCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommerceCommand::PutProduct(p) => write!(f, "PutProduct({})", p.sku),
+            CommerceCommand::DeactivateProduct { sku } => write!(f, "Deactivate({sku})"),
+            CommerceCommand::SetStock { sku, on_hand } => write!(f, "SetStock({sku}, {on_hand})"),
+            CommerceCommand::AdjustStock { sku, delta } => {
+                write!(f, "AdjustStock({sku}, {delta:+})")
+            }
+            CommerceCommand::CartAdd { customer, sku, .. } => {
+                write!(f, "CartAdd({customer}, {sku})")
+            }
+            CommerceCommand::CartUpdate { customer, sku, .. } => {
+                write!(f, "CartUpdate({customer}, {sku})")
+            }
+            CommerceCommand::CartRemove { customer, sku } => {
+                write!(f, "CartRemove({customer}, {sku})")
+            }
+            CommerceCommand::CartClear { customer, .. } => write!(f, "CartClear({customer})"),
+            CommerceCommand::PlaceOrder {
+                order_id, lines, ..
+            } => write!(f, "PlaceOrder({order_id}, lines={})", lines.len()),
+            CommerceCommand::RecordPayment { order_id, .. } => {
+                write!(f, "RecordPayment({order_id})")
+            }
+            CommerceCommand::RecordRefund { order_id, .. } => write!(f, "RecordRefund({order_id})"),
+            CommerceCommand::Transition {
+                order_id, event, ..
+            } => write!(f, "{event:?}({order_id})"),
+            CommerceCommand::ExpireOrders { order_ids, .. } => {
+                write!(f, "ExpireOrders(n={})", order_ids.len())
+            }
+        }
+    }
+}
+
+/// The replicated result of a [`CommerceCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommerceResponse {
+    /// The product after the command.
+    Product(Stored<Product>),
+    /// The stock level after the command.
+    Stock(Stored<InventoryLevel>),
+    /// The cart after the command.
+    Cart(Stored<Cart>),
+    /// The order after the command.
+    Order(Box<OrderView>),
+    /// How many orders `ExpireOrders` expired.
+    Expired {
+        /// Count.
+        orders: u32,
+    },
+    /// A business rule refused it. `RecordPayment` of a decline still records
+    /// the failed attempt; every other rejection wrote nothing.
+    Rejected(Rejection),
+}
+
+fn reject(code: RejectCode, message: impl Into<String>) -> CommerceResponse {
+    CommerceResponse::Rejected(Rejection::new(code, message))
+}
+
+/// Turns a domain `Result` into the value or an early `Rejected` return.
+macro_rules! check {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return Ok(CommerceResponse::Rejected(r)),
+        }
+    };
+}
+
+fn load<T: DeserializeOwned>(
+    state: &mut dyn StateAccess,
+    key: &[u8],
+) -> Result<Option<Stored<T>>, SmError> {
+    match state.get(key)? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn save<T: Serialize>(
+    state: &mut dyn StateAccess,
+    key: Vec<u8>,
+    version: u64,
+    record: &T,
+) -> Result<(), SmError> {
+    #[derive(Serialize)]
+    struct StoredRef<'a, T> {
+        version: u64,
+        record: &'a T,
+    }
+    state.put(key, codec::encode(&StoredRef { version, record })?)
+}
+
+/// Applies `cmd` at log `index`.
+pub fn apply(
+    state: &mut dyn StateAccess,
+    index: u64,
+    cmd: &CommerceCommand,
+) -> Result<CommerceResponse, SmError> {
+    match cmd {
+        CommerceCommand::PutProduct(p) => {
+            check!(p.validate());
+            save(state, keys::product_key(&p.sku), index, p)?;
+            Ok(CommerceResponse::Product(Stored {
+                version: index,
+                record: p.clone(),
+            }))
+        }
+        CommerceCommand::DeactivateProduct { sku } => {
+            let Some(mut p) = load::<Product>(state, &keys::product_key(sku))? else {
+                return Ok(unknown_sku(sku));
+            };
+            p.record.active = false;
+            save(state, keys::product_key(sku), index, &p.record)?;
+            p.version = index;
+            Ok(CommerceResponse::Product(p))
+        }
+        CommerceCommand::SetStock { sku, on_hand } => {
+            change_stock(state, index, sku, |l| l.set_on_hand(sku, *on_hand))
+        }
+        CommerceCommand::AdjustStock { sku, delta } => {
+            change_stock(state, index, sku, |l| l.adjust(sku, *delta))
+        }
+        CommerceCommand::CartAdd {
+            customer,
+            sku,
+            qty,
+            line_limit,
+        } => change_cart(state, index, customer, |c| c.add(sku, *qty, *line_limit)),
+        CommerceCommand::CartUpdate {
+            customer,
+            sku,
+            qty,
+            line_limit,
+        } => change_cart(state, index, customer, |c| c.update(sku, *qty, *line_limit)),
+        CommerceCommand::CartRemove { customer, sku } => {
+            change_cart(state, index, customer, |c| c.remove(sku))
+        }
+        CommerceCommand::CartClear {
+            customer,
+            expected_version,
+        } => {
+            let key = keys::cart_key(customer);
+            let current = load::<Cart>(state, &key)?;
+            if let Some(expected) = expected_version
+                && current.as_ref().map(|c| c.version) != Some(*expected)
+            {
+                return Ok(reject(
+                    RejectCode::CartChanged,
+                    format!("the cart of {customer} changed since it was read"),
+                ));
+            }
+            if current.is_some() {
+                state.delete(key)?;
+            }
+            Ok(CommerceResponse::Cart(Stored {
+                version: index,
+                record: Cart::default(),
+            }))
+        }
+        CommerceCommand::PlaceOrder {
+            order_id,
+            customer,
+            lines,
+            now_ms,
+            expires_at_ms,
+            clear_cart_version,
+        } => place_order(
+            state,
+            index,
+            PlaceArgs {
+                order_id,
+                customer,
+                lines,
+                now_ms: *now_ms,
+                expires_at_ms: *expires_at_ms,
+                clear_cart_version: *clear_cart_version,
+            },
+        ),
+        CommerceCommand::RecordPayment {
+            order_id,
+            attempt_key,
+            outcome,
+            now_ms,
+        } => record_payment(state, index, order_id, attempt_key, outcome, *now_ms),
+        CommerceCommand::RecordRefund {
+            order_id,
+            amount_minor,
+        } => {
+            let Some(view) = load_order(state, order_id)? else {
+                return Ok(unknown_order(order_id));
+            };
+            let mut payment = view.payment;
+            if *amount_minor <= 0 || *amount_minor > payment.refund_due_minor {
+                return Ok(reject(
+                    RejectCode::Inconsistent,
+                    format!(
+                        "refund of {amount_minor} for {order_id}: {} is owed",
+                        payment.refund_due_minor
+                    ),
+                ));
+            }
+            payment.refund_due_minor -= amount_minor;
+            payment.refunded_minor += amount_minor;
+            if payment.refund_due_minor == 0 {
+                state.delete(keys::refund_due_key(order_id))?;
+            }
+            save(state, keys::payment_key(order_id), index, &payment)?;
+            Ok(order_response(view.order, payment))
+        }
+        CommerceCommand::Transition {
+            order_id,
+            event,
+            now_ms,
+        } => apply_transition(state, index, order_id, *event, *now_ms),
+        CommerceCommand::ExpireOrders { order_ids, now_ms } => {
+            let mut expired = 0u32;
+            for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
+                let Some(view) = load_order(state, id)? else {
+                    continue;
+                };
+                if view.order.record.status != OrderStatus::PendingPayment
+                    || *now_ms < view.order.record.expires_at_ms
+                {
+                    continue;
+                }
+                if let CommerceResponse::Order(_) =
+                    apply_transition(state, index, id, OrderEvent::Expire, *now_ms)?
+                {
+                    expired += 1;
+                }
+            }
+            Ok(CommerceResponse::Expired { orders: expired })
+        }
+    }
+}
+
+fn unknown_sku(sku: &str) -> CommerceResponse {
+    reject(RejectCode::UnknownSku, format!("no product with SKU {sku}"))
+}
+
+fn unknown_order(order_id: &str) -> CommerceResponse {
+    reject(RejectCode::UnknownOrder, format!("no order {order_id}"))
+}
+
+fn order_response(order: Stored<Order>, payment: Payment) -> CommerceResponse {
+    CommerceResponse::Order(Box::new(OrderView { order, payment }))
+}
+
+fn change_stock(
+    state: &mut dyn StateAccess,
+    index: u64,
+    sku: &str,
+    f: impl FnOnce(InventoryLevel) -> Result<InventoryLevel, Rejection>,
+) -> Result<CommerceResponse, SmError> {
+    if state.get(&keys::product_key(sku))?.is_none() {
+        return Ok(unknown_sku(sku));
+    }
+    let level = load::<InventoryLevel>(state, &keys::inventory_key(sku))?
+        .map(|s| s.record)
+        .unwrap_or_default();
+    let next = check!(f(level));
+    save(state, keys::inventory_key(sku), index, &next)?;
+    Ok(CommerceResponse::Stock(Stored {
+        version: index,
+        record: next,
+    }))
+}
+
+fn change_cart(
+    state: &mut dyn StateAccess,
+    index: u64,
+    customer: &str,
+    f: impl FnOnce(Cart) -> Result<Cart, Rejection>,
+) -> Result<CommerceResponse, SmError> {
+    let key = keys::cart_key(customer);
+    let cart = load::<Cart>(state, &key)?
+        .map(|s| s.record)
+        .unwrap_or_default();
+    let next = check!(f(cart));
+    if next.lines.is_empty() {
+        state.delete(key)?;
+    } else {
+        save(state, key, index, &next)?;
+    }
+    Ok(CommerceResponse::Cart(Stored {
+        version: index,
+        record: next,
+    }))
+}
+
+fn load_order(state: &mut dyn StateAccess, order_id: &str) -> Result<Option<OrderView>, SmError> {
+    let Some(order) = load::<Order>(state, &keys::order_key(order_id))? else {
+        return Ok(None);
+    };
+    let payment = load::<Payment>(state, &keys::payment_key(order_id))?
+        .map(|s| s.record)
+        .unwrap_or_default();
+    Ok(Some(OrderView { order, payment }))
+}
+
+struct PlaceArgs<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    lines: &'a [(String, u32)],
+    now_ms: u64,
+    expires_at_ms: u64,
+    clear_cart_version: Option<u64>,
+}
+
+fn place_order(
+    state: &mut dyn StateAccess,
+    index: u64,
+    a: PlaceArgs<'_>,
+) -> Result<CommerceResponse, SmError> {
+    // Idempotency first: a replay returns the first result even if prices or
+    // stock changed since.
+    if let Some(existing) = load_order(state, a.order_id)? {
+        let same = existing.order.record.customer == a.customer
+            && existing.order.record.lines.len() == a.lines.len()
+            && existing
+                .order
+                .record
+                .lines
+                .iter()
+                .zip(a.lines)
+                .all(|(l, (sku, qty))| l.sku == *sku && l.qty == *qty);
+        if same {
+            return Ok(order_response(existing.order, existing.payment));
+        }
+        return Ok(reject(
+            RejectCode::OrderIdReused,
+            format!("order id {} is already used by another order", a.order_id),
+        ));
+    }
+    let lines = check!(order::normalize_lines(
+        &a.lines
+            .iter()
+            .map(|(s, q)| (s.clone(), i64::from(*q)))
+            .collect::<Vec<_>>()
+    ));
+    let mut products = Vec::with_capacity(lines.len());
+    for (sku, qty) in &lines {
+        let Some(p) = load::<Product>(state, &keys::product_key(sku))? else {
+            return Ok(unknown_sku(sku));
+        };
+        products.push((p.record, *qty));
+    }
+    let (priced, currency, total_minor) = check!(price_lines(&products));
+    let mut levels = Vec::with_capacity(lines.len());
+    for (sku, qty) in &lines {
+        let level = load::<InventoryLevel>(state, &keys::inventory_key(sku))?
+            .map(|s| s.record)
+            .unwrap_or_default();
+        levels.push(check!(level.reserve(sku, *qty)));
+    }
+    if let Some(expected) = a.clear_cart_version {
+        let cart = load::<Cart>(state, &keys::cart_key(a.customer))?;
+        if cart.map(|c| c.version) != Some(expected) {
+            return Ok(reject(
+                RejectCode::CartChanged,
+                format!("the cart of {} changed since checkout read it", a.customer),
+            ));
+        }
+        state.delete(keys::cart_key(a.customer))?;
+    }
+    // Every check passed: write.
+    for ((sku, qty), level) in lines.iter().zip(&levels) {
+        save(state, keys::inventory_key(sku), index, level)?;
+        save(state, keys::reservation_key(sku, a.order_id), index, qty)?;
+    }
+    let order = Order {
+        order_id: a.order_id.to_string(),
+        customer: a.customer.to_string(),
+        lines: priced,
+        currency,
+        total_minor,
+        status: OrderStatus::PendingPayment,
+        placed_at_ms: a.now_ms,
+        expires_at_ms: a.expires_at_ms,
+        updated_at_ms: a.now_ms,
+    };
+    save(state, keys::order_key(a.order_id), index, &order)?;
+    save(
+        state,
+        keys::payment_key(a.order_id),
+        index,
+        &Payment::default(),
+    )?;
+    state.put(keys::customer_order_key(a.customer, a.order_id), Vec::new())?;
+    state.put(
+        keys::order_deadline_key(a.expires_at_ms, a.order_id),
+        Vec::new(),
+    )?;
+    Ok(order_response(
+        Stored {
+            version: index,
+            record: order,
+        },
+        Payment::default(),
+    ))
+}
+
+fn record_payment(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    attempt_key: &str,
+    outcome: &PaymentOutcome,
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    let Some(OrderView {
+        order: mut stored,
+        mut payment,
+    }) = load_order(state, order_id)?
+    else {
+        return Ok(unknown_order(order_id));
+    };
+    match outcome {
+        PaymentOutcome::Declined { reason } => {
+            let (_, next_key) = payment.next_attempt_key(order_id);
+            // Only the current attempt counts (a replayed decline does not skip one).
+            if stored.record.status == OrderStatus::PendingPayment && next_key == attempt_key {
+                payment.failed_attempts += 1;
+                payment.last_decline = reason.clone();
+                save(state, keys::payment_key(order_id), index, &payment)?;
+            }
+            Ok(reject(
+                RejectCode::PaymentDeclined,
+                format!("payment of order {order_id} declined: {reason}"),
+            ))
+        }
+        PaymentOutcome::Captured {
+            provider_ref,
+            amount_minor,
+            card_last4,
+        } => {
+            if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
+                // A retried Pay: the provider returned the same capture.
+                return Ok(order_response(stored, payment));
+            }
+            if *amount_minor != stored.record.total_minor {
+                return Ok(reject(
+                    RejectCode::Inconsistent,
+                    format!(
+                        "captured {amount_minor} for order {order_id} of {}",
+                        stored.record.total_minor
+                    ),
+                ));
+            }
+            let payable = payment.captured_minor == 0;
+            match transition(order_id, stored.record.status, OrderEvent::Pay) {
+                Ok(next) if payable => {
+                    payment.idempotency_key = attempt_key.to_string();
+                    payment.provider_ref = provider_ref.clone();
+                    payment.card_last4 = card_last4.clone();
+                    payment.authorized_minor = *amount_minor;
+                    payment.captured_minor = *amount_minor;
+                    state.delete(keys::order_deadline_key(
+                        stored.record.expires_at_ms,
+                        order_id,
+                    ))?;
+                    stored.record.status = next;
+                    stored.record.updated_at_ms = now_ms;
+                    stored.version = index;
+                    save(state, keys::order_key(order_id), index, &stored.record)?;
+                    save(state, keys::payment_key(order_id), index, &payment)?;
+                    Ok(order_response(stored, payment))
+                }
+                res => {
+                    // The money was taken but the order cannot be paid (it
+                    // expired or was cancelled meanwhile, or another attempt
+                    // already paid it): owe it back.
+                    payment.captured_minor += amount_minor;
+                    payment.authorized_minor += amount_minor;
+                    payment.refund_due_minor += amount_minor;
+                    save(state, keys::payment_key(order_id), index, &payment)?;
+                    state.put(keys::refund_due_key(order_id), Vec::new())?;
+                    let why = match res {
+                        Err(r) => r.message,
+                        Ok(_) => format!("order {order_id} is already paid"),
+                    };
+                    Ok(reject(
+                        RejectCode::IllegalTransition,
+                        format!("{why}; the capture will be refunded"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn apply_transition(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    event: OrderEvent,
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    let Some(OrderView {
+        order: mut stored,
+        mut payment,
+    }) = load_order(state, order_id)?
+    else {
+        return Ok(unknown_order(order_id));
+    };
+    if event == OrderEvent::Pay {
+        return Ok(reject(
+            RejectCode::IllegalTransition,
+            "orders are paid through Pay",
+        ));
+    }
+    let from = stored.record.status;
+    let to = check!(transition(order_id, from, event));
+    // Stock moves: ship consumes the reservations, cancel and expiry release them.
+    let mut levels = Vec::new();
+    if from.holds_stock() && (event != OrderEvent::Deliver) {
+        for line in &stored.record.lines {
+            let level = load::<InventoryLevel>(state, &keys::inventory_key(&line.sku))?
+                .map(|s| s.record)
+                .unwrap_or_default();
+            let next = if event == OrderEvent::Ship {
+                check!(level.consume(&line.sku, line.qty))
+            } else {
+                check!(level.release(&line.sku, line.qty))
+            };
+            levels.push((line, next));
+        }
+    }
+    for (line, level) in levels {
+        let OrderLine { sku, .. } = line;
+        save(state, keys::inventory_key(sku), index, &level)?;
+        state.delete(keys::reservation_key(sku, order_id))?;
+    }
+    if from == OrderStatus::PendingPayment {
+        state.delete(keys::order_deadline_key(
+            stored.record.expires_at_ms,
+            order_id,
+        ))?;
+    }
+    if event == OrderEvent::Cancel {
+        let owed = payment.captured_minor - payment.refunded_minor - payment.refund_due_minor;
+        if owed > 0 {
+            payment.refund_due_minor += owed;
+            save(state, keys::payment_key(order_id), index, &payment)?;
+            state.put(keys::refund_due_key(order_id), Vec::new())?;
+        }
+    }
+    stored.record.status = to;
+    stored.record.updated_at_ms = now_ms;
+    stored.version = index;
+    save(state, keys::order_key(order_id), index, &stored.record)?;
+    Ok(order_response(stored, payment))
+}
+
+/// (record key, value) pairs in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Reads records of one shard (over RocksDB, or a map in tests).
+pub trait RecordReader {
+    /// One record.
+    fn get(&self, record_key: &[u8]) -> Result<Option<Vec<u8>>, SmError>;
+    /// Records under `prefix` with keys greater than `after` (if given), in
+    /// key order, at most `limit`.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Rows, SmError>;
+}
+
+/// A commerce read served by one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommerceRead {
+    /// One product.
+    Product {
+        /// SKU.
+        sku: String,
+    },
+    /// Products in SKU order after `after`.
+    Products {
+        /// Exclusive start.
+        after: Option<String>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// A SKU's stock (NOT_FOUND if the product does not exist).
+    Stock {
+        /// SKU.
+        sku: String,
+    },
+    /// A customer's cart.
+    Cart {
+        /// Customer.
+        customer: String,
+    },
+    /// One order with its payment.
+    Order {
+        /// Order id.
+        order_id: String,
+    },
+    /// A customer's orders on this shard, by order id after `after`.
+    CustomerOrders {
+        /// Customer.
+        customer: String,
+        /// Exclusive start.
+        after: Option<String>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// Unpaid orders whose deadline is ≤ `now_ms` (for the expiry sweeper).
+    DueDeadlines {
+        /// Leader's clock.
+        now_ms: u64,
+        /// At most this many.
+        limit: u32,
+    },
+    /// Orders with a refund owed (for the refund sweeper).
+    DueRefunds {
+        /// At most this many.
+        limit: u32,
+    },
+}
+
+/// Result of a [`CommerceRead`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommerceReadResult {
+    /// `Product`.
+    Product(Option<Stored<Product>>),
+    /// `Products`: in SKU order; `more` if the limit cut the list.
+    Products(Vec<Stored<Product>>, bool),
+    /// `Stock` (a product with no stock record has level 0, version 0).
+    Stock(Option<Stored<InventoryLevel>>),
+    /// `Cart` (an empty cart has version 0).
+    Cart(Stored<Cart>),
+    /// `Order`.
+    Order(Option<Box<OrderView>>),
+    /// `CustomerOrders`: in order-id order; `more` if the limit cut the list.
+    Orders(Vec<OrderView>, bool),
+    /// `DueDeadlines` / `DueRefunds`.
+    OrderIds(Vec<String>),
+}
+
+fn read_one<T: DeserializeOwned>(
+    r: &dyn RecordReader,
+    key: &[u8],
+) -> Result<Option<Stored<T>>, SmError> {
+    match r.get(key)? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn read_order(r: &dyn RecordReader, order_id: &str) -> Result<Option<OrderView>, SmError> {
+    let Some(order) = read_one::<Order>(r, &keys::order_key(order_id))? else {
+        return Ok(None);
+    };
+    let payment = read_one::<Payment>(r, &keys::payment_key(order_id))?
+        .map(|s| s.record)
+        .unwrap_or_default();
+    Ok(Some(OrderView { order, payment }))
+}
+
+/// Serves `op` from one shard's records.
+pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResult, SmError> {
+    Ok(match op {
+        CommerceRead::Product { sku } => {
+            CommerceReadResult::Product(read_one(r, &keys::product_key(sku))?)
+        }
+        CommerceRead::Products { after, limit } => {
+            let prefix = keys::product_prefix();
+            let after_key = after.as_deref().map(keys::product_key);
+            let limit = *limit as usize;
+            let rows = r.scan(&prefix, after_key.as_deref(), limit.saturating_add(1))?;
+            let more = rows.len() > limit;
+            let products = rows
+                .iter()
+                .take(limit)
+                .map(|(_, v)| codec::decode(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            CommerceReadResult::Products(products, more)
+        }
+        CommerceRead::Stock { sku } => {
+            if r.get(&keys::product_key(sku))?.is_none() {
+                CommerceReadResult::Stock(None)
+            } else {
+                CommerceReadResult::Stock(Some(read_one(r, &keys::inventory_key(sku))?.unwrap_or(
+                    Stored {
+                        version: 0,
+                        record: InventoryLevel::default(),
+                    },
+                )))
+            }
+        }
+        CommerceRead::Cart { customer } => {
+            CommerceReadResult::Cart(read_one(r, &keys::cart_key(customer))?.unwrap_or(Stored {
+                version: 0,
+                record: Cart::default(),
+            }))
+        }
+        CommerceRead::Order { order_id } => {
+            CommerceReadResult::Order(read_order(r, order_id)?.map(Box::new))
+        }
+        CommerceRead::CustomerOrders {
+            customer,
+            after,
+            limit,
+        } => {
+            let prefix = keys::customer_order_prefix(customer);
+            let after_key = after
+                .as_deref()
+                .map(|id| keys::customer_order_key(customer, id));
+            let limit = *limit as usize;
+            let rows = r.scan(&prefix, after_key.as_deref(), limit.saturating_add(1))?;
+            let more = rows.len() > limit;
+            let mut orders = Vec::new();
+            for (k, _) in rows.iter().take(limit) {
+                if let Some(id) = keys::order_id_after(&prefix, k)
+                    && let Some(view) = read_order(r, id)?
+                {
+                    orders.push(view);
+                }
+            }
+            CommerceReadResult::Orders(orders, more)
+        }
+        CommerceRead::DueDeadlines { now_ms, limit } => {
+            let rows = r.scan(&keys::order_deadline_prefix(), None, *limit as usize)?;
+            CommerceReadResult::OrderIds(
+                rows.iter()
+                    .filter_map(|(k, _)| keys::parse_order_deadline_key(k))
+                    .take_while(|(at, _)| at <= now_ms)
+                    .map(|(_, id)| id.to_string())
+                    .collect(),
+            )
+        }
+        CommerceRead::DueRefunds { limit } => {
+            let rows = r.scan(&keys::refund_due_prefix(), None, *limit as usize)?;
+            CommerceReadResult::OrderIds(
+                rows.iter()
+                    .filter_map(|(k, _)| keys::order_id_of_refund_due(k))
+                    .map(str::to_string)
+                    .collect(),
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::domain::catalog::product;
+
+    #[derive(Default, Clone, PartialEq, Debug)]
+    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl StateAccess for Mem {
+        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+            Ok(self.0.get(k).cloned())
+        }
+        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
+            self.0.insert(k, v);
+            Ok(())
+        }
+        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
+            self.0.remove(&k);
+            Ok(())
+        }
+    }
+
+    impl RecordReader for Mem {
+        fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+            Ok(self.0.get(k).cloned())
+        }
+        fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Rows, SmError> {
+            Ok(self
+                .0
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_slice() > a))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+
+    /// A shard with products A (10 in stock, 2.50 EUR) and B (3, 1.00 EUR).
+    fn shop() -> (Mem, u64) {
+        let mut m = Mem::default();
+        let mut i = 0;
+        for (sku, price, stock) in [("A", 250, 10), ("B", 100, 3)] {
+            i += 1;
+            apply(
+                &mut m,
+                i,
+                &CommerceCommand::PutProduct(product(sku, price, "EUR")),
+            )
+            .unwrap();
+            i += 1;
+            let set = CommerceCommand::SetStock {
+                sku: sku.into(),
+                on_hand: stock,
+            };
+            assert!(matches!(
+                apply(&mut m, i, &set).unwrap(),
+                CommerceResponse::Stock(_)
+            ));
+        }
+        (m, i + 1)
+    }
+
+    fn place(id: &str, lines: &[(&str, u32)]) -> CommerceCommand {
+        CommerceCommand::PlaceOrder {
+            order_id: id.into(),
+            customer: "c1".into(),
+            lines: lines.iter().map(|(s, q)| (s.to_string(), *q)).collect(),
+            now_ms: 1_000,
+            expires_at_ms: 5_000,
+            clear_cart_version: None,
+        }
+    }
+
+    fn level(m: &Mem, sku: &str) -> InventoryLevel {
+        match read(m, &CommerceRead::Stock { sku: sku.into() }).unwrap() {
+            CommerceReadResult::Stock(Some(s)) => s.record,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn rejected(r: CommerceResponse) -> RejectCode {
+        match r {
+            CommerceResponse::Rejected(r) => r.code,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    fn order(r: CommerceResponse) -> OrderView {
+        match r {
+            CommerceResponse::Order(v) => *v,
+            other => panic!("expected an order, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn placing_reserves_stock_once_and_a_rejected_order_writes_nothing() {
+        let (mut m, i) = shop();
+        let v = order(apply(&mut m, i, &place("o1", &[("A", 2), ("B", 1)])).unwrap());
+        assert_eq!(v.order.record.total_minor, 600);
+        assert_eq!(level(&m, "A").reserved, 2);
+        // The same id again: the first result, no second reservation.
+        let again = order(apply(&mut m, i + 1, &place("o1", &[("A", 2), ("B", 1)])).unwrap());
+        assert_eq!(again.order.version, i);
+        assert_eq!(level(&m, "A").reserved, 2);
+        assert_eq!(
+            rejected(apply(&mut m, i + 2, &place("o1", &[("A", 1)])).unwrap()),
+            RejectCode::OrderIdReused
+        );
+        // One line out of stock: nothing of the order is written.
+        let before = m.clone();
+        assert_eq!(
+            rejected(apply(&mut m, i + 3, &place("o2", &[("A", 1), ("B", 3)])).unwrap()),
+            RejectCode::OutOfStock
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 4, &place("o3", &[("A", 1), ("Z", 1)])).unwrap()),
+            RejectCode::UnknownSku
+        );
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn ship_consumes_cancel_releases_and_expiry_respects_the_deadline() {
+        let (mut m, i) = shop();
+        order(apply(&mut m, i, &place("o1", &[("A", 2)])).unwrap());
+        order(apply(&mut m, i + 1, &place("o2", &[("A", 3)])).unwrap());
+        order(apply(&mut m, i + 2, &place("o3", &[("A", 1)])).unwrap());
+        assert_eq!(level(&m, "A").reserved, 6);
+        let pay = |id: &str, total| CommerceCommand::RecordPayment {
+            order_id: id.into(),
+            attempt_key: format!("{id}:1"),
+            outcome: PaymentOutcome::Captured {
+                provider_ref: "ref".into(),
+                amount_minor: total,
+                card_last4: "4242".into(),
+            },
+            now_ms: 2_000,
+        };
+        let paid = order(apply(&mut m, i + 3, &pay("o1", 500)).unwrap());
+        assert_eq!(paid.order.record.status, OrderStatus::Paid);
+        // A replayed capture with the same key changes nothing.
+        assert_eq!(
+            order(apply(&mut m, i + 4, &pay("o1", 500)).unwrap()).payment,
+            paid.payment
+        );
+        let ship = CommerceCommand::Transition {
+            order_id: "o1".into(),
+            event: OrderEvent::Ship,
+            now_ms: 3_000,
+        };
+        order(apply(&mut m, i + 5, &ship).unwrap());
+        assert_eq!(
+            level(&m, "A"),
+            InventoryLevel {
+                on_hand: 8,
+                reserved: 4
+            }
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 6, &ship).unwrap()),
+            RejectCode::IllegalTransition
+        );
+        let cancel = CommerceCommand::Transition {
+            order_id: "o2".into(),
+            event: OrderEvent::Cancel,
+            now_ms: 3_000,
+        };
+        order(apply(&mut m, i + 7, &cancel).unwrap());
+        assert_eq!(
+            level(&m, "A"),
+            InventoryLevel {
+                on_hand: 8,
+                reserved: 1
+            }
+        );
+        // Before its deadline o3 stays; at the deadline it expires, once.
+        let due = |now| {
+            read(
+                &m,
+                &CommerceRead::DueDeadlines {
+                    now_ms: now,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(due(4_999), CommerceReadResult::OrderIds(vec![]));
+        assert_eq!(due(5_000), CommerceReadResult::OrderIds(vec!["o3".into()]));
+        let expire = |now| CommerceCommand::ExpireOrders {
+            order_ids: vec!["o3".into(), "o1".into()],
+            now_ms: now,
+        };
+        assert_eq!(
+            apply(&mut m, i + 8, &expire(4_999)).unwrap(),
+            CommerceResponse::Expired { orders: 0 }
+        );
+        assert_eq!(
+            apply(&mut m, i + 9, &expire(5_000)).unwrap(),
+            CommerceResponse::Expired { orders: 1 }
+        );
+        assert_eq!(
+            apply(&mut m, i + 10, &expire(6_000)).unwrap(),
+            CommerceResponse::Expired { orders: 0 }
+        );
+        assert_eq!(
+            level(&m, "A"),
+            InventoryLevel {
+                on_hand: 8,
+                reserved: 0
+            }
+        );
+        // A capture arriving after expiry is owed back, and the sweeper finds it.
+        assert_eq!(
+            rejected(apply(&mut m, i + 11, &pay("o3", 250)).unwrap()),
+            RejectCode::IllegalTransition
+        );
+        assert_eq!(
+            read(&m, &CommerceRead::DueRefunds { limit: 10 }).unwrap(),
+            CommerceReadResult::OrderIds(vec!["o3".into()])
+        );
+        let refund = CommerceCommand::RecordRefund {
+            order_id: "o3".into(),
+            amount_minor: 250,
+        };
+        let v = order(apply(&mut m, i + 12, &refund).unwrap());
+        assert_eq!(
+            (v.payment.refunded_minor, v.payment.refund_due_minor),
+            (250, 0)
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 13, &refund).unwrap()),
+            RejectCode::Inconsistent,
+            "a refund is recorded once"
+        );
+        assert_eq!(
+            read(&m, &CommerceRead::DueRefunds { limit: 10 }).unwrap(),
+            CommerceReadResult::OrderIds(vec![])
+        );
+    }
+
+    #[test]
+    fn a_decline_counts_one_attempt_and_stock_cannot_drop_below_reserved() {
+        let (mut m, i) = shop();
+        order(apply(&mut m, i, &place("o1", &[("B", 3)])).unwrap());
+        let decline = CommerceCommand::RecordPayment {
+            order_id: "o1".into(),
+            attempt_key: "o1:1".into(),
+            outcome: PaymentOutcome::Declined {
+                reason: "card_declined".into(),
+            },
+            now_ms: 2,
+        };
+        assert_eq!(
+            rejected(apply(&mut m, i + 1, &decline).unwrap()),
+            RejectCode::PaymentDeclined
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 2, &decline).unwrap()),
+            RejectCode::PaymentDeclined
+        );
+        match read(
+            &m,
+            &CommerceRead::Order {
+                order_id: "o1".into(),
+            },
+        )
+        .unwrap()
+        {
+            CommerceReadResult::Order(Some(v)) => {
+                assert_eq!(
+                    v.payment.failed_attempts, 1,
+                    "a replayed decline is not a new attempt"
+                );
+                assert_eq!(v.payment.next_attempt_key("o1").1, "o1:2");
+            }
+            other => panic!("{other:?}"),
+        }
+        let set = CommerceCommand::SetStock {
+            sku: "B".into(),
+            on_hand: 2,
+        };
+        assert_eq!(
+            rejected(apply(&mut m, i + 3, &set).unwrap()),
+            RejectCode::BelowReserved
+        );
+        let adjust = CommerceCommand::AdjustStock {
+            sku: "B".into(),
+            delta: 5,
+        };
+        match apply(&mut m, i + 4, &adjust).unwrap() {
+            CommerceResponse::Stock(s) => assert_eq!(s.record.available(), 5),
+            other => panic!("{other:?}"),
+        }
+    }
+}

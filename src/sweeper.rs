@@ -1,0 +1,80 @@
+//! Leader-driven time effects of the commerce records. On each data shard
+//! this node leads, every [`SWEEP_INTERVAL`]: propose the expiry of unpaid
+//! orders past their deadline (stamped with this leader's clock; apply
+//! re-checks each deadline and status), and retry refunds that are owed.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use crate::commerce::{self, now_ms};
+use crate::node::{Node, ReadOp, ReadResult};
+use crate::sm::commerce::{CommerceCommand, CommerceRead, CommerceReadResult, MAX_EXPIRE_BATCH};
+use crate::storage::keys::GroupId;
+
+/// How often a leader looks for due deadlines and refunds.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// Deadline of each proposal the sweeper makes.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refunds retried per shard per sweep.
+const MAX_REFUNDS_PER_SWEEP: u32 = 32;
+
+/// Runs until the node is dropped.
+pub async fn run(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        for group in node.led_data_groups() {
+            if let Err(e) = sweep(&node, group).await {
+                tracing::warn!(group, error = %e, "order sweep failed");
+            }
+        }
+    }
+}
+
+async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceError> {
+    let deadline = Instant::now() + SWEEP_TIMEOUT;
+    let now = now_ms();
+    // The leader's own replica is enough to find candidates: apply decides.
+    let due = local_ids(
+        node,
+        group,
+        CommerceRead::DueDeadlines {
+            now_ms: now,
+            limit: MAX_EXPIRE_BATCH as u32,
+        },
+    )?;
+    if !due.is_empty() {
+        let cmd = CommerceCommand::ExpireOrders {
+            order_ids: due,
+            now_ms: now,
+        };
+        commerce::propose(node, group, cmd, deadline).await?;
+    }
+    let owed = local_ids(
+        node,
+        group,
+        CommerceRead::DueRefunds {
+            limit: MAX_REFUNDS_PER_SWEEP,
+        },
+    )?;
+    for order_id in owed {
+        let view = commerce::get_order(node, group, &order_id, deadline).await?;
+        if let Err((_, e)) = commerce::settle_refund(node, group, view, deadline).await {
+            tracing::warn!(group, order_id, error = %e, "refund not settled; will retry");
+        }
+    }
+    Ok(())
+}
+
+fn local_ids(
+    node: &Node,
+    group: GroupId,
+    op: CommerceRead,
+) -> Result<Vec<String>, commerce::CommerceError> {
+    match node.read_local(group, &ReadOp::Commerce(op))? {
+        ReadResult::Commerce(CommerceReadResult::OrderIds(ids)) => Ok(ids),
+        _ => Ok(Vec::new()),
+    }
+}
