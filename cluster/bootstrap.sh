@@ -96,13 +96,17 @@ fi
 echo "$endpoints" > "$DATA_DIR/endpoints"
 
 if [ "$DEMO" = 1 ]; then
-  for kv in "demo/greeting=hello from shopkv" "demo/sku/TSHIRT-RED-M=T-shirt red M" "demo/sku/MUG-BLUE=Mug blue"; do
-    "$SHOPKV_BIN" kv put "${kv%%=*}" "${kv#*=}" --endpoints "$endpoints" >/dev/null
-  done
+  "$SHOPKV_BIN" kv put demo/greeting "hello from shopkv" --endpoints "$endpoints" >/dev/null
+  # 1 000 products DEMO-00001.. with stock, spread over every shard by SKU.
+  echo "bootstrap: $("$SHOPKV_BIN" demo seed --products 1000 --endpoints "$endpoints")"
   echo "bootstrap: demo data loaded. Try:"
   echo "  export SHOPKV_ENDPOINTS=$endpoints"
-  echo "  $SHOPKV_BIN kv scan demo/"
-  echo "  $SHOPKV_BIN kv get demo/greeting"
+  echo "  $SHOPKV_BIN product list --limit 5"
+  echo "  $SHOPKV_BIN stock get DEMO-00042 -w json"
+  echo "  $SHOPKV_BIN cart add alice DEMO-00042 2"
+  echo "  $SHOPKV_BIN order place alice --from-cart     # server picks an order id on the SKU's shard"
+  echo "  $SHOPKV_BIN order pay ORDER_ID && $SHOPKV_BIN order ship ORDER_ID"
+  echo "  $SHOPKV_BIN order list alice"
   echo "  $SHOPKV_BIN cluster status"
 fi
 echo "$endpoints"

@@ -41,6 +41,19 @@ enum Cmd {
     /// Orders: place, pay, ship, deliver, cancel.
     #[command(subcommand)]
     Order(OrderCmd),
+    /// Demo data.
+    #[command(subcommand)]
+    Demo(DemoCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum DemoCmd {
+    /// Load a demo catalog: products DEMO-00001.. with stock, over every shard.
+    Seed {
+        /// How many products.
+        #[arg(long, default_value_t = 1000)]
+        products: u32,
+    },
 }
 
 #[tokio::main]
@@ -54,6 +67,7 @@ async fn main() -> ExitCode {
         Cmd::Stock(c) => commerce::stock(&cli.global, c).await,
         Cmd::Cart(c) => commerce::cart(&cli.global, c).await,
         Cmd::Order(c) => commerce::order(&cli.global, c).await,
+        Cmd::Demo(DemoCmd::Seed { products }) => cli::demo::seed(&cli.global, products).await,
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -154,3 +154,66 @@ async fn bootstrap_five_nodes_then_restart_without_reinit() {
     );
     stop(dir.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_demo_loads_a_catalog_with_stock_on_every_shard() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port().to_string();
+    let out = run(Command::new("bash")
+        .arg(script("bootstrap.sh"))
+        .args(["--nodes", "3", "--demo", "--base-port", &base, "--data-dir"])
+        .arg(dir.path())
+        .env("SHOPKV_BIN", binary()));
+    assert!(out.contains("order place"), "prints commands to try: {out}");
+    let endpoints = std::fs::read_to_string(dir.path().join("endpoints")).expect("endpoints");
+    let first = endpoints
+        .trim()
+        .split(',')
+        .next()
+        .expect("endpoint")
+        .to_string();
+    let ch = common::channel(&first).await.expect("connect");
+    let mut catalog = shopkv::proto::catalog_client::CatalogClient::new(ch.clone());
+    let mut inventory = shopkv::proto::inventory_client::InventoryClient::new(ch);
+    let mut skus = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = catalog
+            .list(proto::ListProductsRequest {
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        skus.extend(page.products.into_iter().map(|p| p.sku));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert!(skus.len() >= 1000, "{} products", skus.len());
+    for sku in skus.iter().step_by(97) {
+        let s = inventory
+            .get(proto::GetStockRequest {
+                sku: sku.clone(),
+                serializable: false,
+            })
+            .await
+            .expect("stock")
+            .into_inner();
+        assert!(s.on_hand > 0, "{sku} has no stock");
+    }
+    // Spread over every shard: each data group applied a share of the writes.
+    let s = status(endpoints.trim()).await;
+    for g in s.groups.iter().filter(|g| g.group_id != 0) {
+        let applied = g
+            .replicas
+            .iter()
+            .map(|r| r.applied_index)
+            .max()
+            .unwrap_or(0);
+        assert!(applied > 300, "shard {} applied only {applied}", g.group_id);
+    }
+    stop(dir.path());
+}

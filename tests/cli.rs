@@ -125,3 +125,186 @@ async fn kv_and_cluster_commands_print_and_exit_like_etcdctl() {
     assert_eq!(code, 1);
     assert!(err.starts_with("error: cannot reach"), "{err}");
 }
+
+/// Runs the CLI against `eps`, expecting success; returns stdout.
+fn ok(eps: &str, args: &[&str]) -> String {
+    let mut all = vec!["--endpoints", eps];
+    all.extend_from_slice(args);
+    let (code, out, err) = cli(&all);
+    assert_eq!(code, 0, "shopkv {args:?}: {err}");
+    out
+}
+
+/// Runs the CLI against `eps` with `-w json`, expecting success.
+fn ok_json(eps: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["-w", "json"];
+    all.extend_from_slice(args);
+    let out = ok(eps, &all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
+}
+
+/// Runs the CLI against `eps`, expecting exit 1; returns stderr.
+fn fails(eps: &str, args: &[&str]) -> String {
+    let mut all = vec!["--endpoints", eps];
+    all.extend_from_slice(args);
+    let (code, out, err) = cli(&all);
+    assert_eq!(code, 1, "shopkv {args:?} should fail: {out}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commerce_commands_have_the_documented_shapes() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let eps = c.endpoints().join(",");
+
+    // product put / get / list
+    let out = ok(
+        &eps,
+        &[
+            "product",
+            "put",
+            "TEE",
+            "--title",
+            "T-shirt",
+            "--price",
+            "1999",
+            "--currency",
+            "EUR",
+            "--max-per-order",
+            "5",
+        ],
+    );
+    assert!(out.starts_with("OK TEE version="), "{out}");
+    ok(
+        &eps,
+        &[
+            "product",
+            "put",
+            "MUG",
+            "--title",
+            "Mug",
+            "--price",
+            "899",
+            "--currency",
+            "EUR",
+            "--attr",
+            "colour=blue",
+        ],
+    );
+    let p = ok_json(&eps, &["product", "get", "MUG"]);
+    assert_eq!(
+        (p["price_minor"].as_i64(), p["currency"].as_str()),
+        (Some(899), Some("EUR"))
+    );
+    assert_eq!(p["attributes"]["colour"], "blue");
+    let out = ok(&eps, &["product", "get", "TEE"]);
+    assert!(
+        out.contains("19.99 EUR") && out.contains("T-shirt"),
+        "{out}"
+    );
+    let list = ok(&eps, &["product", "list"]);
+    let skus: Vec<&str> = list.lines().filter_map(|l| l.split('\t').next()).collect();
+    assert_eq!(skus, ["MUG", "TEE"]);
+    assert!(fails(&eps, &["product", "get", "NOPE"]).contains("UNKNOWN_SKU"));
+
+    // stock set / adjust ±N / get -w json
+    ok(&eps, &["stock", "set", "TEE", "10"]);
+    ok(&eps, &["stock", "set", "MUG", "4"]);
+    let s = ok_json(&eps, &["stock", "adjust", "TEE", "+5"]);
+    assert_eq!(s["on_hand"], 15);
+    let s = ok_json(&eps, &["stock", "adjust", "TEE", "-3"]);
+    assert_eq!(s["on_hand"], 12);
+    let s = ok_json(&eps, &["stock", "get", "TEE"]);
+    assert_eq!(
+        (s["on_hand"].as_i64(), s["reserved"].as_i64()),
+        (Some(12), Some(0))
+    );
+    assert!(fails(&eps, &["stock", "adjust", "TEE", "-13"]).contains("BAD_QUANTITY"));
+
+    // cart add / rm / show
+    ok(&eps, &["cart", "add", "alice", "TEE", "2"]);
+    ok(&eps, &["cart", "add", "alice", "MUG", "1"]);
+    let out = ok(&eps, &["cart", "add", "alice", "MUG", "1"]);
+    assert_eq!(out, "TEE\t2\nMUG\t2\n");
+    let out = ok(&eps, &["cart", "rm", "alice", "MUG"]);
+    assert_eq!(out, "TEE\t2\n");
+    let cart = ok_json(&eps, &["cart", "show", "alice"]);
+    assert_eq!(cart["lines"][0]["quantity"], 2);
+    assert!(fails(&eps, &["cart", "add", "alice", "TEE", "9"]).contains("OVER_MAX_PER_ORDER"));
+
+    // order place (lines and --from-cart) / get / pay / ship / deliver / cancel / list
+    let o = ok_json(
+        &eps,
+        &[
+            "order",
+            "place",
+            "bob",
+            "--order-id",
+            "o-1",
+            "TEE:1",
+            "MUG:2",
+        ],
+    );
+    assert_eq!(
+        (o["status"].as_str(), o["total_minor"].as_i64()),
+        (Some("pending_payment"), Some(1999 + 2 * 899))
+    );
+    let again = ok_json(
+        &eps,
+        &[
+            "order",
+            "place",
+            "bob",
+            "--order-id",
+            "o-1",
+            "TEE:1",
+            "MUG:2",
+        ],
+    );
+    assert_eq!(again["version"], o["version"], "idempotent by order id");
+    let o2 = ok_json(
+        &eps,
+        &[
+            "order",
+            "place",
+            "alice",
+            "--order-id",
+            "o-2",
+            "--from-cart",
+        ],
+    );
+    assert_eq!(o2["lines"][0]["sku"], "TEE");
+    assert_eq!(
+        ok(&eps, &["cart", "show", "alice"]),
+        "cart of alice is empty\n"
+    );
+    let s = ok_json(&eps, &["stock", "get", "TEE"]);
+    assert_eq!(s["reserved"], 3);
+    assert!(
+        fails(&eps, &["order", "pay", "o-1", "--card", "4000000000000002"])
+            .contains("PAYMENT_DECLINED")
+    );
+    let paid = ok_json(&eps, &["order", "pay", "o-1"]);
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(paid["payment"]["captured_minor"], paid["total_minor"]);
+    let out = ok(&eps, &["order", "ship", "o-1"]);
+    assert!(out.contains("status=shipped"), "{out}");
+    ok(&eps, &["order", "deliver", "o-1"]);
+    assert_eq!(
+        ok_json(&eps, &["order", "get", "o-1"])["status"],
+        "delivered"
+    );
+    assert!(fails(&eps, &["order", "cancel", "o-1"]).contains("ILLEGAL_TRANSITION"));
+    let cancelled = ok_json(&eps, &["order", "cancel", "o-2"]);
+    assert_eq!(cancelled["status"], "cancelled");
+    let s = ok_json(&eps, &["stock", "get", "TEE"]);
+    assert_eq!(
+        (s["on_hand"].as_i64(), s["reserved"].as_i64()),
+        (Some(11), Some(0))
+    );
+    let list = ok(&eps, &["order", "list", "bob"]);
+    assert!(list.starts_with("o-1\tdelivered\t"), "{list}");
+    assert!(fails(&eps, &["order", "get", "o-9"]).contains("UNKNOWN_ORDER"));
+    assert!(fails(&eps, &["order", "place", "bob", "NOPE:1"]).contains("UNKNOWN_SKU"));
+}

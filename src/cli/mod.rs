@@ -4,6 +4,7 @@
 //! non-zero exit on failure.
 
 pub mod commerce;
+pub mod demo;
 
 use std::time::Duration;
 

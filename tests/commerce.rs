@@ -1,0 +1,686 @@
+//! The commerce services on a real 3-node cluster (`shopkv serve` processes):
+//! every rule of catalog, inventory, carts and orders, the payment flow, order
+//! expiry, and the seed's story (cart → order → pay → ship) through gRPC.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, channel};
+use shopkv::proto::cart_client::CartClient;
+use shopkv::proto::catalog_client::CatalogClient;
+use shopkv::proto::inventory_client::InventoryClient;
+use shopkv::proto::orders_client::OrdersClient;
+use shopkv::proto::{self, OrderStatus};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const APPROVE: &str = "4242424242424242";
+const DECLINE: &str = "4000000000000002";
+const PROVIDER_ERROR: &str = "4000000000000119";
+
+struct Shop {
+    catalog: CatalogClient<Channel>,
+    inventory: InventoryClient<Channel>,
+    cart: CartClient<Channel>,
+    orders: OrdersClient<Channel>,
+}
+
+async fn shop(c: &TestCluster, via: u64) -> Shop {
+    let ch = channel(&c.node(via).client).await.expect("connect");
+    Shop {
+        catalog: CatalogClient::new(ch.clone()),
+        inventory: InventoryClient::new(ch.clone()),
+        cart: CartClient::new(ch.clone()),
+        orders: OrdersClient::new(ch),
+    }
+}
+
+fn product(sku: &str, price_minor: i64, currency: &str) -> proto::Product {
+    proto::Product {
+        sku: sku.into(),
+        title: format!("Product {sku}"),
+        description: String::new(),
+        price_minor,
+        currency: currency.into(),
+        active: true,
+        attributes: Default::default(),
+        max_per_order: 0,
+        version: 0,
+    }
+}
+
+impl Shop {
+    async fn put(&mut self, p: proto::Product) -> Result<proto::Product, tonic::Status> {
+        self.catalog
+            .put(proto::PutProductRequest { product: Some(p) })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn stock(&mut self, sku: &str) -> proto::StockLevel {
+        self.inventory
+            .get(proto::GetStockRequest {
+                sku: sku.into(),
+                serializable: false,
+            })
+            .await
+            .expect("stock get")
+            .into_inner()
+    }
+
+    async fn set_stock(
+        &mut self,
+        sku: &str,
+        on_hand: i64,
+    ) -> Result<proto::StockLevel, tonic::Status> {
+        self.inventory
+            .set_stock(proto::SetStockRequest {
+                sku: sku.into(),
+                on_hand,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn place(
+        &mut self,
+        customer: &str,
+        order_id: &str,
+        lines: &[(&str, u32)],
+    ) -> Result<proto::Order, tonic::Status> {
+        self.orders
+            .place(proto::PlaceOrderRequest {
+                order_id: order_id.into(),
+                customer_id: customer.into(),
+                lines: lines
+                    .iter()
+                    .map(|(s, q)| proto::CartLine {
+                        sku: s.to_string(),
+                        quantity: *q,
+                    })
+                    .collect(),
+                from_cart: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn order(&mut self, order_id: &str) -> Result<proto::Order, tonic::Status> {
+        self.orders
+            .get(proto::GetOrderRequest {
+                order_id: order_id.into(),
+                serializable: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn pay(&mut self, order_id: &str, card: &str) -> Result<proto::Order, tonic::Status> {
+        self.orders
+            .pay(proto::PayOrderRequest {
+                order_id: order_id.into(),
+                card_number: card.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn add(
+        &mut self,
+        customer: &str,
+        sku: &str,
+        quantity: i64,
+    ) -> Result<proto::CartView, tonic::Status> {
+        self.cart
+            .add_item(proto::AddCartItemRequest {
+                customer_id: customer.into(),
+                sku: sku.into(),
+                quantity,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+fn id(order_id: &str) -> proto::OrderIdRequest {
+    proto::OrderIdRequest {
+        order_id: order_id.into(),
+    }
+}
+
+/// Asserts a rejection: its code and its `x-shopkv-reason`.
+#[track_caller]
+fn rejected<T: std::fmt::Debug>(res: Result<T, tonic::Status>, code: Code, reason: &str) -> String {
+    let s = res.expect_err("expected a rejection");
+    assert_eq!(s.code(), code, "{s:?}");
+    let got = s
+        .metadata()
+        .get("x-shopkv-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert_eq!(got, reason, "{s:?}");
+    s.message().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
+    let c = TestCluster::start_initialised(3, 3, &[]).await;
+    let mut s = shop(&c, 2).await;
+
+    // 25 products over 3 shards, listed in SKU order a page at a time.
+    for i in 0..25 {
+        let p = s
+            .put(product(&format!("SKU-{i:03}"), 100 + i, "EUR"))
+            .await
+            .expect("put");
+        assert!(p.version > 0);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = s
+            .catalog
+            .list(proto::ListProductsRequest {
+                page_size: 10,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.products.len() <= 10);
+        seen.extend(page.products.into_iter().map(|p| p.sku));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("SKU-{i:03}")).collect();
+    assert_eq!(seen, expected);
+
+    // Bad products: nothing is written.
+    rejected(
+        s.put(product("bad sku", 1, "EUR")).await,
+        Code::InvalidArgument,
+        "INVALID_ID",
+    );
+    rejected(
+        s.put(product("P-NEG", -1, "EUR")).await,
+        Code::InvalidArgument,
+        "INVALID_PRODUCT",
+    );
+    rejected(
+        s.put(product("P-CUR", 1, "EURO")).await,
+        Code::InvalidArgument,
+        "INVALID_PRODUCT",
+    );
+    let missing = s
+        .catalog
+        .get(proto::GetProductRequest {
+            sku: "P-NEG".into(),
+            serializable: false,
+        })
+        .await;
+    rejected(missing, Code::NotFound, "UNKNOWN_SKU");
+
+    // Stock: set, adjust, never below reserved (here 0) or for unknown SKUs.
+    let l = s.set_stock("SKU-001", 10).await.expect("set");
+    assert_eq!((l.on_hand, l.reserved, l.available), (10, 0, 10));
+    let l = s
+        .inventory
+        .adjust_stock(proto::AdjustStockRequest {
+            sku: "SKU-001".into(),
+            delta: -4,
+        })
+        .await
+        .expect("adjust")
+        .into_inner();
+    assert_eq!(l.on_hand, 6);
+    let below = s
+        .inventory
+        .adjust_stock(proto::AdjustStockRequest {
+            sku: "SKU-001".into(),
+            delta: -7,
+        })
+        .await;
+    // Below zero is a bad quantity; below reserved stock is tested with orders.
+    rejected(below, Code::InvalidArgument, "BAD_QUANTITY");
+    rejected(s.set_stock("NOPE", 5).await, Code::NotFound, "UNKNOWN_SKU");
+    assert_eq!(s.stock("SKU-001").await.on_hand, 6);
+
+    // Carts: merge lines, limits, remove, clear; the product must be orderable.
+    let mut limited = product("LIMITED", 500, "EUR");
+    limited.max_per_order = 2;
+    s.put(limited).await.expect("put limited");
+    s.add("carol", "SKU-001", 1).await.expect("add");
+    let cart = s.add("carol", "SKU-001", 2).await.expect("add again");
+    assert_eq!(cart.lines.len(), 1);
+    assert_eq!(cart.lines[0].quantity, 3);
+    s.add("carol", "LIMITED", 2).await.expect("add limited");
+    rejected(
+        s.add("carol", "LIMITED", 1).await,
+        Code::InvalidArgument,
+        "OVER_MAX_PER_ORDER",
+    );
+    rejected(
+        s.add("carol", "SKU-002", 0).await,
+        Code::InvalidArgument,
+        "BAD_QUANTITY",
+    );
+    rejected(
+        s.add("carol", "SKU-002", -1).await,
+        Code::InvalidArgument,
+        "BAD_QUANTITY",
+    );
+    rejected(
+        s.add("carol", "NOPE", 1).await,
+        Code::NotFound,
+        "UNKNOWN_SKU",
+    );
+    s.catalog
+        .deactivate(proto::DeactivateProductRequest {
+            sku: "SKU-024".into(),
+        })
+        .await
+        .expect("deactivate");
+    rejected(
+        s.add("carol", "SKU-024", 1).await,
+        Code::FailedPrecondition,
+        "INACTIVE_PRODUCT",
+    );
+    let cart = s
+        .cart
+        .update_quantity(proto::UpdateCartItemRequest {
+            customer_id: "carol".into(),
+            sku: "SKU-001".into(),
+            quantity: 5,
+        })
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(cart.lines[0].quantity, 5);
+    let gone = s
+        .cart
+        .remove_item(proto::RemoveCartItemRequest {
+            customer_id: "carol".into(),
+            sku: "SKU-009".into(),
+        })
+        .await;
+    rejected(gone, Code::NotFound, "NOT_IN_CART");
+    let cart = s
+        .cart
+        .remove_item(proto::RemoveCartItemRequest {
+            customer_id: "carol".into(),
+            sku: "LIMITED".into(),
+        })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert_eq!(cart.lines.len(), 1);
+    // Read through another node: the same cart.
+    let mut other = shop(&c, 3).await;
+    let seen = other
+        .cart
+        .get(proto::GetCartRequest {
+            customer_id: "carol".into(),
+        })
+        .await
+        .expect("get cart")
+        .into_inner();
+    assert_eq!(seen.lines, cart.lines);
+    let cleared = s
+        .cart
+        .clear(proto::ClearCartRequest {
+            customer_id: "carol".into(),
+        })
+        .await
+        .expect("clear")
+        .into_inner();
+    assert!(cleared.lines.is_empty());
+
+    // Orders: one SKU with a server-chosen id always fits one shard; lines on
+    // different shards are UNIMPLEMENTED (no 2PC yet) and reserve nothing.
+    for i in 0..25 {
+        s.set_stock(&format!("SKU-{i:03}"), 50)
+            .await
+            .expect("stock");
+    }
+    let o = s
+        .place("dave", "", &[("SKU-003", 2)])
+        .await
+        .expect("single-shard order");
+    assert_eq!(o.status(), OrderStatus::PendingPayment);
+    assert_eq!(s.stock("SKU-003").await.reserved, 2);
+    let mut cross = 0;
+    // SKU-024 is inactive: pairs stop before it.
+    for i in 0..23 {
+        let a = format!("SKU-{i:03}");
+        let b = format!("SKU-{:03}", i + 1);
+        let before = (s.stock(&a).await, s.stock(&b).await);
+        if let Err(st) = s.place("dave", "", &[(&a, 1), (&b, 1)]).await {
+            assert_eq!(st.code(), Code::Unimplemented, "{st:?}");
+            assert_eq!((s.stock(&a).await, s.stock(&b).await), before);
+            cross += 1;
+        }
+    }
+    assert!(cross > 0, "with 3 shards some neighbouring SKUs live apart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_pay_ship_cancel_and_reject_bad_input_without_changing_anything() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let mut s = shop(&c, 1).await;
+    let mut tee = product("TEE", 1999, "EUR");
+    tee.max_per_order = 5;
+    s.put(tee).await.expect("put");
+    s.put(product("MUG", 899, "EUR")).await.expect("put");
+    s.put(product("HAT", 1500, "USD")).await.expect("put");
+    s.put(product("GOLD", 1_000_000_000_000_000, "EUR"))
+        .await
+        .expect("put");
+    for sku in ["TEE", "MUG", "HAT", "GOLD"] {
+        s.set_stock(sku, 20).await.expect("stock");
+    }
+
+    // Idempotent place, also under concurrency: one order, stock reserved once.
+    let o = s
+        .place("alice", "o-1", &[("TEE", 2), ("MUG", 1)])
+        .await
+        .expect("place");
+    assert_eq!(o.total_minor, 2 * 1999 + 899);
+    assert_eq!(
+        o.lines[0].unit_price_minor, 899,
+        "lines sorted by SKU, prices snapshotted"
+    );
+    let again = s
+        .place("alice", "o-1", &[("TEE", 2), ("MUG", 1)])
+        .await
+        .expect("replay");
+    assert_eq!(again.version, o.version);
+    let mut tasks = Vec::new();
+    for via in [1, 2, 3, 1, 2, 3] {
+        let mut sh = shop(&c, via).await;
+        tasks.push(tokio::spawn(async move {
+            sh.place("bob", "o-2", &[("MUG", 3)])
+                .await
+                .map(|o| o.version)
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.expect("task").expect("concurrent place"));
+    }
+    versions.dedup();
+    assert_eq!(versions.len(), 1, "one order for one id: {versions:?}");
+    assert_eq!(s.stock("MUG").await.reserved, 1 + 3);
+    assert_eq!(s.stock("TEE").await.reserved, 2);
+
+    // Bad input: a clear status, and stock and orders untouched.
+    let before = (s.stock("TEE").await, s.stock("MUG").await);
+    rejected(
+        s.place("alice", "o-3", &[("NOPE", 1)]).await,
+        Code::NotFound,
+        "UNKNOWN_SKU",
+    );
+    rejected(
+        s.place("alice", "o-3", &[("TEE", 0)]).await,
+        Code::InvalidArgument,
+        "BAD_QUANTITY",
+    );
+    rejected(
+        s.place("alice", "o-3", &[("TEE", 6)]).await,
+        Code::InvalidArgument,
+        "OVER_MAX_PER_ORDER",
+    );
+    rejected(
+        s.place("alice", "o-3", &[("TEE", 1), ("HAT", 1)]).await,
+        Code::InvalidArgument,
+        "CURRENCY_MISMATCH",
+    );
+    rejected(
+        s.place("alice", "o-3", &[("GOLD", 10_000)]).await,
+        Code::InvalidArgument,
+        "OVERFLOW",
+    );
+    rejected(
+        s.place("alice", "o-3", &[("MUG", 17)]).await,
+        Code::FailedPrecondition,
+        "OUT_OF_STOCK",
+    );
+    rejected(
+        s.place("alice", "o-3", &[]).await,
+        Code::InvalidArgument,
+        "EMPTY_ORDER",
+    );
+    let many: Vec<(String, u32)> = (0..1000).map(|i| (format!("S{i}"), 1)).collect();
+    let many_ref: Vec<(&str, u32)> = many.iter().map(|(s, q)| (s.as_str(), *q)).collect();
+    rejected(
+        s.place("alice", "o-3", &many_ref).await,
+        Code::InvalidArgument,
+        "TOO_MANY_LINES",
+    );
+    rejected(
+        s.place("alice", "o-1", &[("TEE", 1)]).await,
+        Code::FailedPrecondition,
+        "ORDER_ID_REUSED",
+    );
+    let empty_cart = s
+        .orders
+        .place(proto::PlaceOrderRequest {
+            order_id: "o-3".into(),
+            customer_id: "nobody".into(),
+            lines: vec![],
+            from_cart: true,
+        })
+        .await;
+    rejected(empty_cart, Code::InvalidArgument, "EMPTY_ORDER");
+    rejected(s.order("o-3").await, Code::NotFound, "UNKNOWN_ORDER");
+    rejected(
+        s.orders.ship(id("o-404")).await,
+        Code::NotFound,
+        "UNKNOWN_ORDER",
+    );
+    let msg = rejected(
+        s.orders.ship(id("o-1")).await,
+        Code::FailedPrecondition,
+        "ILLEGAL_TRANSITION",
+    );
+    assert!(
+        msg.contains("pending_payment"),
+        "names the current state: {msg}"
+    );
+    rejected(
+        s.set_stock("MUG", 3).await,
+        Code::FailedPrecondition,
+        "BELOW_RESERVED",
+    );
+    assert_eq!((s.stock("TEE").await, s.stock("MUG").await), before);
+
+    // Pay: a decline is FAILED_PRECONDITION, a provider error UNAVAILABLE, and
+    // neither changes the order; retries never charge twice.
+    let declined = rejected(
+        s.pay("o-1", DECLINE).await,
+        Code::FailedPrecondition,
+        "PAYMENT_DECLINED",
+    );
+    assert!(declined.contains("declined"), "{declined}");
+    let err = s
+        .pay("o-1", PROVIDER_ERROR)
+        .await
+        .expect_err("provider error");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let bad_card = s.pay("o-1", "1234").await.expect_err("bad card");
+    assert_eq!(bad_card.code(), Code::InvalidArgument);
+    assert_eq!(
+        s.order("o-1").await.expect("get").status(),
+        OrderStatus::PendingPayment
+    );
+    let paid = s.pay("o-1", APPROVE).await.expect("pay");
+    assert_eq!(paid.status(), OrderStatus::Paid);
+    let p = paid.payment.clone().expect("payment");
+    assert_eq!((p.captured_minor, p.failed_attempts), (paid.total_minor, 1));
+    assert_eq!(
+        p.idempotency_key, "o-1:2",
+        "the declined attempt used o-1:1"
+    );
+    assert_eq!(p.card_last4, "4242");
+    let retried = shop(&c, 3)
+        .await
+        .pay("o-1", APPROVE)
+        .await
+        .expect("retry pay");
+    assert_eq!(
+        retried.payment, paid.payment,
+        "a retried Pay charges nothing more"
+    );
+
+    // Ship consumes the reservation; deliver; no cancel after shipping.
+    let shipped = s.orders.ship(id("o-1")).await.expect("ship").into_inner();
+    assert_eq!(shipped.status(), OrderStatus::Shipped);
+    let tee = s.stock("TEE").await;
+    assert_eq!((tee.on_hand, tee.reserved), (18, 0));
+    s.orders.deliver(id("o-1")).await.expect("deliver");
+    let msg = rejected(
+        s.orders.cancel(id("o-1")).await,
+        Code::FailedPrecondition,
+        "ILLEGAL_TRANSITION",
+    );
+    assert!(msg.contains("delivered"), "{msg}");
+
+    // Cancel a paid order: stock released, capture refunded.
+    s.pay("o-2", APPROVE).await.expect("pay o-2");
+    let cancelled = s
+        .orders
+        .cancel(id("o-2"))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    let p = cancelled.payment.expect("payment");
+    assert_eq!(
+        (p.refunded_minor, p.refund_due_minor),
+        (p.captured_minor, 0)
+    );
+    assert!(p.captured_minor > 0);
+    let mug = s.stock("MUG").await;
+    assert_eq!((mug.on_hand, mug.reserved), (19, 0));
+    rejected(
+        s.pay("o-2", APPROVE).await,
+        Code::FailedPrecondition,
+        "ILLEGAL_TRANSITION",
+    );
+
+    // The customer's orders, by id.
+    s.place("alice", "o-0", &[("MUG", 1)])
+        .await
+        .expect("place o-0");
+    let list = s
+        .orders
+        .list_by_customer(proto::ListOrdersRequest {
+            customer_id: "alice".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = list.orders.iter().map(|o| o.order_id.as_str()).collect();
+    assert_eq!(ids, ["o-0", "o-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_story_cart_to_order_to_payment_to_shipping() {
+    // 3 shards: the cart, the products and the order may all live apart; the
+    // server picks an order id on the products' shard.
+    let c = TestCluster::start_initialised(3, 3, &[]).await;
+    let mut s = shop(&c, 1).await;
+    s.put(product("BOOK", 2500, "EUR")).await.expect("put");
+    s.set_stock("BOOK", 3).await.expect("stock");
+
+    s.add("erin", "BOOK", 2).await.expect("add to cart");
+    let o = s
+        .orders
+        .place(proto::PlaceOrderRequest {
+            order_id: String::new(),
+            customer_id: "erin".into(),
+            lines: vec![],
+            from_cart: true,
+        })
+        .await
+        .expect("checkout")
+        .into_inner();
+    assert_eq!(
+        (o.status(), o.total_minor),
+        (OrderStatus::PendingPayment, 5000)
+    );
+    let cart = s
+        .cart
+        .get(proto::GetCartRequest {
+            customer_id: "erin".into(),
+        })
+        .await
+        .expect("cart")
+        .into_inner();
+    assert!(cart.lines.is_empty(), "checkout empties the cart");
+    assert_eq!(s.stock("BOOK").await.available, 1);
+    // Another customer cannot take the reserved units.
+    rejected(
+        s.place("frank", "", &[("BOOK", 2)]).await,
+        Code::FailedPrecondition,
+        "OUT_OF_STOCK",
+    );
+
+    let paid = s.pay(&o.order_id, APPROVE).await.expect("pay");
+    assert_eq!(paid.status(), OrderStatus::Paid);
+    let shipped = s
+        .orders
+        .ship(id(&o.order_id))
+        .await
+        .expect("ship")
+        .into_inner();
+    assert_eq!(shipped.status(), OrderStatus::Shipped);
+    let book = s.stock("BOOK").await;
+    assert_eq!((book.on_hand, book.reserved, book.available), (1, 0, 1));
+    let seen = shop(&c, 2)
+        .await
+        .order(&o.order_id)
+        .await
+        .expect("get via node 2");
+    assert_eq!(seen.status(), OrderStatus::Shipped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_orders_expire_and_release_their_stock() {
+    let c = TestCluster::start_initialised(3, 1, &["--order-payment-timeout-ms", "1500"]).await;
+    let mut s = shop(&c, 1).await;
+    s.put(product("LAMP", 4000, "EUR")).await.expect("put");
+    s.set_stock("LAMP", 2).await.expect("stock");
+    let o = s
+        .place("gina", "late-1", &[("LAMP", 2)])
+        .await
+        .expect("place");
+    assert!(o.expires_at_ms >= o.placed_at_ms + 1500);
+    assert_eq!(s.stock("LAMP").await.available, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = s.order("late-1").await.expect("get");
+        if now.status() == OrderStatus::Expired {
+            break;
+        }
+        assert_eq!(now.status(), OrderStatus::PendingPayment);
+        assert!(Instant::now() < deadline, "order did not expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lamp = s.stock("LAMP").await;
+    assert_eq!(
+        (lamp.on_hand, lamp.reserved),
+        (2, 0),
+        "expiry released the stock"
+    );
+    let msg = rejected(
+        s.pay("late-1", APPROVE).await,
+        Code::FailedPrecondition,
+        "ILLEGAL_TRANSITION",
+    );
+    assert!(msg.contains("expired"), "{msg}");
+}
