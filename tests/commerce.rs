@@ -364,6 +364,35 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
         }
     }
     assert!(cross > 0, "with 3 shards some neighbouring SKUs live apart");
+
+    // Server reflection lists every public service (grpcurl needs no protos).
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut refl = ServerReflectionClient::new(channel(&c.node(1).client).await.expect("connect"));
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = replies.message().await.expect("reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for svc in [
+        "shopkv.v1.Catalog",
+        "shopkv.v1.Inventory",
+        "shopkv.v1.Cart",
+        "shopkv.v1.Orders",
+        "shopkv.v1.Kv",
+    ] {
+        assert!(names.iter().any(|n| n == svc), "{svc} not in {names:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
