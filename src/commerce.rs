@@ -29,9 +29,6 @@ pub enum CommerceError {
     /// The payment provider refused or failed.
     #[error(transparent)]
     Payment(#[from] PaymentError),
-    /// Not built yet (cross-shard orders until 2PC).
-    #[error("{0}")]
-    Unimplemented(String),
 }
 
 /// Wall-clock milliseconds since the Unix epoch (stamped into commands by

@@ -19,6 +19,9 @@ pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 50_000;
 pub const DEFAULT_SNAPSHOT_KEEP_LOGS: u64 = 10_000;
 /// Default time an order may stay unpaid: 15 minutes (a checkout session).
 pub const DEFAULT_ORDER_PAYMENT_TIMEOUT_MS: u64 = 15 * 60_000;
+/// Default time a cross-shard order may stay undecided: 10 s (CockroachDB
+/// aborts a transaction after 5 missed 1 s heartbeats; TiKV's lock TTL is 3–20 s).
+pub const DEFAULT_TXN_TIMEOUT_MS: u64 = 10_000;
 
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,10 @@ pub struct ServeArgs {
     /// An order not paid this long after placement expires (stock released).
     #[arg(long, env = "SHOPKV_ORDER_PAYMENT_TIMEOUT_MS")]
     pub order_payment_timeout_ms: Option<u64>,
+    /// A cross-shard order not decided this long after it began may be aborted
+    /// by anyone (its held stock is then released).
+    #[arg(long, env = "SHOPKV_TXN_TIMEOUT_MS")]
+    pub txn_timeout_ms: Option<u64>,
     /// Dial node ID at HOST:PORT instead of its advertised peer address
     /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
     #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
@@ -116,6 +123,7 @@ struct FileConfig {
     max_payload_entries: Option<u64>,
     request_timeout_ms: Option<u64>,
     order_payment_timeout_ms: Option<u64>,
+    txn_timeout_ms: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
 
@@ -146,6 +154,8 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// How long a placed order may stay unpaid before it expires.
     pub order_payment_timeout_ms: u64,
+    /// How long a cross-shard order may stay undecided.
+    pub txn_timeout_ms: u64,
     /// Node id -> address to dial instead of the advertised one.
     pub peer_routes: BTreeMap<u64, String>,
 }
@@ -160,6 +170,8 @@ mod limits {
     pub const REQUEST_TIMEOUT_MS: (u64, u64) = (100, 600_000);
     /// From one second (tests) to a week.
     pub const ORDER_PAYMENT_TIMEOUT_MS: (u64, u64) = (1_000, 7 * 24 * 3_600_000);
+    /// From one second to ten minutes.
+    pub const TXN_TIMEOUT_MS: (u64, u64) = (1_000, 600_000);
 }
 
 impl Config {
@@ -219,6 +231,10 @@ impl Config {
                 .order_payment_timeout_ms
                 .or(file.order_payment_timeout_ms)
                 .unwrap_or(DEFAULT_ORDER_PAYMENT_TIMEOUT_MS),
+            txn_timeout_ms: args
+                .txn_timeout_ms
+                .or(file.txn_timeout_ms)
+                .unwrap_or(DEFAULT_TXN_TIMEOUT_MS),
             peer_routes: parse_routes(if args.peer_routes.is_empty() {
                 file.peer_routes.as_deref().unwrap_or_default()
             } else {
@@ -312,6 +328,11 @@ impl Config {
             "order_payment_timeout_ms",
             self.order_payment_timeout_ms,
             limits::ORDER_PAYMENT_TIMEOUT_MS,
+        )?;
+        in_range(
+            "txn_timeout_ms",
+            self.txn_timeout_ms,
+            limits::TXN_TIMEOUT_MS,
         )?;
         Ok(())
     }

@@ -19,6 +19,7 @@ pub mod server;
 pub mod sm;
 pub mod storage;
 pub mod sweeper;
+pub mod txn;
 
 /// Generated gRPC types of `proto/shopkv/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,7 +1,8 @@
 //! Leader-driven time effects of the commerce records. On each data shard
 //! this node leads, every [`SWEEP_INTERVAL`]: propose the expiry of unpaid
 //! orders past their deadline (stamped with this leader's clock; apply
-//! re-checks each deadline and status), and retry refunds that are owed.
+//! re-checks each deadline and status), retry refunds that are owed, and run
+//! 2PC recovery (`txn::recover`).
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -28,6 +29,15 @@ pub async fn run(node: Weak<Node>) {
         for group in node.led_data_groups() {
             if let Err(e) = sweep(&node, group).await {
                 tracing::warn!(group, error = %e, "order sweep failed");
+            }
+            if let Some(map) = node.cluster_map() {
+                match crate::txn::recover(&node, &map, group).await {
+                    Ok(s) if s.aborted + s.settled + s.resolved > 0 => {
+                        tracing::debug!(group, ?s, "2PC recovery");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(group, error = %e, "2PC recovery failed"),
+                }
             }
         }
     }

@@ -1,11 +1,14 @@
-//! Chaos for the commerce records: concurrent single-shard orders, pays,
-//! cancels and shipments on a 3-node, 3-shard cluster while a seeded nemesis
-//! kills (SIGKILL) and pauses (SIGSTOP) nodes, with orders expiring meanwhile.
-//! After heal and a bounded settle it checks, per SKU, stock conservation
-//! (initial = on_hand + shipped), reserved = Σ open orders, no oversell ever
-//! observed; per order, no acknowledged order lost or changed, no duplicate,
-//! final statuses consistent with every acknowledged transition, and money
-//! settled (paid orders captured exactly once, refunds complete).
+//! Chaos for the commerce records: concurrent single-shard (1PC) and
+//! cross-shard (2PC) orders, a flash sale of one SKU, pays, cancels and
+//! shipments on a 3-node, 3-shard cluster while a seeded nemesis kills
+//! (SIGKILL), pauses (SIGSTOP) and partitions nodes, with orders expiring and
+//! transactions timing out meanwhile. After heal and a bounded settle it
+//! checks, per SKU, stock conservation (initial = on_hand + shipped),
+//! reserved = Σ open orders (anchor and participants agree on every
+//! outcome), no oversell ever observed, nothing left in flight (no pending
+//! transaction, owed settlement or held reservation); per order, no
+//! acknowledged order lost or changed, no duplicate, final statuses
+//! consistent with every acknowledged transition, and money settled.
 //!
 //! `SHOPKV_CHAOS_ORDERS_SECS` (default 30) and `SHOPKV_CHAOS_SEED` change the run.
 
@@ -17,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestCluster;
+use common::proxy::LinkMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shopkv::proto::inventory_client::InventoryClient;
@@ -28,6 +32,8 @@ use tonic::transport::Channel;
 const SHARDS: u32 = 3;
 const SKUS: u32 = 9;
 const INITIAL_STOCK: i64 = 40;
+/// The flash-sale SKU (index SKUS): few units, everyone buys one.
+const FLASH_STOCK: i64 = 25;
 const CLIENTS: u32 = 8;
 const OP_TIMEOUT: Duration = Duration::from_millis(2000);
 const SETTLE: Duration = Duration::from_secs(45);
@@ -43,6 +49,18 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn sku(i: u32) -> String {
     format!("CH-{i:02}")
+}
+
+fn initial(sku: &str) -> i64 {
+    if sku == flash() {
+        FLASH_STOCK
+    } else {
+        INITIAL_STOCK
+    }
+}
+
+fn flash() -> String {
+    sku(SKUS)
 }
 
 /// What clients learned for certain about one order.
@@ -159,19 +177,35 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
         let mut orders = c.orders[via].clone();
         let roll = rng.random_range(0..100);
         if roll < 45 {
-            // Place 1-2 lines of one shard under an order id on that shard.
+            // A third each: 1-2 lines of one shard under an order id there
+            // (1PC); 2-3 lines of any shards (2PC); one unit of the flash SKU
+            // (2PC unless the id happens to land on its shard).
+            let kind = rng.random_range(0..3);
             let shard = shards[rng.random_range(0..shards.len())];
             let group = &by_shard[&shard];
             let mut lines: BTreeMap<String, u32> = BTreeMap::new();
-            for _ in 0..rng.random_range(1..=2) {
-                let s = group[rng.random_range(0..group.len())].clone();
-                *lines.entry(s).or_insert(0) += rng.random_range(1..=3);
+            match kind {
+                0 => {
+                    for _ in 0..rng.random_range(1..=2) {
+                        let s = group[rng.random_range(0..group.len())].clone();
+                        *lines.entry(s).or_insert(0) += rng.random_range(1..=3);
+                    }
+                }
+                1 => {
+                    for _ in 0..rng.random_range(2..=3) {
+                        *lines.entry(sku(rng.random_range(0..SKUS))).or_insert(0) +=
+                            rng.random_range(1..=3);
+                    }
+                }
+                _ => {
+                    lines.insert(flash(), 1);
+                }
             }
             let lines: Vec<(String, u32)> = lines.into_iter().collect();
             let id = loop {
                 n += 1;
                 let id = format!("c{client}-{n}");
-                if map.shard_of_order(&id) == shard {
+                if kind != 0 || map.shard_of_order(&id) == shard {
                     break id;
                 }
             };
@@ -230,7 +264,8 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default()
                         .to_string();
-                    if !matches!(reason.as_str(), "OUT_OF_STOCK" | "") {
+                    // ORDER_ABORTED: recovery aborted it while we retried.
+                    if !matches!(reason.as_str(), "OUT_OF_STOCK" | "ORDER_ABORTED" | "") {
                         run.violation(format!("{id}: unexpected rejection {s:?}"));
                     }
                 }
@@ -283,18 +318,40 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
             }
         } else {
             // Stock is never oversold, whenever anyone looks.
-            let s = sku(rng.random_range(0..SKUS));
+            let s = sku(rng.random_range(0..=SKUS));
             let mut inv = c.inventory[via].clone();
             let req = proto::GetStockRequest {
                 sku: s.clone(),
                 serializable: false,
             };
             if let Answer::Ok(l) = call(|| async move { inv.get(req).await }).await
-                && !(0 <= l.reserved && l.reserved <= l.on_hand && l.on_hand <= INITIAL_STOCK)
+                && !(0 <= l.reserved && l.reserved <= l.on_hand && l.on_hand <= initial(&s))
             {
                 run.violation(format!("{s}: oversold or invented stock {l:?}"));
             }
         }
+    }
+}
+
+/// A shard's 2PC records in flight, read linearizably through node 1's peer port.
+async fn in_flight(c: &TestCluster, shard: u64) -> Option<shopkv::sm::commerce::InFlight> {
+    use shopkv::node::{NodeError, ReadOp, ReadResult};
+    use shopkv::sm::commerce::{CommerceRead, CommerceReadResult};
+    let mut peer =
+        shopkv::proto::peer_client::PeerClient::new(common::channel(&c.node(1).peer).await.ok()?);
+    let op = ReadOp::Commerce(CommerceRead::InFlight { limit: 100 });
+    let reply = peer
+        .read(proto::GroupMessage {
+            group_id: shard,
+            payload: shopkv::codec::to_wire(&(op, true)).ok()?,
+            hops_left: 3,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    match shopkv::codec::from_wire::<Result<ReadResult, NodeError>>(&reply.payload).ok()? {
+        Ok(ReadResult::Commerce(CommerceReadResult::InFlight(f))) => Some(*f),
+        _ => None,
     }
 }
 
@@ -309,14 +366,21 @@ async fn chaos_orders() {
     );
     eprintln!("chaos_orders: seed={seed} secs={secs}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut c =
-        TestCluster::start_initialised(3, SHARDS, &["--order-payment-timeout-ms", "6000"]).await;
+    let extra = [
+        "--order-payment-timeout-ms",
+        "6000",
+        "--txn-timeout-ms",
+        "3000",
+    ];
+    let mut c = TestCluster::start_with_proxies(3, &extra).await;
+    c.init(SHARDS).await;
+    c.wait_ready(Duration::from_secs(30)).await;
 
     // The catalog, through the CLI's own gRPC services.
     let ch = common::channel(&c.node(1).client).await.expect("connect");
     let mut catalog = shopkv::proto::catalog_client::CatalogClient::new(ch.clone());
     let mut inventory = InventoryClient::new(ch);
-    for i in 0..SKUS {
+    for i in 0..=SKUS {
         let product = proto::Product {
             sku: sku(i),
             title: format!("Chaos item {i}"),
@@ -337,7 +401,7 @@ async fn chaos_orders() {
         inventory
             .set_stock(proto::SetStockRequest {
                 sku: sku(i),
-                on_hand: INITIAL_STOCK,
+                on_hand: initial(&sku(i)),
             })
             .await
             .expect("set stock");
@@ -361,13 +425,14 @@ async fn chaos_orders() {
         })
         .collect();
 
-    let (mut kills, mut pauses) = (0u32, 0u32);
+    let (mut kills, mut pauses, mut partitions) = (0u32, 0u32, 0u32);
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         tokio::time::sleep(
             Duration::from_millis(rng.random_range(2000..4000)).min(end - Instant::now()),
         )
         .await;
+        c.heal_links();
         for id in 1..=3 {
             c.resume(id);
             if !c.node(id).is_up() {
@@ -377,7 +442,7 @@ async fn chaos_orders() {
         if Instant::now() >= end {
             break;
         }
-        match rng.random_range(0..3) {
+        match rng.random_range(0..4) {
             0 => {
                 let group = rng.random_range(0..=u64::from(SHARDS));
                 if let Some(l) = c.leader_of(group, rng.random_range(1..=3)).await {
@@ -389,12 +454,20 @@ async fn chaos_orders() {
                 c.kill(rng.random_range(1..=3));
                 kills += 1;
             }
-            _ => {
+            2 => {
                 c.pause(rng.random_range(1..=3));
                 pauses += 1;
             }
+            _ => {
+                // Isolate one node (a coordinator or anchor may be cut off mid-2PC).
+                let id = rng.random_range(1..=3u64);
+                let others: Vec<u64> = (1..=3).filter(|n| *n != id).collect();
+                c.set_links(&[id], &others, LinkMode::Blackhole, true);
+                partitions += 1;
+            }
         }
     }
+    c.heal_links();
     run.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -433,10 +506,28 @@ async fn chaos_orders() {
                     }
                     finals.insert(id.clone(), Some(o));
                 }
-                Err(s) if s.code() == tonic::Code::NotFound => {
+                // Never placed, or a cross-shard order that aborted.
+                Err(s)
+                    if s.code() == tonic::Code::NotFound
+                        || s.metadata()
+                            .get("x-shopkv-reason")
+                            .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
+                {
                     finals.insert(id.clone(), None);
                 }
+                // A cross-shard order still being decided (recovery will).
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    unsettled += 1;
+                }
                 Err(s) => panic!("reading order {id} after heal: {s:?}"),
+            }
+        }
+        // 2PC: no pending record, owed settlement or held reservation anywhere.
+        for shard in 1..=u64::from(SHARDS) {
+            match in_flight(&c, shard).await {
+                Some(f)
+                    if f.pending.is_empty() && f.settlements.is_empty() && f.held.is_empty() => {}
+                _ => unsettled += 1,
             }
         }
         if unsettled == 0 {
@@ -519,7 +610,7 @@ async fn chaos_orders() {
             }
         }
     }
-    for i in 0..SKUS {
+    for i in 0..=SKUS {
         let s = sku(i);
         let l = inventory
             .get(proto::GetStockRequest {
@@ -530,10 +621,11 @@ async fn chaos_orders() {
             .expect("stock")
             .into_inner();
         let sold = shipped.get(&s).copied().unwrap_or(0);
-        if l.on_hand + sold != INITIAL_STOCK {
+        if l.on_hand + sold != initial(&s) {
             violations.push(format!(
-                "{s}: not conserved: on_hand {} + shipped {sold} != {INITIAL_STOCK}",
-                l.on_hand
+                "{s}: not conserved: on_hand {} + shipped {sold} != {}",
+                l.on_hand,
+                initial(&s)
             ));
         }
         let held = open.get(&s).copied().unwrap_or(0);
@@ -548,7 +640,7 @@ async fn chaos_orders() {
         }
     }
     let summary = format!(
-        "CHAOS_ORDERS seed={seed} secs={secs} kills={kills} pauses={pauses} ops={} unknown={} orders={placed} violations={}",
+        "CHAOS_ORDERS seed={seed} secs={secs} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} violations={}",
         run.ops.load(Ordering::Relaxed),
         run.unknown.load(Ordering::Relaxed),
         violations.len()

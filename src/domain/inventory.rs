@@ -99,6 +99,40 @@ impl InventoryLevel {
     }
 }
 
+/// Where one order's reservation of one SKU stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReservationState {
+    /// Prepared for a cross-shard order whose outcome is not known here yet;
+    /// counted in `reserved`.
+    Held,
+    /// The order exists; counted in `reserved` until shipped or released.
+    Committed,
+    /// Given back (order aborted, cancelled or expired). Kept as a tombstone
+    /// so that a late prepare of the same order fails.
+    Released,
+    /// Shipped: the units left `on_hand`. Kept as a tombstone.
+    Consumed,
+}
+
+/// Stock one order reserves of one SKU (on the SKU's shard).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// Units.
+    pub qty: u32,
+    /// Where it stands.
+    pub state: ReservationState,
+}
+
+impl Reservation {
+    /// Whether its units are still counted in `reserved`.
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self.state,
+            ReservationState::Held | ReservationState::Committed
+        )
+    }
+}
+
 fn inconsistent(sku: &str, op: &str, qty: u32, level: InventoryLevel) -> Rejection {
     Rejection::new(
         RejectCode::Inconsistent,

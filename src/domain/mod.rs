@@ -57,6 +57,8 @@ pub enum RejectCode {
     CartChanged = 18,
     /// Stored records disagree with each other (a bug, never user input).
     Inconsistent = 19,
+    /// The cross-shard order was aborted (a vote said no, or it timed out).
+    OrderAborted = 20,
 }
 
 /// The gRPC class of a [`RejectCode`] (the server maps it to a status code).
@@ -97,6 +99,7 @@ impl RejectCode {
             RejectCode::PaymentDeclined => "PAYMENT_DECLINED",
             RejectCode::CartChanged => "CART_CHANGED",
             RejectCode::Inconsistent => "INCONSISTENT",
+            RejectCode::OrderAborted => "ORDER_ABORTED",
         }
     }
 
@@ -119,7 +122,8 @@ impl RejectCode {
             | RejectCode::BelowReserved
             | RejectCode::OutOfStock
             | RejectCode::OrderIdReused
-            | RejectCode::PaymentDeclined => RejectKind::FailedPrecondition,
+            | RejectCode::PaymentDeclined
+            | RejectCode::OrderAborted => RejectKind::FailedPrecondition,
             RejectCode::CartChanged => RejectKind::Aborted,
             RejectCode::Inconsistent => RejectKind::Internal,
         }

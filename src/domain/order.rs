@@ -140,6 +140,9 @@ pub struct Order {
     pub expires_at_ms: u64,
     /// When the last status change happened.
     pub updated_at_ms: u64,
+    /// Placed by 2PC: its lines' stock lives on other shards and moves
+    /// through settlements; otherwise (1PC) it moves in the same apply.
+    pub two_phase: bool,
 }
 
 /// The payment record of an order (same shard as the order).

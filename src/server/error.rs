@@ -80,7 +80,6 @@ pub fn commerce_status(e: CommerceError) -> Status {
         CommerceError::Payment(PaymentError::Unavailable(m)) => {
             to_status(NodeError::Unavailable(format!("payment provider: {m}")))
         }
-        CommerceError::Unimplemented(m) => Status::unimplemented(m),
     }
 }
 

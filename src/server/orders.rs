@@ -1,7 +1,7 @@
 //! `shopkv.v1.Orders`: orders on the order id's shard. `Place` is one Raft
-//! command (1PC) when every line and the order live on one shard; a
-//! cross-shard order is UNIMPLEMENTED until 2PC. `Pay` goes through the
-//! payment provider (`commerce::pay`), `Cancel` refunds a capture.
+//! command (1PC) when every line and the order live on one shard, otherwise
+//! a 2PC transaction anchored on the order's shard (`txn::place`). `Pay` goes
+//! through the payment provider (`commerce::pay`), `Cancel` refunds a capture.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -16,7 +16,10 @@ use crate::domain::{RejectCode, Rejection};
 use crate::proto;
 use crate::proto::orders_server::Orders;
 use crate::router::ClusterMap;
-use crate::sm::commerce::{CommerceCommand, CommerceRead, CommerceReadResult, OrderView};
+use crate::sm::commerce::{
+    CommerceCommand, CommerceRead, CommerceReadResult, OrderView, Settlement, TxnStatus, TxnView,
+};
+use crate::txn;
 
 /// The Orders service.
 pub struct OrdersService {
@@ -50,6 +53,28 @@ impl OrdersService {
             now_ms: now_ms(),
         };
         let mut view = commerce::propose_order(&self.ctx.node, shard, cmd, deadline).await?;
+        let order = &view.order.record;
+        if order.two_phase && matches!(event, OrderEvent::Ship | OrderEvent::Cancel) {
+            // Move the participants' stock now; if this fails, recovery does it.
+            let outcome = if event == OrderEvent::Ship {
+                Settlement::Consume
+            } else {
+                Settlement::Release
+            };
+            let skus: Vec<String> = order.lines.iter().map(|l| l.sku.clone()).collect();
+            if let Err(e) = txn::settle(
+                &self.ctx.node,
+                &map,
+                &order.order_id,
+                &skus,
+                outcome,
+                deadline,
+            )
+            .await
+            {
+                tracing::info!(error = %e, "settlement left to recovery");
+            }
+        }
         if view.payment.refund_due_minor > 0 {
             // Refund now if the provider answers; otherwise the sweeper will.
             view = match commerce::settle_refund(&self.ctx.node, shard, view, deadline).await {
@@ -61,6 +86,18 @@ impl OrdersService {
             };
         }
         Ok(self.reply(&map, view))
+    }
+
+    /// Empties a cart on another shard after checkout, if nobody changed it
+    /// since it was read (best effort: the order stands either way).
+    async fn clear_cart(&self, shard: u64, customer: String, version: u64, deadline: Instant) {
+        let cmd = CommerceCommand::CartClear {
+            customer,
+            expected_version: Some(version),
+        };
+        if let Err(e) = commerce::propose(&self.ctx.node, shard, cmd, deadline).await {
+            tracing::info!(error = %e, "cart not cleared after checkout");
+        }
     }
 
     /// The lines of the customer's cart and the cart's version.
@@ -149,21 +186,30 @@ impl Orders for OrdersService {
         let Some(&line_shard) = shards.iter().next() else {
             return Err(Rejection::new(RejectCode::EmptyOrder, "order has no lines").into());
         };
+        // A generated id lands on the lines' shard when they share one (1PC).
         let order_id = if r.order_id.is_empty() {
             commerce::choose_order_id(&map, line_shard)
         } else {
             r.order_id
         };
         let order_shard = map.shard_of_order(&order_id);
-        if shards.len() > 1 || order_shard != line_shard {
-            return Err(CommerceError::Unimplemented(format!(
-                "order {order_id} spans shards (lines on {shards:?}, order on {order_shard}); \
-                 cross-shard orders need 2PC, not built yet: use a 1-shard cluster or \
-                 let the server choose the order id"
-            ))
-            .into());
-        }
         let cart_shard = map.shard_of_customer(&r.customer_id);
+        if shards.len() > 1 || order_shard != line_shard {
+            let view = txn::place(
+                &self.ctx.node,
+                &map,
+                &order_id,
+                &r.customer_id,
+                &lines,
+                deadline,
+            )
+            .await?;
+            if let Some(version) = cart_version {
+                self.clear_cart(cart_shard, r.customer_id, version, deadline)
+                    .await;
+            }
+            return Ok(self.reply(&map, view));
+        }
         let clear_here = cart_version.filter(|_| cart_shard == order_shard);
         let now = now_ms();
         let cmd = CommerceCommand::PlaceOrder {
@@ -176,14 +222,8 @@ impl Orders for OrdersService {
         };
         let view = commerce::propose_order(&self.ctx.node, order_shard, cmd, deadline).await?;
         if let (Some(version), None) = (cart_version, clear_here) {
-            // The cart lives elsewhere: empty it if nobody changed it since.
-            let cmd = CommerceCommand::CartClear {
-                customer: r.customer_id,
-                expected_version: Some(version),
-            };
-            if let Err(e) = commerce::propose(&self.ctx.node, cart_shard, cmd, deadline).await {
-                tracing::info!(error = %e, "cart not cleared after checkout");
-            }
+            self.clear_cart(cart_shard, r.customer_id, version, deadline)
+                .await;
         }
         Ok(self.reply(&map, view))
     }
@@ -203,11 +243,38 @@ impl Orders for OrdersService {
         };
         match commerce::read(&self.ctx.node, shard, op, !r.serializable, deadline).await? {
             CommerceReadResult::Order(Some(v)) => Ok(self.reply(&map, *v)),
-            CommerceReadResult::Order(None) => Err(Rejection::new(
-                RejectCode::UnknownOrder,
-                format!("no order {}", r.order_id),
-            )
-            .into()),
+            CommerceReadResult::Order(None) => {
+                // Not an order (yet): a cross-shard order in progress or aborted?
+                match txn::txn_view(&self.ctx.node, &map, &r.order_id, deadline).await? {
+                    Some(v) if v.status == TxnStatus::Pending => Err(Status::unavailable(format!(
+                        "order {} is being placed; read it again shortly",
+                        r.order_id
+                    ))),
+                    Some(v) if v.status == TxnStatus::Aborted => Err(v
+                        .reason
+                        .map(|why| {
+                            Rejection::new(
+                                RejectCode::OrderAborted,
+                                format!("order {} was aborted: {}", r.order_id, why.message),
+                            )
+                        })
+                        .unwrap_or_else(|| {
+                            Rejection::new(
+                                RejectCode::OrderAborted,
+                                format!("order {} was aborted", r.order_id),
+                            )
+                        })
+                        .into()),
+                    Some(TxnView {
+                        order: Some(order), ..
+                    }) => Ok(self.reply(&map, order)),
+                    _ => Err(Rejection::new(
+                        RejectCode::UnknownOrder,
+                        format!("no order {}", r.order_id),
+                    )
+                    .into()),
+                }
+            }
             other => Err(unexpected(other)),
         }
     }

@@ -10,7 +10,7 @@ use super::{SmError, StateAccess};
 use crate::codec;
 use crate::domain::cart::Cart;
 use crate::domain::catalog::Product;
-use crate::domain::inventory::InventoryLevel;
+use crate::domain::inventory::{InventoryLevel, Reservation, ReservationState};
 use crate::domain::order::{
     self, Order, OrderEvent, OrderLine, OrderStatus, Payment, price_lines, transition,
 };
@@ -169,6 +169,64 @@ pub enum CommerceCommand {
         /// Leader's clock.
         now_ms: u64,
     },
+    /// 2PC, anchor: creates the transaction record PENDING (idempotent by order id).
+    BeginTxn {
+        /// Order id = transaction id.
+        order_id: String,
+        /// Customer.
+        customer: String,
+        /// Normalised lines.
+        lines: Vec<(String, u32)>,
+        /// Proposer's clock.
+        now_ms: u64,
+        /// Past this a PENDING record may be aborted by anyone.
+        deadline_ms: u64,
+    },
+    /// 2PC, participant: validates this shard's lines and holds their stock.
+    PrepareTxn {
+        /// Order id = transaction id.
+        order_id: String,
+        /// This shard's lines.
+        lines: Vec<(String, u32)>,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// 2PC, anchor: the commit point (PENDING → COMMITTED with the order
+    /// record) or the abort.
+    DecideTxn {
+        /// Order id = transaction id.
+        order_id: String,
+        /// Commit with the priced order, or abort with the reason.
+        decision: Decision,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// 2PC recovery, anchor: aborts a PENDING record past its deadline; with no
+    /// record, writes an aborted one so the coordinator cannot create it later.
+    AbortTxn {
+        /// Order id = transaction id.
+        order_id: String,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// 2PC, participant: applies a settlement to this order's reservations of
+    /// `skus` (idempotent; leaves tombstones).
+    ResolveTxn {
+        /// Order id = transaction id.
+        order_id: String,
+        /// This shard's SKUs of the order.
+        skus: Vec<String>,
+        /// Commit, release or consume.
+        outcome: Settlement,
+    },
+    /// 2PC, anchor: every participant applied `outcome`; forget it (unless a
+    /// newer settlement replaced it meanwhile).
+    SettlementDone {
+        /// Order id.
+        order_id: String,
+        /// The settlement that was applied.
+        outcome: Settlement,
+    },
 }
 
 impl std::fmt::Display for CommerceCommand {
@@ -203,6 +261,20 @@ impl std::fmt::Display for CommerceCommand {
             CommerceCommand::ExpireOrders { order_ids, .. } => {
                 write!(f, "ExpireOrders(n={})", order_ids.len())
             }
+            CommerceCommand::BeginTxn { order_id, .. } => write!(f, "BeginTxn({order_id})"),
+            CommerceCommand::PrepareTxn {
+                order_id, lines, ..
+            } => write!(f, "PrepareTxn({order_id}, lines={})", lines.len()),
+            CommerceCommand::DecideTxn {
+                order_id, decision, ..
+            } => write!(f, "DecideTxn({order_id}, commit={})", decision.is_commit()),
+            CommerceCommand::AbortTxn { order_id, .. } => write!(f, "AbortTxn({order_id})"),
+            CommerceCommand::ResolveTxn {
+                order_id, outcome, ..
+            } => write!(f, "ResolveTxn({order_id}, {outcome:?})"),
+            CommerceCommand::SettlementDone { order_id, .. } => {
+                write!(f, "SettlementDone({order_id})")
+            }
         }
     }
 }
@@ -224,8 +296,15 @@ pub enum CommerceResponse {
         orders: u32,
     },
     /// A business rule refused it. `RecordPayment` of a decline still records
-    /// the failed attempt; every other rejection wrote nothing.
+    /// the failed attempt; every other rejection wrote nothing. For
+    /// `PrepareTxn` this is the NO vote.
     Rejected(Rejection),
+    /// A 2PC transaction's state after the command.
+    Txn(Box<TxnView>),
+    /// `PrepareTxn`: YES, with the products as they are now (for pricing).
+    Prepared(Vec<Product>),
+    /// `ResolveTxn` / `SettlementDone` applied.
+    Settled,
 }
 
 fn reject(code: RejectCode, message: impl Into<String>) -> CommerceResponse {
@@ -241,6 +320,11 @@ macro_rules! check {
         }
     };
 }
+
+mod txn;
+pub use txn::{
+    Decision, HeldEntry, InFlight, SettleEntry, Settlement, TxnRecord, TxnStatus, TxnView,
+};
 
 fn load<T: DeserializeOwned>(
     state: &mut dyn StateAccess,
@@ -388,6 +472,42 @@ pub fn apply(
             event,
             now_ms,
         } => apply_transition(state, index, order_id, *event, *now_ms),
+        CommerceCommand::BeginTxn {
+            order_id,
+            customer,
+            lines,
+            now_ms,
+            deadline_ms,
+        } => txn::begin(
+            state,
+            index,
+            order_id,
+            customer,
+            lines,
+            *now_ms,
+            *deadline_ms,
+        ),
+        CommerceCommand::PrepareTxn {
+            order_id,
+            lines,
+            now_ms,
+        } => txn::prepare(state, index, order_id, lines, *now_ms),
+        CommerceCommand::DecideTxn {
+            order_id,
+            decision,
+            now_ms,
+        } => txn::decide(state, index, order_id, decision, *now_ms),
+        CommerceCommand::AbortTxn { order_id, now_ms } => {
+            txn::abort_expired(state, index, order_id, *now_ms)
+        }
+        CommerceCommand::ResolveTxn {
+            order_id,
+            skus,
+            outcome,
+        } => txn::resolve(state, index, order_id, skus, *outcome),
+        CommerceCommand::SettlementDone { order_id, outcome } => {
+            txn::settlement_done(state, order_id, *outcome)
+        }
         CommerceCommand::ExpireOrders { order_ids, now_ms } => {
             let mut expired = 0u32;
             for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
@@ -542,7 +662,11 @@ fn place_order(
     // Every check passed: write.
     for ((sku, qty), level) in lines.iter().zip(&levels) {
         save(state, keys::inventory_key(sku), index, level)?;
-        save(state, keys::reservation_key(sku, a.order_id), index, qty)?;
+        let r = Reservation {
+            qty: *qty,
+            state: ReservationState::Committed,
+        };
+        save(state, keys::reservation_key(sku, a.order_id), index, &r)?;
     }
     let order = Order {
         order_id: a.order_id.to_string(),
@@ -554,6 +678,7 @@ fn place_order(
         placed_at_ms: a.now_ms,
         expires_at_ms: a.expires_at_ms,
         updated_at_ms: a.now_ms,
+        two_phase: false,
     };
     save(state, keys::order_key(a.order_id), index, &order)?;
     save(
@@ -687,9 +812,20 @@ fn apply_transition(
     }
     let from = stored.record.status;
     let to = check!(transition(order_id, from, event));
-    // Stock moves: ship consumes the reservations, cancel and expiry release them.
+    // Stock moves: ship consumes the reservations, cancel and expiry release them;
+    // here for a 1PC order, through a settlement of its participants for a 2PC one.
+    let moves_stock = from.holds_stock() && event != OrderEvent::Deliver;
+    if moves_stock && stored.record.two_phase {
+        let outcome = if event == OrderEvent::Ship {
+            Settlement::Consume
+        } else {
+            Settlement::Release
+        };
+        let skus = stored.record.lines.iter().map(|l| l.sku.clone()).collect();
+        txn::owe_settlement(state, index, order_id, outcome, skus, now_ms)?;
+    }
     let mut levels = Vec::new();
-    if from.holds_stock() && (event != OrderEvent::Deliver) {
+    if moves_stock && !stored.record.two_phase {
         for line in &stored.record.lines {
             let level = load::<InventoryLevel>(state, &keys::inventory_key(&line.sku))?
                 .map(|s| s.record)
@@ -791,6 +927,17 @@ pub enum CommerceRead {
         /// At most this many.
         limit: u32,
     },
+    /// A 2PC transaction's state on its anchor (with the order if committed).
+    Txn {
+        /// Order id.
+        order_id: String,
+    },
+    /// 2PC records in flight on this shard: pending transaction records
+    /// (anchor), owed settlements (anchor), held reservations (participant).
+    InFlight {
+        /// At most this many of each.
+        limit: u32,
+    },
 }
 
 /// Result of a [`CommerceRead`].
@@ -810,6 +957,10 @@ pub enum CommerceReadResult {
     Orders(Vec<OrderView>, bool),
     /// `DueDeadlines` / `DueRefunds`.
     OrderIds(Vec<String>),
+    /// `Txn`: `None` if there is neither a record nor an order.
+    Txn(Option<Box<TxnView>>),
+    /// `InFlight`.
+    InFlight(Box<txn::InFlight>),
 }
 
 fn read_one<T: DeserializeOwned>(
@@ -903,6 +1054,10 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
                     .map(|(_, id)| id.to_string())
                     .collect(),
             )
+        }
+        CommerceRead::Txn { order_id } => CommerceReadResult::Txn(txn::read_view(r, order_id)?),
+        CommerceRead::InFlight { limit } => {
+            CommerceReadResult::InFlight(Box::new(txn::read_in_flight(r, *limit as usize)?))
         }
         CommerceRead::DueRefunds { limit } => {
             let rows = r.scan(&keys::refund_due_prefix(), None, *limit as usize)?;
@@ -1156,6 +1311,192 @@ mod tests {
             read(&m, &CommerceRead::DueRefunds { limit: 10 }).unwrap(),
             CommerceReadResult::OrderIds(vec![])
         );
+    }
+
+    fn txn(r: CommerceResponse) -> TxnView {
+        match r {
+            CommerceResponse::Txn(v) => *v,
+            other => panic!("expected a txn view, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_phase_records_are_idempotent_and_an_abort_leaves_a_tombstone() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 2), ("B".to_string(), 1)];
+        let begin = CommerceCommand::BeginTxn {
+            order_id: "t1".into(),
+            customer: "c1".into(),
+            lines: lines.clone(),
+            now_ms: 1_000,
+            deadline_ms: 2_000,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i, &begin).unwrap()).status,
+            TxnStatus::Pending
+        );
+        assert_eq!(
+            txn(apply(&mut m, i + 1, &begin).unwrap()).status,
+            TxnStatus::Pending
+        );
+        let prepare = CommerceCommand::PrepareTxn {
+            order_id: "t1".into(),
+            lines: lines.clone(),
+            now_ms: 1_000,
+        };
+        assert!(
+            matches!(apply(&mut m, i + 2, &prepare).unwrap(), CommerceResponse::Prepared(p) if p.len() == 2)
+        );
+        // A retried prepare holds nothing more.
+        assert!(matches!(
+            apply(&mut m, i + 3, &prepare).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        assert_eq!(level(&m, "A").reserved, 2);
+        // Recovery may not abort before the deadline; at it, it does, once.
+        let abort = |now| CommerceCommand::AbortTxn {
+            order_id: "t1".into(),
+            now_ms: now,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 4, &abort(1_999)).unwrap()).status,
+            TxnStatus::Pending
+        );
+        assert_eq!(
+            txn(apply(&mut m, i + 5, &abort(2_000)).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        // The commit point is a compare-and-set: too late now.
+        let decide = CommerceCommand::DecideTxn {
+            order_id: "t1".into(),
+            decision: Decision::Commit {
+                lines: vec![],
+                currency: crate::domain::money::Currency::parse("EUR").unwrap(),
+                total_minor: 0,
+                expires_at_ms: 9_000,
+            },
+            now_ms: 2_001,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 6, &decide).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        assert!(load_order(&mut m, "t1").unwrap().is_none());
+        let release = CommerceCommand::ResolveTxn {
+            order_id: "t1".into(),
+            skus: vec!["A".into(), "B".into()],
+            outcome: Settlement::Release,
+        };
+        apply(&mut m, i + 7, &release).unwrap();
+        let after = m.clone();
+        apply(&mut m, i + 8, &release).unwrap();
+        assert_eq!(m, after, "a resolve is applied once");
+        assert_eq!(
+            level(&m, "A"),
+            InventoryLevel {
+                on_hand: 10,
+                reserved: 0
+            }
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 9, &prepare).unwrap()),
+            RejectCode::OrderAborted,
+            "a late prepare finds the tombstone"
+        );
+    }
+
+    #[test]
+    fn a_committed_two_phase_order_moves_stock_only_through_settlements() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 3)];
+        apply(
+            &mut m,
+            i,
+            &CommerceCommand::BeginTxn {
+                order_id: "t2".into(),
+                customer: "c1".into(),
+                lines: lines.clone(),
+                now_ms: 1,
+                deadline_ms: 100,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut m,
+            i + 1,
+            &CommerceCommand::PrepareTxn {
+                order_id: "t2".into(),
+                lines,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let products = vec![(product("A", 250, "EUR"), 3)];
+        let (priced, currency, total_minor) = crate::domain::order::price_lines(&products).unwrap();
+        let decide = CommerceCommand::DecideTxn {
+            order_id: "t2".into(),
+            decision: Decision::Commit {
+                lines: priced,
+                currency,
+                total_minor,
+                expires_at_ms: 50_000,
+            },
+            now_ms: 2,
+        };
+        let v = txn(apply(&mut m, i + 2, &decide).unwrap());
+        assert_eq!(v.status, TxnStatus::Committed);
+        assert!(v.order.unwrap().order.record.two_phase);
+        // Cancel on the anchor owes a release; stock moves only when resolved.
+        let cancel = CommerceCommand::Transition {
+            order_id: "t2".into(),
+            event: OrderEvent::Cancel,
+            now_ms: 3,
+        };
+        order(apply(&mut m, i + 3, &cancel).unwrap());
+        assert_eq!(level(&m, "A").reserved, 3);
+        match read(&m, &CommerceRead::InFlight { limit: 10 }).unwrap() {
+            CommerceReadResult::InFlight(f) => {
+                assert_eq!(f.settlements.len(), 1);
+                assert_eq!(f.settlements[0].1.outcome, Settlement::Release);
+                assert_eq!(f.held.len(), 1);
+                assert!(f.pending.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // The commit settlement arriving after the release changes nothing.
+        for outcome in [Settlement::Release, Settlement::Commit] {
+            apply(
+                &mut m,
+                i + 4,
+                &CommerceCommand::ResolveTxn {
+                    order_id: "t2".into(),
+                    skus: vec!["A".into()],
+                    outcome,
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(level(&m, "A").reserved, 0);
+        apply(
+            &mut m,
+            i + 5,
+            &CommerceCommand::SettlementDone {
+                order_id: "t2".into(),
+                outcome: Settlement::Commit,
+            },
+        )
+        .unwrap();
+        match read(&m, &CommerceRead::InFlight { limit: 10 }).unwrap() {
+            CommerceReadResult::InFlight(f) => {
+                assert_eq!(
+                    f.settlements.len(),
+                    1,
+                    "a stale done does not drop the newer release"
+                );
+                assert!(f.held.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

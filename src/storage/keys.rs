@@ -26,6 +26,9 @@
 //! | `X` · len · customer · order id          | customer → order index          |
 //! | `Y` · expires_at_ms (8) · order id       | unpaid order deadline index     |
 //! | `F` · order id                           | refund owed index               |
+//! | `T` · order id                           | 2PC transaction record (anchor) |
+//! | `S` · order id                           | settlement owed to participants |
+//! | `H` · order id                           | reservations held (participant) |
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -80,6 +83,9 @@ const NS_PAYMENT: u8 = b'Q';
 const NS_CUSTOMER_ORDER: u8 = b'X';
 const NS_ORDER_DEADLINE: u8 = b'Y';
 const NS_REFUND_DUE: u8 = b'F';
+const NS_TXN: u8 = b'T';
+const NS_SETTLEMENT: u8 = b'S';
+const NS_HELD: u8 = b'H';
 
 /// `group · index` in `raft_log`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
@@ -298,6 +304,43 @@ pub fn order_id_of_refund_due(record_key: &[u8]) -> Option<&str> {
         .and_then(|rest| std::str::from_utf8(rest).ok())
 }
 
+/// Record key of an order's 2PC transaction record (on the order's shard).
+pub fn txn_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_TXN, order_id)
+}
+
+/// Prefix of every transaction record.
+pub fn txn_prefix() -> Vec<u8> {
+    vec![NS_TXN]
+}
+
+/// Record key of the settlement an order owes its participants.
+pub fn settlement_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_SETTLEMENT, order_id)
+}
+
+/// Prefix of every settlement entry.
+pub fn settlement_prefix() -> Vec<u8> {
+    vec![NS_SETTLEMENT]
+}
+
+/// Record key of the reservations an order holds on a participant shard.
+pub fn held_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_HELD, order_id)
+}
+
+/// Prefix of every held entry.
+pub fn held_prefix() -> Vec<u8> {
+    vec![NS_HELD]
+}
+
+/// The order id of a `T`, `S` or `H` record key (the id after the namespace byte).
+pub fn order_id_of(record_key: &[u8]) -> Option<&str> {
+    record_key
+        .get(1..)
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+}
+
 /// Smallest byte string greater than every string starting with `prefix`, or
 /// `None` when no such bound exists (prefix of all 0xff).
 pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -354,6 +397,9 @@ mod tests {
             order_key("x"),
             payment_key("x"),
             refund_due_key("x"),
+            txn_key("x"),
+            settlement_key("x"),
+            held_key("x"),
             kv_record_key(b"x"),
         ];
         for (i, a) in kinds.iter().enumerate() {

@@ -1,0 +1,551 @@
+//! 2PC records of cross-shard orders. On the **anchor** (the order id's
+//! shard): the transaction record `T` (PENDING → COMMITTED | ABORTED, one
+//! compare-and-set each: the decide write is the commit point and writes the
+//! order in the same apply) and `S`, the settlement the participants are owed.
+//! On each **participant** (a SKU's shard): escrow reservations held under
+//! the order id, `H` listing them until resolved, and tombstones so a late
+//! prepare of an aborted order fails. Every command is idempotent.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    CommerceResponse, OrderView, RecordReader, StateAccess, Stored, load, load_order, read_one,
+    read_order, reject, save, unknown_sku,
+};
+use crate::domain::catalog::Product;
+use crate::domain::inventory::{InventoryLevel, Reservation, ReservationState};
+use crate::domain::money::Currency;
+use crate::domain::order::{Order, OrderLine, OrderStatus, Payment};
+use crate::domain::{RejectCode, Rejection};
+use crate::sm::SmError;
+use crate::storage::keys;
+
+/// A transaction's state on its anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnStatus {
+    /// Begun; participants may be preparing.
+    Pending,
+    /// Decided: the order exists.
+    Committed,
+    /// Decided: nothing of the order remains once participants release.
+    Aborted,
+}
+
+/// The transaction record on the anchor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    /// Customer placing the order (empty for a recovery tombstone).
+    pub customer: String,
+    /// Normalised lines (empty for a recovery tombstone).
+    pub lines: Vec<(String, u32)>,
+    /// Current state.
+    pub status: TxnStatus,
+    /// When it was begun.
+    pub created_ms: u64,
+    /// Past this a PENDING record may be aborted by anyone.
+    pub deadline_ms: u64,
+    /// Why it was aborted.
+    pub reason: Option<Rejection>,
+}
+
+/// What participants must do with an order's reservations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Settlement {
+    /// Held → committed (the order exists).
+    Commit,
+    /// Held or committed → released (aborted, cancelled, expired).
+    Release,
+    /// Held or committed → consumed (shipped: units leave on_hand).
+    Consume,
+}
+
+/// A settlement the anchor owes its participants, kept until they all applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleEntry {
+    /// What to apply.
+    pub outcome: Settlement,
+    /// The order's SKUs (each participant applies its own).
+    pub skus: Vec<String>,
+    /// When it became owed.
+    pub since_ms: u64,
+}
+
+/// Reservations an order holds on a participant, until resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldEntry {
+    /// SKUs held on this shard.
+    pub skus: Vec<String>,
+    /// When they were prepared.
+    pub prepared_ms: u64,
+}
+
+/// The coordinator's decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Every participant voted yes: write the order.
+    Commit {
+        /// Priced lines.
+        lines: Vec<OrderLine>,
+        /// Currency.
+        currency: Currency,
+        /// Total.
+        total_minor: i64,
+        /// Payment deadline.
+        expires_at_ms: u64,
+    },
+    /// A participant voted no (or pricing failed): the reason.
+    Abort(Rejection),
+}
+
+impl Decision {
+    /// Whether this is a commit.
+    pub fn is_commit(&self) -> bool {
+        matches!(self, Decision::Commit { .. })
+    }
+}
+
+/// A transaction as the coordinator and clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnView {
+    /// State (`Committed` also for a 1PC order).
+    pub status: TxnStatus,
+    /// Why it aborted.
+    pub reason: Option<Rejection>,
+    /// The order, once committed.
+    pub order: Option<OrderView>,
+    /// The record's deadline (0 for a 1PC order).
+    pub deadline_ms: u64,
+}
+
+/// 2PC records in flight on one shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// PENDING transaction records (anchor side).
+    pub pending: Vec<(String, TxnRecord)>,
+    /// Owed settlements (anchor side).
+    pub settlements: Vec<(String, SettleEntry)>,
+    /// Held reservations (participant side).
+    pub held: Vec<(String, HeldEntry)>,
+}
+
+fn view(record: &TxnRecord, order: Option<OrderView>) -> CommerceResponse {
+    CommerceResponse::Txn(Box::new(TxnView {
+        status: record.status,
+        reason: record.reason.clone(),
+        order,
+        deadline_ms: record.deadline_ms,
+    }))
+}
+
+fn committed(order: OrderView) -> CommerceResponse {
+    CommerceResponse::Txn(Box::new(TxnView {
+        status: TxnStatus::Committed,
+        reason: None,
+        order: Some(order),
+        deadline_ms: 0,
+    }))
+}
+
+fn same_request(order: &Order, customer: &str, lines: &[(String, u32)]) -> bool {
+    order.customer == customer
+        && order.lines.len() == lines.len()
+        && order
+            .lines
+            .iter()
+            .zip(lines)
+            .all(|(l, (sku, qty))| l.sku == *sku && l.qty == *qty)
+}
+
+fn reused(order_id: &str) -> CommerceResponse {
+    reject(
+        RejectCode::OrderIdReused,
+        format!("order id {order_id} is already used by another order"),
+    )
+}
+
+/// Records that `order_id`'s participants are owed `outcome` (a later
+/// release or consume replaces a commit not yet applied: both cover it).
+pub(super) fn owe_settlement(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    outcome: Settlement,
+    skus: Vec<String>,
+    now_ms: u64,
+) -> Result<(), SmError> {
+    let entry = SettleEntry {
+        outcome,
+        skus,
+        since_ms: now_ms,
+    };
+    save(state, keys::settlement_key(order_id), index, &entry)
+}
+
+/// `BeginTxn` on the anchor.
+pub(super) fn begin(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    customer: &str,
+    lines: &[(String, u32)],
+    now_ms: u64,
+    deadline_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    if let Some(existing) = load_order(state, order_id)? {
+        if same_request(&existing.order.record, customer, lines) {
+            return Ok(committed(existing));
+        }
+        return Ok(reused(order_id));
+    }
+    if let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? {
+        let tombstone = rec.record.lines.is_empty();
+        if !tombstone && (rec.record.customer != customer || rec.record.lines != lines) {
+            return Ok(reused(order_id));
+        }
+        return Ok(view(&rec.record, None));
+    }
+    let rec = TxnRecord {
+        customer: customer.to_string(),
+        lines: lines.to_vec(),
+        status: TxnStatus::Pending,
+        created_ms: now_ms,
+        deadline_ms,
+        reason: None,
+    };
+    save(state, keys::txn_key(order_id), index, &rec)?;
+    Ok(view(&rec, None))
+}
+
+/// `PrepareTxn` on a participant: all of this shard's lines or none.
+pub(super) fn prepare(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    lines: &[(String, u32)],
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    let mut products = Vec::with_capacity(lines.len());
+    let mut live = 0;
+    for (sku, _) in lines {
+        if let Some(r) = load::<Reservation>(state, &keys::reservation_key(sku, order_id))? {
+            if !r.record.is_live() {
+                return Ok(reject(
+                    RejectCode::OrderAborted,
+                    format!("order {order_id} was already aborted or settled"),
+                ));
+            }
+            live += 1;
+        }
+    }
+    for (sku, qty) in lines {
+        let Some(p) = load::<Product>(state, &keys::product_key(sku))? else {
+            return Ok(unknown_sku(sku));
+        };
+        if live == 0 {
+            check!(p.record.check_orderable(*qty));
+        }
+        products.push(p.record);
+    }
+    if live == lines.len() {
+        // A retried prepare: the vote stands.
+        return Ok(CommerceResponse::Prepared(products));
+    }
+    if live > 0 {
+        return Ok(reject(
+            RejectCode::Inconsistent,
+            format!(
+                "order {order_id}: {live} of {} lines already held",
+                lines.len()
+            ),
+        ));
+    }
+    let mut levels = Vec::with_capacity(lines.len());
+    for (sku, qty) in lines {
+        let level = load::<InventoryLevel>(state, &keys::inventory_key(sku))?
+            .map(|s| s.record)
+            .unwrap_or_default();
+        levels.push(check!(level.reserve(sku, *qty)));
+    }
+    for ((sku, qty), level) in lines.iter().zip(&levels) {
+        save(state, keys::inventory_key(sku), index, level)?;
+        let r = Reservation {
+            qty: *qty,
+            state: ReservationState::Held,
+        };
+        save(state, keys::reservation_key(sku, order_id), index, &r)?;
+    }
+    let held = HeldEntry {
+        skus: lines.iter().map(|(s, _)| s.clone()).collect(),
+        prepared_ms: now_ms,
+    };
+    save(state, keys::held_key(order_id), index, &held)?;
+    Ok(CommerceResponse::Prepared(products))
+}
+
+/// `DecideTxn` on the anchor: the commit point.
+pub(super) fn decide(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    decision: &Decision,
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+        return Ok(reject(
+            RejectCode::Inconsistent,
+            format!("no transaction record for order {order_id}"),
+        ));
+    };
+    match rec.record.status {
+        TxnStatus::Committed => {
+            let order = load_order(state, order_id)?;
+            return Ok(view(&rec.record, order));
+        }
+        TxnStatus::Aborted => return Ok(view(&rec.record, None)),
+        TxnStatus::Pending => {}
+    }
+    let skus: Vec<String> = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
+    match decision {
+        Decision::Commit {
+            lines,
+            currency,
+            total_minor,
+            expires_at_ms,
+        } => {
+            let order = Order {
+                order_id: order_id.to_string(),
+                customer: rec.record.customer.clone(),
+                lines: lines.clone(),
+                currency: *currency,
+                total_minor: *total_minor,
+                status: OrderStatus::PendingPayment,
+                placed_at_ms: now_ms,
+                expires_at_ms: *expires_at_ms,
+                updated_at_ms: now_ms,
+                two_phase: true,
+            };
+            save(state, keys::order_key(order_id), index, &order)?;
+            save(
+                state,
+                keys::payment_key(order_id),
+                index,
+                &Payment::default(),
+            )?;
+            state.put(
+                keys::customer_order_key(&order.customer, order_id),
+                Vec::new(),
+            )?;
+            state.put(
+                keys::order_deadline_key(*expires_at_ms, order_id),
+                Vec::new(),
+            )?;
+            rec.record.status = TxnStatus::Committed;
+            save(state, keys::txn_key(order_id), index, &rec.record)?;
+            owe_settlement(state, index, order_id, Settlement::Commit, skus, now_ms)?;
+            let view_order = OrderView {
+                order: Stored {
+                    version: index,
+                    record: order,
+                },
+                payment: Payment::default(),
+            };
+            Ok(view(&rec.record, Some(view_order)))
+        }
+        Decision::Abort(reason) => {
+            rec.record.status = TxnStatus::Aborted;
+            rec.record.reason = Some(reason.clone());
+            save(state, keys::txn_key(order_id), index, &rec.record)?;
+            owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
+            Ok(view(&rec.record, None))
+        }
+    }
+}
+
+/// `AbortTxn` on the anchor (recovery).
+pub(super) fn abort_expired(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    if let Some(order) = load_order(state, order_id)? {
+        return Ok(committed(order));
+    }
+    let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+        // Only a coordinator creates records; this marker stops a late one.
+        let rec = TxnRecord {
+            customer: String::new(),
+            lines: Vec::new(),
+            status: TxnStatus::Aborted,
+            created_ms: now_ms,
+            deadline_ms: now_ms,
+            reason: Some(Rejection::new(
+                RejectCode::OrderAborted,
+                format!("order {order_id} was aborted by recovery before it began"),
+            )),
+        };
+        save(state, keys::txn_key(order_id), index, &rec)?;
+        return Ok(view(&rec, None));
+    };
+    if rec.record.status != TxnStatus::Pending || now_ms < rec.record.deadline_ms {
+        return Ok(view(&rec.record, None));
+    }
+    rec.record.status = TxnStatus::Aborted;
+    rec.record.reason = Some(Rejection::new(
+        RejectCode::OrderAborted,
+        format!("order {order_id} was not decided before its deadline"),
+    ));
+    save(state, keys::txn_key(order_id), index, &rec.record)?;
+    let skus = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
+    owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
+    Ok(view(&rec.record, None))
+}
+
+/// `ResolveTxn` on a participant.
+pub(super) fn resolve(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    skus: &[String],
+    outcome: Settlement,
+) -> Result<CommerceResponse, SmError> {
+    // Compute every change first: a rejection must write nothing.
+    let mut writes: Vec<(&String, Reservation, Option<InventoryLevel>)> = Vec::new();
+    for sku in skus {
+        let current =
+            load::<Reservation>(state, &keys::reservation_key(sku, order_id))?.map(|s| s.record);
+        let tombstone = |state: ReservationState| Reservation { qty: 0, state };
+        let next = match (current, outcome) {
+            // Nothing held here: remember the outcome so a late prepare fails.
+            (None, Settlement::Release | Settlement::Consume) => {
+                Some((tombstone(ReservationState::Released), None))
+            }
+            (None, Settlement::Commit) => None,
+            (Some(r), _) if !r.is_live() => None,
+            (Some(r), Settlement::Commit) if r.state == ReservationState::Held => Some((
+                Reservation {
+                    state: ReservationState::Committed,
+                    ..r
+                },
+                None,
+            )),
+            (Some(_), Settlement::Commit) => None,
+            (Some(r), Settlement::Release | Settlement::Consume) => {
+                let level = load::<InventoryLevel>(state, &keys::inventory_key(sku))?
+                    .map(|s| s.record)
+                    .unwrap_or_default();
+                let (level, end) = if outcome == Settlement::Consume {
+                    (
+                        check!(level.consume(sku, r.qty)),
+                        ReservationState::Consumed,
+                    )
+                } else {
+                    (
+                        check!(level.release(sku, r.qty)),
+                        ReservationState::Released,
+                    )
+                };
+                Some((
+                    Reservation {
+                        qty: r.qty,
+                        state: end,
+                    },
+                    Some(level),
+                ))
+            }
+        };
+        if let Some((r, level)) = next {
+            writes.push((sku, r, level));
+        }
+    }
+    for (sku, r, level) in writes {
+        if let Some(level) = level {
+            save(state, keys::inventory_key(sku), index, &level)?;
+        }
+        save(state, keys::reservation_key(sku, order_id), index, &r)?;
+    }
+    state.delete(keys::held_key(order_id))?;
+    Ok(CommerceResponse::Settled)
+}
+
+/// `SettlementDone` on the anchor.
+pub(super) fn settlement_done(
+    state: &mut dyn StateAccess,
+    order_id: &str,
+    outcome: Settlement,
+) -> Result<CommerceResponse, SmError> {
+    if let Some(entry) = load::<SettleEntry>(state, &keys::settlement_key(order_id))?
+        && entry.record.outcome == outcome
+    {
+        state.delete(keys::settlement_key(order_id))?;
+    }
+    Ok(CommerceResponse::Settled)
+}
+
+/// A transaction's state for readers (a 1PC order reads as committed).
+pub(super) fn read_view(
+    r: &dyn RecordReader,
+    order_id: &str,
+) -> Result<Option<Box<TxnView>>, SmError> {
+    let order = read_order(r, order_id)?;
+    let rec = read_one::<TxnRecord>(r, &keys::txn_key(order_id))?;
+    Ok(match (rec, order) {
+        (Some(rec), order) => Some(Box::new(TxnView {
+            status: rec.record.status,
+            reason: rec.record.reason,
+            order,
+            deadline_ms: rec.record.deadline_ms,
+        })),
+        (None, Some(order)) => Some(Box::new(TxnView {
+            status: TxnStatus::Committed,
+            reason: None,
+            order: Some(order),
+            deadline_ms: 0,
+        })),
+        (None, None) => None,
+    })
+}
+
+fn scan_typed<T: serde::de::DeserializeOwned>(
+    r: &dyn RecordReader,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<(String, T)>, SmError> {
+    let mut out = Vec::new();
+    for (k, v) in r.scan(prefix, None, limit)? {
+        if let Some(id) = keys::order_id_of(&k) {
+            let stored: Stored<T> = crate::codec::decode(&v)?;
+            out.push((id.to_string(), stored.record));
+        }
+    }
+    Ok(out)
+}
+
+/// Pending records, owed settlements and held reservations, `limit` each.
+pub(super) fn read_in_flight(r: &dyn RecordReader, limit: usize) -> Result<InFlight, SmError> {
+    // Decided records stay (they answer late prepares and retries); skip them.
+    let mut pending = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    while pending.len() < limit {
+        let rows = r.scan(&keys::txn_prefix(), after.as_deref(), 256)?;
+        let Some((last, _)) = rows.last() else { break };
+        after = Some(last.clone());
+        for (k, v) in &rows {
+            let rec: Stored<TxnRecord> = crate::codec::decode(v)?;
+            if rec.record.status == TxnStatus::Pending
+                && let Some(id) = keys::order_id_of(k)
+            {
+                pending.push((id.to_string(), rec.record));
+            }
+        }
+        if rows.len() < 256 {
+            break;
+        }
+    }
+    pending.truncate(limit);
+    Ok(InFlight {
+        pending,
+        settlements: scan_typed(r, &keys::settlement_prefix(), limit)?,
+        held: scan_typed(r, &keys::held_prefix(), limit)?,
+    })
+}

@@ -1,0 +1,469 @@
+//! Cross-shard orders (2PC on the Raft groups) on a real 3-node, 3-shard
+//! cluster: commit and the stock moves on every participant, aborts that
+//! leave every shard's stock as it was, one order per id under concurrency,
+//! and recovery without the coordinator (a transaction left undecided, and a
+//! reservation whose transaction was never begun).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, channel};
+use shopkv::proto::catalog_client::CatalogClient;
+use shopkv::proto::inventory_client::InventoryClient;
+use shopkv::proto::orders_client::OrdersClient;
+use shopkv::proto::peer_client::PeerClient;
+use shopkv::proto::{self, OrderStatus};
+use shopkv::router::ClusterMap;
+use shopkv::sm::commerce::{CommerceCommand, CommerceResponse};
+use shopkv::sm::{Command, Response};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const SHARDS: u32 = 3;
+
+fn map() -> ClusterMap {
+    ClusterMap::new(0, SHARDS, BTreeMap::new())
+}
+
+/// One SKU named `{prefix}-…` on each shard, in shard order.
+fn skus_on_every_shard(prefix: &str) -> Vec<String> {
+    let m = map();
+    let mut by_shard = BTreeMap::new();
+    for i in 0.. {
+        let sku = format!("{prefix}-{i}");
+        by_shard.entry(m.shard_of_sku(&sku)).or_insert(sku);
+        if by_shard.len() == SHARDS as usize {
+            break;
+        }
+    }
+    by_shard.into_values().collect()
+}
+
+/// An order id anchored on `shard`.
+fn order_id_on(prefix: &str, shard: u64) -> String {
+    let m = map();
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| m.shard_of_order(id) == shard)
+        .expect("an id")
+}
+
+struct Shop {
+    catalog: CatalogClient<Channel>,
+    inventory: InventoryClient<Channel>,
+    orders: OrdersClient<Channel>,
+}
+
+async fn shop(c: &TestCluster, via: u64) -> Shop {
+    let ch = channel(&c.node(via).client).await.expect("connect");
+    Shop {
+        catalog: CatalogClient::new(ch.clone()),
+        inventory: InventoryClient::new(ch.clone()),
+        orders: OrdersClient::new(ch),
+    }
+}
+
+impl Shop {
+    async fn product(&mut self, sku: &str, price_minor: i64, currency: &str, stock: i64) {
+        let p = proto::Product {
+            sku: sku.into(),
+            title: format!("Item {sku}"),
+            description: String::new(),
+            price_minor,
+            currency: currency.into(),
+            active: true,
+            attributes: Default::default(),
+            max_per_order: 0,
+            version: 0,
+        };
+        self.catalog
+            .put(proto::PutProductRequest { product: Some(p) })
+            .await
+            .expect("put product");
+        self.inventory
+            .set_stock(proto::SetStockRequest {
+                sku: sku.into(),
+                on_hand: stock,
+            })
+            .await
+            .expect("set stock");
+    }
+
+    async fn stock(&mut self, sku: &str) -> (i64, i64) {
+        let l = self
+            .inventory
+            .get(proto::GetStockRequest {
+                sku: sku.into(),
+                serializable: false,
+            })
+            .await
+            .expect("stock")
+            .into_inner();
+        (l.on_hand, l.reserved)
+    }
+
+    async fn stocks(&mut self, skus: &[String]) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for s in skus {
+            out.push(self.stock(s).await);
+        }
+        out
+    }
+
+    async fn place(
+        &mut self,
+        order_id: &str,
+        lines: &[(&str, u32)],
+    ) -> Result<proto::Order, tonic::Status> {
+        self.orders
+            .place(proto::PlaceOrderRequest {
+                order_id: order_id.into(),
+                customer_id: "cust".into(),
+                lines: lines
+                    .iter()
+                    .map(|(s, q)| proto::CartLine {
+                        sku: s.to_string(),
+                        quantity: *q,
+                    })
+                    .collect(),
+                from_cart: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn get(&mut self, order_id: &str) -> Result<proto::Order, tonic::Status> {
+        self.orders
+            .get(proto::GetOrderRequest {
+                order_id: order_id.into(),
+                serializable: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("x-shopkv-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Polls the stock of `skus` until it is `want` or `within` passes.
+async fn wait_stocks(
+    s: &mut Shop,
+    skus: &[String],
+    want: &[(i64, i64)],
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = s.stocks(skus).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not within {within:?}: {what}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Proposes a raw command to `group` through node `via`'s peer port (what a
+/// coordinator that then dies would have done).
+async fn propose_raw(
+    c: &TestCluster,
+    via: u64,
+    group: u64,
+    cmd: CommerceCommand,
+) -> CommerceResponse {
+    let mut peer = PeerClient::new(channel(&c.node(via).peer).await.expect("peer"));
+    let reply = peer
+        .propose(proto::GroupMessage {
+            group_id: group,
+            payload: shopkv::codec::to_wire(&Command::Commerce(cmd)).expect("encode"),
+            hops_left: 3,
+        })
+        .await
+        .expect("propose")
+        .into_inner();
+    let res: Result<Response, shopkv::node::NodeError> =
+        shopkv::codec::from_wire(&reply.payload).expect("decode");
+    match res.expect("applied") {
+        Response::Commerce(r) => r,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
+    let c = TestCluster::start_initialised(3, SHARDS, &[]).await;
+    let mut s = shop(&c, 1).await;
+    let skus = skus_on_every_shard("X");
+    for (i, sku) in skus.iter().enumerate() {
+        s.product(sku, 100 * (i as i64 + 1), "EUR", 10).await;
+    }
+    let lines: Vec<(&str, u32)> = skus.iter().map(|s| s.as_str()).zip([2, 3, 1]).collect();
+    // Anchored on the last line's shard; the other two lines live elsewhere.
+    let id = order_id_on("o-commit", 3);
+    let o = s.place(&id, &lines).await.expect("cross-shard order");
+    assert_eq!(o.status(), OrderStatus::PendingPayment);
+    assert_eq!(o.total_minor, 2 * 100 + 3 * 200 + 100 * 3);
+    assert_eq!(o.shard, 3);
+    assert_eq!(s.stocks(&skus).await, vec![(10, 2), (10, 3), (10, 1)]);
+    // Placing it again (through another node) returns the same order.
+    let again = shop(&c, 2).await.place(&id, &lines).await.expect("replay");
+    assert_eq!(again.version, o.version);
+    assert_eq!(s.stocks(&skus).await, vec![(10, 2), (10, 3), (10, 1)]);
+
+    s.orders
+        .pay(proto::PayOrderRequest {
+            order_id: id.clone(),
+            card_number: "4242424242424242".into(),
+        })
+        .await
+        .expect("pay");
+    let shipped = s
+        .orders
+        .ship(proto::OrderIdRequest {
+            order_id: id.clone(),
+        })
+        .await
+        .expect("ship")
+        .into_inner();
+    assert_eq!(shipped.status(), OrderStatus::Shipped);
+    let mut s2 = shop(&c, 3).await;
+    wait_stocks(
+        &mut s2,
+        &skus,
+        &[(8, 0), (7, 0), (9, 0)],
+        Duration::from_secs(10),
+        "shipping consumes on every shard",
+    )
+    .await;
+
+    // A second order, cancelled: every shard's reservation is released.
+    let id2 = order_id_on("o-cancel", 1);
+    s.place(&id2, &lines).await.expect("second order");
+    assert_eq!(s.stocks(&skus).await, vec![(8, 2), (7, 3), (9, 1)]);
+    let cancelled = s
+        .orders
+        .cancel(proto::OrderIdRequest { order_id: id2 })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    wait_stocks(
+        &mut s2,
+        &skus,
+        &[(8, 0), (7, 0), (9, 0)],
+        Duration::from_secs(10),
+        "cancel releases on every shard",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
+    let c = TestCluster::start_initialised(3, SHARDS, &[]).await;
+    let mut s = shop(&c, 2).await;
+    let skus = skus_on_every_shard("Y");
+    s.product(&skus[0], 500, "EUR", 10).await;
+    s.product(&skus[1], 700, "EUR", 2).await;
+    s.product(&skus[2], 900, "USD", 10).await;
+    let before = s.stocks(&skus).await;
+
+    // One line out of stock.
+    let id = order_id_on("o-short", 1);
+    let err = s
+        .place(&id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
+        .await
+        .expect_err("out of stock");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "OUT_OF_STOCK"),
+        "{err:?}"
+    );
+    assert_eq!(
+        s.stocks(&skus).await,
+        before,
+        "abort released what was held"
+    );
+    let got = s.get(&id).await.expect_err("aborted order");
+    assert_eq!(
+        (got.code(), reason(&got).as_str()),
+        (Code::FailedPrecondition, "ORDER_ABORTED")
+    );
+    // The id stays aborted, even once stock would allow it.
+    s.inventory
+        .set_stock(proto::SetStockRequest {
+            sku: skus[1].clone(),
+            on_hand: 20,
+        })
+        .await
+        .expect("restock");
+    let again = s
+        .place(&id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
+        .await
+        .expect_err("still aborted");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let before = s.stocks(&skus).await;
+
+    // One unknown SKU.
+    let err = s
+        .place(
+            &order_id_on("o-unknown", 2),
+            &[(skus[0].as_str(), 1), ("NOPE-9", 1)],
+        )
+        .await
+        .expect_err("unknown sku");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "UNKNOWN_SKU")
+    );
+    // Every participant votes yes, but the currencies differ: pricing aborts.
+    let err = s
+        .place(
+            &order_id_on("o-cur", 3),
+            &[(skus[0].as_str(), 1), (skus[2].as_str(), 1)],
+        )
+        .await
+        .expect_err("currency mismatch");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "CURRENCY_MISMATCH")
+    );
+    assert_eq!(s.stocks(&skus).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_cross_shard_order_placed_concurrently_is_placed_once() {
+    let c = TestCluster::start_initialised(3, SHARDS, &[]).await;
+    let mut s = shop(&c, 1).await;
+    let skus = skus_on_every_shard("Z");
+    for sku in &skus {
+        s.product(sku, 250, "EUR", 50).await;
+    }
+    let id = order_id_on("o-race", 2);
+    let mut tasks = Vec::new();
+    for via in [1, 2, 3, 1, 2, 3, 1, 2] {
+        let mut sh = shop(&c, via).await;
+        let (id, skus) = (id.clone(), skus.clone());
+        tasks.push(tokio::spawn(async move {
+            let lines: Vec<(&str, u32)> = skus.iter().map(|s| (s.as_str(), 2)).collect();
+            sh.place(&id, &lines).await.map(|o| o.version)
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(v) => versions.push(v),
+            // A racer may find the transaction still being decided by another.
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+    }
+    versions.dedup();
+    assert_eq!(versions.len(), 1, "one order: {versions:?}");
+    assert_eq!(
+        s.stocks(&skus).await,
+        vec![(50, 2); 3],
+        "reserved once per line"
+    );
+    assert_eq!(s.get(&id).await.expect("get").version, versions[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_coordinator() {
+    let c = TestCluster::start_initialised(3, SHARDS, &["--txn-timeout-ms", "1500"]).await;
+    let mut s = shop(&c, 1).await;
+    let skus = skus_on_every_shard("R");
+    for sku in &skus {
+        s.product(sku, 100, "EUR", 10).await;
+    }
+    let m = map();
+    let shard = |sku: &str| m.shard_of_sku(sku);
+    let now = shopkv::commerce::now_ms();
+
+    // A coordinator began and prepared, then vanished before deciding.
+    let id = order_id_on("o-lost", 1);
+    let lines = vec![(skus[1].clone(), 2), (skus[2].clone(), 3)];
+    let begin = CommerceCommand::BeginTxn {
+        order_id: id.clone(),
+        customer: "cust".into(),
+        lines: lines.clone(),
+        now_ms: now,
+        deadline_ms: now + 1500,
+    };
+    assert!(matches!(
+        propose_raw(&c, 2, m.shard_of_order(&id), begin).await,
+        CommerceResponse::Txn(_)
+    ));
+    for (sku, qty) in &lines {
+        let prepare = CommerceCommand::PrepareTxn {
+            order_id: id.clone(),
+            lines: vec![(sku.clone(), *qty)],
+            now_ms: now,
+        };
+        let vote = propose_raw(&c, 3, shard(sku), prepare).await;
+        assert!(matches!(vote, CommerceResponse::Prepared(_)), "{vote:?}");
+    }
+    assert_eq!(s.stock(&skus[1]).await, (10, 2));
+    let pending = s.get(&id).await.expect_err("in progress");
+    assert_eq!(pending.code(), Code::Unavailable);
+
+    // A reservation prepared for a transaction that was never begun.
+    let ghost = order_id_on("o-ghost", 2);
+    let prepare = CommerceCommand::PrepareTxn {
+        order_id: ghost.clone(),
+        lines: vec![(skus[0].clone(), 4)],
+        now_ms: now,
+    };
+    assert!(matches!(
+        propose_raw(&c, 1, shard(&skus[0]), prepare).await,
+        CommerceResponse::Prepared(_)
+    ));
+    assert_eq!(s.stock(&skus[0]).await, (10, 4));
+
+    let mut s3 = shop(&c, 3).await;
+    wait_stocks(
+        &mut s3,
+        &skus,
+        &[(10, 0); 3],
+        Duration::from_secs(20),
+        "recovery releases every held unit",
+    )
+    .await;
+    for order in [&id, &ghost] {
+        let e = s.get(order).await.expect_err("aborted");
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::FailedPrecondition, "ORDER_ABORTED"),
+            "{order}: {e:?}"
+        );
+    }
+    // A late prepare of the aborted order finds the tombstone and votes no;
+    // placing the ghost now finds the abort recovery recorded.
+    let late = CommerceCommand::PrepareTxn {
+        order_id: id.clone(),
+        lines: vec![(skus[1].clone(), 2)],
+        now_ms: shopkv::commerce::now_ms(),
+    };
+    match propose_raw(&c, 1, shard(&skus[1]), late).await {
+        CommerceResponse::Rejected(r) => {
+            assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted)
+        }
+        other => panic!("late prepare succeeded: {other:?}"),
+    }
+    let e = s
+        .place(&ghost, &[(skus[0].as_str(), 4), (skus[1].as_str(), 1)])
+        .await
+        .expect_err("ghost stays aborted");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(s.stocks(&skus).await, vec![(10, 0); 3]);
+}
