@@ -333,28 +333,6 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
     }
 }
 
-/// A shard's 2PC records in flight, read linearizably through node 1's peer port.
-async fn in_flight(c: &TestCluster, shard: u64) -> Option<shopkv::sm::commerce::InFlight> {
-    use shopkv::node::{NodeError, ReadOp, ReadResult};
-    use shopkv::sm::commerce::{CommerceRead, CommerceReadResult};
-    let mut peer =
-        shopkv::proto::peer_client::PeerClient::new(common::channel(&c.node(1).peer).await.ok()?);
-    let op = ReadOp::Commerce(CommerceRead::InFlight { limit: 100 });
-    let reply = peer
-        .read(proto::GroupMessage {
-            group_id: shard,
-            payload: shopkv::codec::to_wire(&(op, true)).ok()?,
-            hops_left: 3,
-        })
-        .await
-        .ok()?
-        .into_inner();
-    match shopkv::codec::from_wire::<Result<ReadResult, NodeError>>(&reply.payload).ok()? {
-        Ok(ReadResult::Commerce(CommerceReadResult::InFlight(f))) => Some(*f),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_orders() {
     let secs = env_u64("SHOPKV_CHAOS_ORDERS_SECS", 30);
@@ -524,7 +502,7 @@ async fn chaos_orders() {
         }
         // 2PC: no pending record, owed settlement or held reservation anywhere.
         for shard in 1..=u64::from(SHARDS) {
-            match in_flight(&c, shard).await {
+            match common::in_flight(&c, 1, shard).await {
                 Some(f)
                     if f.pending.is_empty() && f.settlements.is_empty() && f.held.is_empty() => {}
                 _ => unsettled += 1,

@@ -42,6 +42,7 @@ pub struct NodeProc {
     /// Client address.
     pub client: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -60,6 +61,7 @@ impl NodeProc {
             .arg(&self.dir)
             .args(["--peer-addr", &self.peer, "--client-addr", &self.client])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -105,6 +107,12 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` nodes (not yet initialised), each with `extra` serve flags.
     pub fn start(n: u64, extra: &[&str]) -> TestCluster {
+        TestCluster::start_with_env(n, extra, &[])
+    }
+
+    /// Like [`TestCluster::start`], with extra environment variables for every
+    /// node process (e.g. `FAILPOINTS` in builds with the `failpoints` feature).
+    pub fn start_with_env(n: u64, extra: &[&str], env: &[(&str, &str)]) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("shopkv-test-")
             .tempdir()
@@ -117,6 +125,10 @@ impl TestCluster {
                     peer: format!("127.0.0.1:{}", free_port()),
                     client: format!("127.0.0.1:{}", free_port()),
                     extra: extra.iter().map(|s| s.to_string()).collect(),
+                    env: env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     child: None,
                 };
                 p.spawn();
@@ -165,6 +177,7 @@ impl TestCluster {
                     peer: peers[(id - 1) as usize].clone(),
                     client: format!("127.0.0.1:{}", free_port()),
                     extra: args,
+                    env: Vec::new(),
                     child: None,
                 };
                 p.spawn();
@@ -423,5 +436,32 @@ pub async fn get(
             .map(|rec| String::from_utf8_lossy(&rec.value).into_owned())),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
         Err(s) => Err(s),
+    }
+}
+
+/// A shard's 2PC records in flight, read linearizably through node `via`'s
+/// peer port; `None` if it could not be read.
+pub async fn in_flight(
+    c: &TestCluster,
+    via: u64,
+    shard: u64,
+) -> Option<shopkv::sm::commerce::InFlight> {
+    use shopkv::node::{NodeError, ReadOp, ReadResult};
+    use shopkv::sm::commerce::{CommerceRead, CommerceReadResult};
+    let mut peer =
+        shopkv::proto::peer_client::PeerClient::new(channel(&c.node(via).peer).await.ok()?);
+    let op = ReadOp::Commerce(CommerceRead::InFlight { limit: 100 });
+    let reply = peer
+        .read(proto::GroupMessage {
+            group_id: shard,
+            payload: shopkv::codec::to_wire(&(op, true)).ok()?,
+            hops_left: 3,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    match shopkv::codec::from_wire::<Result<ReadResult, NodeError>>(&reply.payload).ok()? {
+        Ok(ReadResult::Commerce(CommerceReadResult::InFlight(f))) => Some(*f),
+        _ => None,
     }
 }

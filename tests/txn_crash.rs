@@ -1,0 +1,182 @@
+//! The 2PC coordinator crashes at each failpoint (the node aborts its own
+//! process there, as a SIGKILL would stop it), is restarted, and the
+//! transaction is resolved without it within a bound: undecided ones abort
+//! and release every held unit, a decided commit settles on every shard, and
+//! stock is conserved. Needs the `failpoints` feature:
+//! `cargo test --release --features failpoints --test txn_crash`.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, channel};
+use shopkv::proto::catalog_client::CatalogClient;
+use shopkv::proto::inventory_client::InventoryClient;
+use shopkv::proto::orders_client::OrdersClient;
+use shopkv::proto::{self, OrderStatus};
+use shopkv::router::ClusterMap;
+
+const SHARDS: u32 = 3;
+/// Recovery must finish within this after the coordinator is back.
+const RECOVERY_BOUND: Duration = Duration::from_secs(20);
+
+fn skus_on_every_shard() -> Vec<String> {
+    let m = ClusterMap::new(0, SHARDS, BTreeMap::new());
+    let mut by_shard = BTreeMap::new();
+    for i in 0.. {
+        let sku = format!("K-{i}");
+        by_shard.entry(m.shard_of_sku(&sku)).or_insert(sku);
+        if by_shard.len() == SHARDS as usize {
+            break;
+        }
+    }
+    by_shard.into_values().collect()
+}
+
+async fn stocks(
+    inv: &mut InventoryClient<tonic::transport::Channel>,
+    skus: &[String],
+) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    for sku in skus {
+        let l = inv
+            .get(proto::GetStockRequest {
+                sku: sku.clone(),
+                serializable: false,
+            })
+            .await
+            .expect("stock")
+            .into_inner();
+        out.push((l.on_hand, l.reserved));
+    }
+    out
+}
+
+/// Crashes the coordinator (node 1) at `failpoint` while it places a
+/// 3-shard order, restarts it, and checks the outcome is `committed`.
+async fn crash_at(failpoint: &str, committed: bool) {
+    let spec = format!("{failpoint}=return");
+    let mut c = TestCluster::start_with_env(
+        3,
+        &["--txn-timeout-ms", "2000"],
+        &[("FAILPOINTS", spec.as_str())],
+    );
+    c.init(SHARDS).await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let ch = channel(&c.node(2).client).await.expect("connect");
+    let mut catalog = CatalogClient::new(ch.clone());
+    let mut inv = InventoryClient::new(ch.clone());
+    let mut orders = OrdersClient::new(ch);
+    let skus = skus_on_every_shard();
+    for sku in &skus {
+        let p = proto::Product {
+            sku: sku.clone(),
+            title: format!("Item {sku}"),
+            description: String::new(),
+            price_minor: 300,
+            currency: "EUR".into(),
+            active: true,
+            attributes: Default::default(),
+            max_per_order: 0,
+            version: 0,
+        };
+        catalog
+            .put(proto::PutProductRequest { product: Some(p) })
+            .await
+            .expect("put");
+        inv.set_stock(proto::SetStockRequest {
+            sku: sku.clone(),
+            on_hand: 10,
+        })
+        .await
+        .expect("stock");
+    }
+
+    // Place through node 1: it coordinates, and dies at the failpoint.
+    let order_id = format!("crash-{failpoint}");
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let res = via1
+        .place(proto::PlaceOrderRequest {
+            order_id: order_id.clone(),
+            customer_id: "cust".into(),
+            lines: skus
+                .iter()
+                .map(|s| proto::CartLine {
+                    sku: s.clone(),
+                    quantity: 2,
+                })
+                .collect(),
+            from_cart: false,
+        })
+        .await;
+    assert!(
+        res.is_err(),
+        "the coordinator answered instead of crashing: {res:?}"
+    );
+    let died = Instant::now() + Duration::from_secs(10);
+    while c.node_mut(1).is_running() {
+        assert!(Instant::now() < died, "node 1 did not crash at {failpoint}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.restart(1);
+
+    // Resolved without the coordinator's help, within the bound.
+    let want: Vec<(i64, i64)> = vec![(10, if committed { 2 } else { 0 }); 3];
+    let deadline = Instant::now() + RECOVERY_BOUND;
+    loop {
+        let mut settled = stocks(&mut inv, &skus).await == want;
+        for shard in 1..=u64::from(SHARDS) {
+            match common::in_flight(&c, 2, shard).await {
+                Some(f)
+                    if f.pending.is_empty() && f.settlements.is_empty() && f.held.is_empty() => {}
+                _ => settled = false,
+            }
+        }
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{failpoint}: not resolved within {RECOVERY_BOUND:?}: stock {:?}",
+            stocks(&mut inv, &skus).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let got = orders
+        .get(proto::GetOrderRequest {
+            order_id: order_id.clone(),
+            serializable: false,
+        })
+        .await;
+    if committed {
+        let o = got.expect("the decided order exists").into_inner();
+        assert_eq!(o.status(), OrderStatus::PendingPayment);
+        assert_eq!(o.total_minor, 3 * 2 * 300);
+    } else {
+        let e = got.expect_err("the undecided order was aborted");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert_eq!(
+            e.metadata()
+                .get("x-shopkv-reason")
+                .and_then(|v| v.to_str().ok()),
+            Some("ORDER_ABORTED")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_after_begin_aborts_the_order() {
+    crash_at("txn-after-begin", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_after_prepares_releases_every_held_unit() {
+    crash_at("txn-after-prepare", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_after_the_decision_still_settles_every_shard() {
+    crash_at("txn-after-decide", true).await;
+}
