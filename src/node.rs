@@ -31,6 +31,8 @@ use crate::storage::{StorageError, Store};
 /// Most forwarding hops a request may take (a non-replica forwards to a
 /// replica, which forwards to the leader).
 pub const MAX_FORWARD_HOPS: u32 = 3;
+/// Most in-flight 2PC records of each kind one status report counts.
+const MAX_IN_FLIGHT_REPORTED: u32 = 10_000;
 /// How long a forwarded or local request waits between leader look-ups.
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
@@ -186,6 +188,11 @@ pub struct ReplicaInfo {
     pub snapshot_index: u64,
     /// Last purged index.
     pub purged_index: u64,
+    /// Cross-shard order work in flight here (undecided transactions,
+    /// settlements owed, orders holding stock), data shards only.
+    pub txns_in_flight: u32,
+    /// Age of the oldest of those, in ms (0 if none).
+    pub oldest_txn_age_ms: u64,
 }
 
 /// A running node.
@@ -773,8 +780,43 @@ impl Node {
     pub fn local_status(&self) -> Vec<ReplicaInfo> {
         self.local_groups()
             .into_iter()
-            .map(|(group, raft)| replica_info(group, &raft.metrics().borrow_watched()))
+            .map(|(group, raft)| {
+                let mut info = replica_info(group, &raft.metrics().borrow_watched());
+                if group != META_GROUP {
+                    (info.txns_in_flight, info.oldest_txn_age_ms) = self.txns_in_flight(group);
+                }
+                info
+            })
             .collect()
+    }
+
+    /// (count, oldest age in ms) of the 2PC work in flight in this replica's
+    /// state; a read failure shows as none (status must not fail on it).
+    fn txns_in_flight(&self, group: GroupId) -> (u32, u64) {
+        let op = ReadOp::Commerce(CommerceRead::InFlight {
+            limit: MAX_IN_FLIGHT_REPORTED,
+        });
+        let Ok(ReadResult::Commerce(CommerceReadResult::InFlight(f))) = self.read_local(group, &op)
+        else {
+            return (0, 0);
+        };
+        let mut ids = std::collections::BTreeSet::new();
+        let mut oldest = u64::MAX;
+        for (id, since) in f
+            .pending
+            .iter()
+            .map(|(id, r)| (id, r.created_ms))
+            .chain(f.settlements.iter().map(|(id, e)| (id, e.since_ms)))
+            .chain(f.held.iter().map(|(id, h)| (id, h.prepared_ms)))
+        {
+            ids.insert(id.as_str());
+            oldest = oldest.min(since);
+        }
+        let age = match oldest {
+            u64::MAX => 0,
+            since => crate::commerce::now_ms().saturating_sub(since),
+        };
+        (u32::try_from(ids.len()).unwrap_or(u32::MAX), age)
     }
 }
 
@@ -824,6 +866,8 @@ fn replica_info(group: GroupId, m: &RaftMetrics<TypeConfig>) -> ReplicaInfo {
         applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
         snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
         purged_index: m.purged.as_ref().map_or(0, |l| l.index),
+        txns_in_flight: 0,
+        oldest_txn_age_ms: 0,
     }
 }
 

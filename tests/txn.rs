@@ -430,6 +430,40 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     ));
     assert_eq!(s.stock(&skus[0]).await, (10, 4));
 
+    // Cluster.Status (and its CLI) shows the work in flight per shard.
+    let status = c.status(2).await.expect("status");
+    let busy: Vec<(u64, u32)> = status
+        .groups
+        .iter()
+        .filter(|g| g.group_id != 0)
+        .map(|g| (g.group_id, g.txns_in_flight))
+        .collect();
+    for shard in [m.shard_of_order(&id), shard(&skus[1]), shard(&skus[0])] {
+        assert!(
+            busy.iter().any(|(g, n)| *g == shard && *n >= 1),
+            "shard {shard} shows nothing in flight: {busy:?}"
+        );
+    }
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "cluster",
+            "status",
+            "-w",
+            "json",
+            "--endpoints",
+            &c.endpoints().join(","),
+        ])
+        .output()
+        .expect("cli");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    let total: u64 = v["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| g["txns_in_flight"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(total >= 3, "{v}");
+
     let mut s3 = shop(&c, 3).await;
     wait_stocks(
         &mut s3,
@@ -466,4 +500,23 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         .expect_err("ghost stays aborted");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert_eq!(s.stocks(&skus).await, vec![(10, 0); 3]);
+    // The last settlement's done-marker may trail the stock by a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = c.status(1).await.expect("status");
+        let busy: Vec<(u64, u32)> = status
+            .groups
+            .iter()
+            .filter(|g| g.group_id != 0 && g.txns_in_flight > 0)
+            .map(|g| (g.group_id, g.txns_in_flight))
+            .collect();
+        if busy.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in flight after recovery: {busy:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

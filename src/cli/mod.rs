@@ -257,6 +257,7 @@ fn status_json(s: &proto::StatusResponse) -> serde_json::Value {
         }).collect::<Vec<_>>(),
         "groups": s.groups.iter().map(|g| json!({
             "group_id": g.group_id, "members": g.members, "leader": g.leader, "term": g.term,
+            "txns_in_flight": g.txns_in_flight, "oldest_txn_age_ms": g.oldest_txn_age_ms,
             "replicas": g.replicas.iter().map(|r| json!({
                 "node_id": r.node_id, "state": r.state, "term": r.term, "leader": r.leader,
                 "last_log_index": r.last_log_index, "commit_index": r.commit_index,
@@ -282,7 +283,7 @@ fn print_status(s: &proto::StatusResponse) {
         );
     }
     println!(
-        "{:<6} {:<8} {:<6} {:<12} {:<6} {:<10} {:<6} {:>8} {:>8}",
+        "{:<6} {:<8} {:<6} {:<12} {:<6} {:<10} {:<6} {:>8} {:>8}  TXNS",
         "GROUP", "LEADER", "TERM", "MEMBERS", "NODE", "STATE", "TERM", "COMMIT", "APPLIED"
     );
     for g in &s.groups {
@@ -303,20 +304,33 @@ fn print_status(s: &proto::StatusResponse) {
                 g.group_id, leader, g.term, members
             );
         }
+        // Cross-shard orders in flight on a data shard, and the oldest one's age.
+        let txns = if g.group_id == 0 {
+            String::new()
+        } else if g.txns_in_flight == 0 {
+            "0".to_string()
+        } else {
+            format!(
+                "{} (oldest {:.1}s)",
+                g.txns_in_flight,
+                g.oldest_txn_age_ms as f64 / 1000.0
+            )
+        };
         for (i, r) in g.replicas.iter().enumerate() {
-            let (gid, l, t, m) = if i == 0 {
+            let (gid, l, t, m, x) = if i == 0 {
                 (
                     g.group_id.to_string(),
                     leader.clone(),
                     g.term.to_string(),
                     members.clone(),
+                    txns.clone(),
                 )
             } else {
-                (String::new(), String::new(), String::new(), String::new())
+                Default::default()
             };
             println!(
-                "{:<6} {:<8} {:<6} {:<12} {:<6} {:<10} {:<6} {:>8} {:>8}",
-                gid, l, t, m, r.node_id, r.state, r.term, r.commit_index, r.applied_index
+                "{:<6} {:<8} {:<6} {:<12} {:<6} {:<10} {:<6} {:>8} {:>8}  {}",
+                gid, l, t, m, r.node_id, r.state, r.term, r.commit_index, r.applied_index, x
             );
         }
     }

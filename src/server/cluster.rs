@@ -222,6 +222,11 @@ impl Cluster for ClusterService {
         }
         for g in groups.values_mut() {
             g.replicas.sort_by_key(|r| r.node_id);
+            // The leader's state is the current one (followers may lag).
+            if let Some(l) = g.replicas.iter().find(|r| r.node_id == g.leader) {
+                g.txns_in_flight = l.txns_in_flight;
+                g.oldest_txn_age_ms = l.oldest_txn_age_ms;
+            }
         }
         Ok(Response::new(proto::StatusResponse {
             cluster_id: map.as_ref().map_or(0, |m| m.cluster_id),

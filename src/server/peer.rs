@@ -406,6 +406,8 @@ impl Peer for PeerService {
                         purged_index: r.purged_index,
                         digest,
                         digest_index,
+                        txns_in_flight: r.txns_in_flight,
+                        oldest_txn_age_ms: r.oldest_txn_age_ms,
                     }),
                 })
             })

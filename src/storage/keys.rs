@@ -29,6 +29,7 @@
 //! | `T` · order id                           | 2PC transaction record (anchor) |
 //! | `S` · order id                           | settlement owed to participants |
 //! | `H` · order id                           | reservations held (participant) |
+//! | `W` · order id                           | undecided transaction index     |
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -86,6 +87,7 @@ const NS_REFUND_DUE: u8 = b'F';
 const NS_TXN: u8 = b'T';
 const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
+const NS_TXN_PENDING: u8 = b'W';
 
 /// `group · index` in `raft_log`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
@@ -309,9 +311,16 @@ pub fn txn_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN, order_id)
 }
 
-/// Prefix of every transaction record.
-pub fn txn_prefix() -> Vec<u8> {
-    vec![NS_TXN]
+/// Record key of an undecided transaction's index entry (decided records
+/// stay in `T` for retries and late prepares; this keeps the undecided ones
+/// cheap to find).
+pub fn txn_pending_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_TXN_PENDING, order_id)
+}
+
+/// Prefix of every undecided transaction's index entry.
+pub fn txn_pending_prefix() -> Vec<u8> {
+    vec![NS_TXN_PENDING]
 }
 
 /// Record key of the settlement an order owes its participants.
@@ -400,6 +409,7 @@ mod tests {
             txn_key("x"),
             settlement_key("x"),
             held_key("x"),
+            txn_pending_key("x"),
             kv_record_key(b"x"),
         ];
         for (i, a) in kinds.iter().enumerate() {

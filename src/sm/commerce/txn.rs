@@ -213,6 +213,7 @@ pub(super) fn begin(
         reason: None,
     };
     save(state, keys::txn_key(order_id), index, &rec)?;
+    state.put(keys::txn_pending_key(order_id), Vec::new())?;
     Ok(view(&rec, None))
 }
 
@@ -341,6 +342,7 @@ pub(super) fn decide(
             )?;
             rec.record.status = TxnStatus::Committed;
             save(state, keys::txn_key(order_id), index, &rec.record)?;
+            state.delete(keys::txn_pending_key(order_id))?;
             owe_settlement(state, index, order_id, Settlement::Commit, skus, now_ms)?;
             let view_order = OrderView {
                 order: Stored {
@@ -355,6 +357,7 @@ pub(super) fn decide(
             rec.record.status = TxnStatus::Aborted;
             rec.record.reason = Some(reason.clone());
             save(state, keys::txn_key(order_id), index, &rec.record)?;
+            state.delete(keys::txn_pending_key(order_id))?;
             owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
             Ok(view(&rec.record, None))
         }
@@ -396,6 +399,7 @@ pub(super) fn abort_expired(
         format!("order {order_id} was not decided before its deadline"),
     ));
     save(state, keys::txn_key(order_id), index, &rec.record)?;
+    state.delete(keys::txn_pending_key(order_id))?;
     let skus = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
     owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
     Ok(view(&rec.record, None))
@@ -523,26 +527,14 @@ fn scan_typed<T: serde::de::DeserializeOwned>(
 
 /// Pending records, owed settlements and held reservations, `limit` each.
 pub(super) fn read_in_flight(r: &dyn RecordReader, limit: usize) -> Result<InFlight, SmError> {
-    // Decided records stay (they answer late prepares and retries); skip them.
     let mut pending = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    while pending.len() < limit {
-        let rows = r.scan(&keys::txn_prefix(), after.as_deref(), 256)?;
-        let Some((last, _)) = rows.last() else { break };
-        after = Some(last.clone());
-        for (k, v) in &rows {
-            let rec: Stored<TxnRecord> = crate::codec::decode(v)?;
-            if rec.record.status == TxnStatus::Pending
-                && let Some(id) = keys::order_id_of(k)
-            {
-                pending.push((id.to_string(), rec.record));
-            }
-        }
-        if rows.len() < 256 {
-            break;
+    for (k, _) in r.scan(&keys::txn_pending_prefix(), None, limit)? {
+        if let Some(id) = keys::order_id_of(&k)
+            && let Some(rec) = read_one::<TxnRecord>(r, &keys::txn_key(id))?
+        {
+            pending.push((id.to_string(), rec.record));
         }
     }
-    pending.truncate(limit);
     Ok(InFlight {
         pending,
         settlements: scan_typed(r, &keys::settlement_prefix(), limit)?,
