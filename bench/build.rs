@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "../proto/shopkv/v1/kv.proto",
         "../proto/shopkv/v1/cluster.proto",
+        "../proto/shopkv/v1/commerce.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -24,9 +24,9 @@ for arg in "$@"; do
   esac
 done
 if [ "$QUICK" = 1 ]; then
-  DURATION=3; WARMUP=1; ROUNDS=1; MODE=quick
+  DURATION=3; WARMUP=1; ROUNDS=1; MODE=quick; FLASH_STOCK=200
 else
-  DURATION=10; WARMUP=2; ROUNDS=2; MODE=full
+  DURATION=10; WARMUP=2; ROUNDS=2; MODE=full; FLASH_STOCK=500
 fi
 KEYS=10000
 PUT_CLIENTS="1 16 64 256"
@@ -81,6 +81,11 @@ compare_set() { # system endpoints nodes shards
   for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
   bench "$1" "$2" get-lin 64 "$3" "$4" compare
   bench "$1" "$2" get-ser 64 "$3" "$4" compare
+  # W4: 5-line orders over $KEYS SKUs.
+  bench "$1" "$2" order 64 "$3" "$4" compare
+  # W5: flash sale of FLASH_STOCK units, 64 buyers, until sold out (<= 120 s).
+  "$BENCH" run --system "$1" --endpoints "$2" --workload flash --clients 64 --nodes "$3" \
+    --shards "$4" --label compare --keys "$FLASH_STOCK" --duration-secs 120 --out "$RESULTS"
 }
 
 # --- etcd: 3 members on loopback, default flags (fsync on) ---

@@ -94,3 +94,52 @@ async fn harness_counts_operations_and_the_writes_read_back() {
     assert_eq!(report.summary.errors, 0, "{:?}", report.summary);
     assert!(report.summary.ops >= 50, "{:?}", report.summary);
 }
+
+/// The order (W4) and flash-sale (W5) workloads against a real 3-shard shopkv:
+/// cross-shard orders whose units all show up as reserved stock, and a sale that
+/// stops at sold out having sold exactly the stock (their `verify` checks both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_and_flash_workloads_verify_their_stock() {
+    let cluster = TestCluster::start_initialised(3, 3, &[]).await;
+    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
+        .await
+        .expect("connect");
+    let spec = RunSpec {
+        clients: CLIENTS,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(2),
+        progress: false,
+        seed: SEED,
+    };
+    let space = KeySpace {
+        keys: 200,
+        value_bytes: 0,
+    };
+    let order = workloads::build("order", space).expect("order workload");
+    let report = order
+        .setup_and_run(&conns, &spec)
+        .await
+        .expect("order run verifies");
+    assert!(report.summary.ops >= 20, "{:?}", report.summary);
+    assert_eq!(report.summary.errors, 0, "{:?}", report.summary);
+
+    let stock = 60;
+    let flash = workloads::build(
+        "flash",
+        KeySpace {
+            keys: stock,
+            value_bytes: 0,
+        },
+    )
+    .expect("flash workload");
+    let spec = RunSpec {
+        duration: Duration::from_secs(30),
+        ..spec
+    };
+    let report = flash
+        .setup_and_run(&conns, &spec)
+        .await
+        .expect("flash run verifies");
+    assert_eq!(report.summary.ops, stock, "exactly the stock is sold");
+    assert!(report.summary.ops_per_s > 0.0);
+}

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::BenchError;
+use crate::proto::catalog_client::CatalogClient;
+use crate::proto::inventory_client::InventoryClient;
 use crate::proto::kv_client::KvClient;
+use crate::proto::orders_client::OrdersClient;
 use crate::proto::{GetRequest, PutRequest};
 
 /// Deadline of one operation; a slower answer counts as an error.
@@ -41,12 +44,24 @@ pub enum OpError {
     Missing(String),
     #[error("{0}")]
     Check(String),
+    /// The workload is over (e.g. sold out): the client stops, nothing is counted.
+    #[error("done")]
+    Done,
+}
+
+/// shopkv's services over one connection.
+#[derive(Clone)]
+pub struct ShopkvConn {
+    pub kv: KvClient<Channel>,
+    pub catalog: CatalogClient<Channel>,
+    pub inventory: InventoryClient<Channel>,
+    pub orders: OrdersClient<Channel>,
 }
 
 /// A cloneable handle on one connection.
 #[derive(Clone)]
 pub enum Conn {
-    Shopkv(KvClient<Channel>),
+    Shopkv(Box<ShopkvConn>),
     #[cfg(feature = "etcd")]
     Etcd(Box<etcd_client::KvClient>),
 }
@@ -83,7 +98,12 @@ async fn connect_one(system: System, endpoint: &str) -> Result<Conn, BenchError>
                 .connect()
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            Ok(Conn::Shopkv(KvClient::new(channel)))
+            Ok(Conn::Shopkv(Box::new(ShopkvConn {
+                kv: KvClient::new(channel.clone()),
+                catalog: CatalogClient::new(channel.clone()),
+                inventory: InventoryClient::new(channel.clone()),
+                orders: OrdersClient::new(channel),
+            })))
         }
         #[cfg(feature = "etcd")]
         System::Etcd => {
@@ -100,7 +120,8 @@ async fn connect_one(system: System, endpoint: &str) -> Result<Conn, BenchError>
     }
 }
 
-fn request<T>(message: T) -> tonic::Request<T> {
+/// A request with the operation deadline.
+pub fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(REQUEST_TIMEOUT);
     request
@@ -110,11 +131,12 @@ impl Conn {
     /// Blind write of one key.
     pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), OpError> {
         match self {
-            Conn::Shopkv(kv) => kv
-                .put(request(PutRequest { key, value }))
-                .await
-                .map(|_| ())
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
+            Conn::Shopkv(c) => {
+                c.kv.put(request(PutRequest { key, value }))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
+            }
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => kv
                 .put(key, value, None)
@@ -131,14 +153,15 @@ impl Conn {
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, OpError> {
         match self {
-            Conn::Shopkv(kv) => kv
-                .get(request(GetRequest {
+            Conn::Shopkv(c) => {
+                c.kv.get(request(GetRequest {
                     key,
                     serializable: !linearizable,
                 }))
                 .await
                 .map(|r| r.into_inner().record.map(|rec| rec.value))
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
+                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
+            }
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => {
                 let options =
@@ -155,4 +178,9 @@ impl Conn {
             }
         }
     }
+}
+
+/// An RPC failure as an [`OpError`].
+pub fn rpc_error(s: tonic::Status) -> OpError {
+    OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))
 }

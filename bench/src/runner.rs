@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::BenchError;
-use crate::client::Conn;
+use crate::client::{Conn, OpError};
 use crate::stats::{Recorder, Summary};
 use crate::workloads::Workload;
 
@@ -65,12 +65,15 @@ pub async fn run<W: Workload>(
     let end = measure_from + spec.duration;
     let done_ok = Arc::new(AtomicU64::new(0));
     let done_err = Arc::new(AtomicU64::new(0));
+    // Set (ns since start) by the first client whose workload says it is over.
+    let over_at_ns = Arc::new(AtomicU64::new(u64::MAX));
 
     let mut tasks = Vec::with_capacity(spec.clients);
     for id in 0..spec.clients {
         let mut conn = conns[id % conns.len()].clone();
         let workload = Arc::clone(&workload);
         let (done_ok, done_err) = (Arc::clone(&done_ok), Arc::clone(&done_err));
+        let over_at_ns = Arc::clone(&over_at_ns);
         let mut worker = Worker {
             id: id as u64,
             seq: 0,
@@ -80,7 +83,7 @@ pub async fn run<W: Workload>(
             let mut recorder = Recorder::new();
             loop {
                 let t0 = Instant::now();
-                if t0 >= end {
+                if t0 >= end || over_at_ns.load(Ordering::Relaxed) != u64::MAX {
                     break;
                 }
                 let result = workload.op(&mut conn, &mut worker).await;
@@ -92,6 +95,11 @@ pub async fn run<W: Workload>(
                         if measured {
                             recorder.ok(t0.elapsed(), done.retries);
                         }
+                    }
+                    Err(OpError::Done) => {
+                        let at = start.elapsed().as_nanos() as u64;
+                        over_at_ns.fetch_min(at, Ordering::Relaxed);
+                        break;
                     }
                     Err(_) => {
                         done_err.fetch_add(1, Ordering::Relaxed);
@@ -145,8 +153,13 @@ pub async fn run<W: Workload>(
     if let Some(p) = progress {
         p.abort();
     }
+    // A workload that ended early (sold out) is measured up to that moment.
+    let window = match over_at_ns.load(Ordering::Relaxed) {
+        u64::MAX => spec.duration,
+        at => Duration::from_nanos(at).saturating_sub(spec.warmup),
+    };
     Ok(RunReport {
-        summary: total.summary(spec.duration),
+        summary: total.summary(window),
         issued_per_client,
     })
 }

@@ -9,13 +9,16 @@ use crate::BenchError;
 use crate::client::{Conn, OpError};
 use crate::runner::Worker;
 
+pub mod flash;
 pub mod get;
+pub mod order;
 pub mod put;
 
 /// Workload names `--workload` accepts.
-pub const NAMES: &[&str] = &["put", "get-lin", "get-ser"];
+pub const NAMES: &[&str] = &["put", "get-lin", "get-ser", "order", "flash"];
 
-/// Sizes shared by the key-value workloads.
+/// Sizes shared by the workloads: `keys` is the key count (put, get), the SKU
+/// count (order) or the flash-sale stock (flash).
 #[derive(Clone, Copy, Debug)]
 pub struct KeySpace {
     /// Keys are `bench/00000000` … `bench/{keys-1}`.
@@ -35,18 +38,24 @@ pub trait Workload: Send + Sync + 'static {
     fn name(&self) -> String;
     /// Creates the data the operations need (not measured).
     fn setup(&self, conns: &[Conn]) -> impl Future<Output = Result<(), BenchError>> + Send;
-    /// Performs one operation.
+    /// Performs one operation. `Err(OpError::Done)` ends the run for every client.
     fn op(
         &self,
         conn: &mut Conn,
         worker: &mut Worker,
     ) -> impl Future<Output = Result<OpDone, OpError>> + Send;
+    /// Checks the data after the run (e.g. no oversell); a failure fails the run.
+    fn verify(&self, _conns: &[Conn]) -> impl Future<Output = Result<(), BenchError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// The workloads by name, as an enum so the runner stays generic (static dispatch).
 pub enum Named {
     Put(put::Put),
     Get(get::Get),
+    Order(order::Order),
+    Flash(flash::Flash),
 }
 
 /// Builds the workload `name` over `space`.
@@ -61,6 +70,8 @@ pub fn build(name: &str, space: KeySpace) -> Result<Named, BenchError> {
             space,
             linearizable: false,
         })),
+        "order" => Ok(Named::Order(order::Order::new(space.keys))),
+        "flash" => Ok(Named::Flash(flash::Flash::new(space.keys))),
         other => Err(BenchError::UnknownWorkload(
             other.to_string(),
             NAMES.join(", "),
@@ -81,15 +92,22 @@ impl Named {
         spec: &crate::runner::RunSpec,
     ) -> Result<crate::runner::RunReport, BenchError> {
         use std::sync::Arc;
+        async fn go<W: Workload>(
+            w: W,
+            conns: &[Conn],
+            spec: &crate::runner::RunSpec,
+        ) -> Result<crate::runner::RunReport, BenchError> {
+            w.setup(conns).await?;
+            let w = Arc::new(w);
+            let report = crate::runner::run(Arc::clone(&w), conns, spec).await?;
+            w.verify(conns).await?;
+            Ok(report)
+        }
         match self {
-            Named::Put(w) => {
-                w.setup(conns).await?;
-                crate::runner::run(Arc::new(w), conns, spec).await
-            }
-            Named::Get(w) => {
-                w.setup(conns).await?;
-                crate::runner::run(Arc::new(w), conns, spec).await
-            }
+            Named::Put(w) => go(w, conns, spec).await,
+            Named::Get(w) => go(w, conns, spec).await,
+            Named::Order(w) => go(w, conns, spec).await,
+            Named::Flash(w) => go(w, conns, spec).await,
         }
     }
 }
