@@ -12,8 +12,10 @@
 //! the anchor about reservations held too long.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::commerce::{self, CommerceError, now_ms};
 use crate::domain::order::price_lines;
@@ -22,7 +24,7 @@ use crate::node::{Node, NodeError, ReadOp, ReadResult};
 use crate::router::ClusterMap;
 use crate::sm::commerce::{
     CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, Decision, OrderView,
-    Settlement, TxnStatus, TxnView,
+    ResolveItem, Settlement, TxnBegin, TxnStatus, TxnView,
 };
 use crate::storage::keys::GroupId;
 
@@ -87,9 +89,17 @@ fn by_shard<'a>(
 /// Aborted: the reason as a rejection (its held stock released first). A
 /// step whose outcome is unknown: `OutcomeUnknown` — the order id tells the
 /// truth later (`Orders.Get`, or the same `Place` again).
+///
+/// BeginTxn and the prepares go out together: the anchor, when it holds lines
+/// too, gets one `PrepareTxn` carrying the begin (one write instead of two).
+/// Prepares may reach a participant before the record exists; that is safe
+/// because recovery only acts on a hold after the timeout, and then through
+/// the anchor (`AbortTxn` writes an aborted record if there is none, which a
+/// late begin or decide finds).
 pub async fn place(
     node: &Arc<Node>,
     map: &Arc<ClusterMap>,
+    settler: &Settler,
     order_id: &str,
     customer: &str,
     lines: &[(String, u32)],
@@ -97,28 +107,25 @@ pub async fn place(
 ) -> Result<OrderView, CommerceError> {
     let anchor = map.shard_of_order(order_id);
     let now = now_ms();
-    let begin = CommerceCommand::BeginTxn {
-        order_id: order_id.to_string(),
+    let begin = TxnBegin {
         customer: customer.to_string(),
         lines: lines.to_vec(),
-        now_ms: now,
         deadline_ms: now.saturating_add(node.config.txn_timeout_ms),
     };
-    let view = propose_txn(node, anchor, begin, deadline).await?;
-    match view.status {
-        TxnStatus::Committed => {
-            return view
-                .order
-                .ok_or_else(|| NodeError::Internal("committed without an order".into()).into());
-        }
-        TxnStatus::Aborted => return Err(aborted(&view, order_id)),
-        TxnStatus::Pending => {}
-    }
-    crash_point!("txn-after-begin");
-
     let qty: BTreeMap<&str, u32> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
     let shards = by_shard(map, lines.iter().map(|(s, _)| s));
-    let prepares = shards.iter().map(|(shard, skus)| {
+    let mut steps = Vec::new();
+    if !shards.contains_key(&anchor) {
+        let cmd = CommerceCommand::BeginTxn {
+            order_id: order_id.to_string(),
+            customer: begin.customer.clone(),
+            lines: begin.lines.clone(),
+            now_ms: now,
+            deadline_ms: begin.deadline_ms,
+        };
+        steps.push((anchor, cmd));
+    }
+    for (shard, skus) in &shards {
         let cmd = CommerceCommand::PrepareTxn {
             order_id: order_id.to_string(),
             lines: skus
@@ -126,31 +133,49 @@ pub async fn place(
                 .map(|s| (s.clone(), qty.get(s.as_str()).copied().unwrap_or(0)))
                 .collect(),
             now_ms: now,
+            begin: (*shard == anchor).then(|| begin.clone()),
         };
-        commerce::propose(node, *shard, cmd, deadline)
-    });
-    let votes = futures::future::join_all(prepares).await;
+        steps.push((*shard, cmd));
+    }
+    let answers = futures::future::join_all(steps.into_iter().map(|(shard, cmd)| async move {
+        let res = commerce::propose(node, shard, cmd, deadline).await;
+        if shard == anchor && res.is_ok() {
+            crash_point!("txn-after-begin");
+        }
+        res
+    }))
+    .await;
     crash_point!("txn-after-prepare");
 
     let mut products = BTreeMap::new();
     let mut no: Option<Rejection> = None;
-    for vote in votes {
-        match vote {
+    for answer in answers {
+        match answer {
             Ok(CommerceResponse::Prepared(ps)) => {
                 products.extend(ps.into_iter().map(|p| (p.sku.clone(), p)));
             }
+            // The begin found the transaction decided (a retry) or still open.
+            Ok(CommerceResponse::Txn(view)) => match view.status {
+                TxnStatus::Committed => {
+                    return view.order.ok_or_else(|| {
+                        NodeError::Internal("committed without an order".into()).into()
+                    });
+                }
+                TxnStatus::Aborted => return Err(aborted(&view, order_id)),
+                TxnStatus::Pending => {}
+            },
             Err(CommerceError::Rejected(r)) => {
                 no.get_or_insert(r);
             }
             Ok(other) => {
                 return Err(NodeError::Internal(format!("unexpected vote {other:?}")).into());
             }
-            // No answer from a participant: leave the record PENDING. A retry
-            // with the same id continues it; otherwise recovery aborts it at
-            // its deadline and releases whatever was held.
+            // No answer: leave the transaction open. A retry with the same id
+            // continues it; otherwise recovery aborts it at its deadline and
+            // releases whatever was held.
             Err(e) => {
                 return Err(NodeError::OutcomeUnknown(format!(
-                    "order {order_id} is in progress (a participant did not answer: {e}); \
+                    "order {order_id} is in progress (a step did not answer: {e}); \
                      place it again with the same id or read it with Orders.Get"
                 ))
                 .into());
@@ -193,20 +218,12 @@ pub async fn place(
                 .order
                 .ok_or_else(|| NodeError::Internal("committed without an order".into()))?;
             // Participants learn the outcome after the client does.
-            let (node, map, id) = (node.clone(), map.clone(), order_id.to_string());
-            tokio::spawn(async move {
-                let deadline = Instant::now() + RECOVERY_STEP_TIMEOUT;
-                if let Err(e) = settle(&node, &map, &id, &skus, Settlement::Commit, deadline).await
-                {
-                    tracing::info!(order_id = %id, error = %e, "commit settlement left to recovery");
-                }
-            });
+            settler.settle_later(order_id, skus, Settlement::Commit);
             Ok(order)
         }
         TxnStatus::Aborted => {
             // Release before answering, so the caller sees stock as it was.
-            if let Err(e) = settle(node, map, order_id, &skus, Settlement::Release, deadline).await
-            {
+            if let Err(e) = settler.settle(order_id, skus, Settlement::Release).await {
                 tracing::info!(order_id, error = %e, "abort settlement left to recovery");
             }
             Err(aborted(&view, order_id))
@@ -217,33 +234,171 @@ pub async fn place(
     }
 }
 
-/// Applies `outcome` on every participant of `order_id`, then tells the
-/// anchor the settlement is done.
-pub async fn settle(
+/// One order's settlement to apply on its participants.
+#[derive(Clone, Debug)]
+pub struct SettleJob {
+    /// Order id.
+    pub order_id: String,
+    /// Every SKU of the order.
+    pub skus: Vec<String>,
+    /// What to apply.
+    pub outcome: Settlement,
+}
+
+/// Applies many orders' settlements with one `ResolveTxn` per participant
+/// shard and one `SettlementDone` per anchor shard; returns, per job, whether
+/// it was fully applied (failed ones stay owed: recovery retries them).
+pub async fn settle_many(
     node: &Node,
     map: &ClusterMap,
-    order_id: &str,
-    skus: &[String],
-    outcome: Settlement,
+    jobs: &[SettleJob],
     deadline: Instant,
-) -> Result<(), CommerceError> {
-    let resolves = by_shard(map, skus.iter()).into_iter().map(|(shard, skus)| {
-        let cmd = CommerceCommand::ResolveTxn {
+) -> Vec<Result<(), String>> {
+    let mut per_shard: BTreeMap<GroupId, Vec<ResolveItem>> = BTreeMap::new();
+    for job in jobs {
+        for (shard, skus) in by_shard(map, job.skus.iter()) {
+            per_shard.entry(shard).or_default().push(ResolveItem {
+                order_id: job.order_id.clone(),
+                skus,
+                outcome: job.outcome,
+            });
+        }
+    }
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let resolves = per_shard.into_iter().map(|(shard, items)| async move {
+        let ids: Vec<String> = items.iter().map(|i| i.order_id.clone()).collect();
+        let cmd = CommerceCommand::ResolveTxn { items };
+        (ids, commerce::propose(node, shard, cmd, deadline).await)
+    });
+    for (ids, res) in futures::future::join_all(resolves).await {
+        match res {
+            Ok(CommerceResponse::Settled { failed: refused }) => {
+                for (id, why) in refused {
+                    failed.insert(id, why.message);
+                }
+            }
+            Ok(other) => {
+                for id in ids {
+                    failed.insert(id, format!("unexpected {other:?}"));
+                }
+            }
+            Err(e) => {
+                for id in ids {
+                    failed.insert(id, e.to_string());
+                }
+            }
+        }
+    }
+    let mut per_anchor: BTreeMap<GroupId, Vec<(String, Settlement)>> = BTreeMap::new();
+    for job in jobs.iter().filter(|j| !failed.contains_key(&j.order_id)) {
+        per_anchor
+            .entry(map.shard_of_order(&job.order_id))
+            .or_default()
+            .push((job.order_id.clone(), job.outcome));
+    }
+    let dones = per_anchor.into_iter().map(|(shard, items)| async move {
+        let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+        let cmd = CommerceCommand::SettlementDone { items };
+        (ids, commerce::propose(node, shard, cmd, deadline).await)
+    });
+    for (ids, res) in futures::future::join_all(dones).await {
+        if let Err(e) = res {
+            for id in ids {
+                failed.insert(id, e.to_string());
+            }
+        }
+    }
+    jobs.iter()
+        .map(|j| match failed.get(&j.order_id) {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        })
+        .collect()
+}
+
+/// Most settlements one batch carries.
+const MAX_SETTLE_BATCH: usize = 256;
+/// Settlements queued at most (beyond, they are left to recovery).
+const MAX_SETTLE_QUEUE: usize = 16_384;
+
+/// A queued settlement and who waits for it.
+type QueuedJob = (SettleJob, Option<oneshot::Sender<Result<(), String>>>);
+
+/// Batches the settlements of the orders this node coordinates: whatever is
+/// queued while a batch is applied goes out together in the next one, so under
+/// load one `ResolveTxn` per shard covers many orders.
+pub struct Settler {
+    tx: mpsc::Sender<QueuedJob>,
+}
+
+impl Settler {
+    /// Starts the batching task over `node`'s groups.
+    pub fn start(node: Weak<Node>) -> Settler {
+        let (tx, mut rx) = mpsc::channel::<QueuedJob>(MAX_SETTLE_QUEUE);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_SETTLE_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let Some(node) = node.upgrade() else { return };
+                let Some(map) = node.cluster_map() else {
+                    continue;
+                };
+                let (jobs, waiters): (Vec<SettleJob>, Vec<_>) = batch.into_iter().unzip();
+                let deadline = Instant::now() + RECOVERY_STEP_TIMEOUT;
+                let results = settle_many(&node, &map, &jobs, deadline).await;
+                for ((job, waiter), res) in jobs.iter().zip(waiters).zip(results) {
+                    if let Err(e) = &res {
+                        tracing::info!(order_id = %job.order_id, error = %e, "settlement left to recovery");
+                    }
+                    if let Some(w) = waiter {
+                        let _ = w.send(res);
+                    }
+                }
+            }
+        });
+        Settler { tx }
+    }
+
+    /// Queues a settlement and waits until it is applied (or has failed).
+    pub async fn settle(
+        &self,
+        order_id: &str,
+        skus: Vec<String>,
+        outcome: Settlement,
+    ) -> Result<(), CommerceError> {
+        let (done, wait) = oneshot::channel();
+        let job = SettleJob {
             order_id: order_id.to_string(),
             skus,
             outcome,
         };
-        commerce::propose(node, shard, cmd, deadline)
-    });
-    for res in futures::future::join_all(resolves).await {
-        res?;
+        self.tx
+            .try_send((job, Some(done)))
+            .map_err(|_| NodeError::Unavailable("settlement queue full".into()))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::Unavailable(e).into()),
+            Err(_) => Err(NodeError::Unavailable("settler stopped".into()).into()),
+        }
     }
-    let done = CommerceCommand::SettlementDone {
-        order_id: order_id.to_string(),
-        outcome,
-    };
-    commerce::propose(node, map.shard_of_order(order_id), done, deadline).await?;
-    Ok(())
+
+    /// Queues a settlement without waiting (if the queue is full, recovery
+    /// applies it later: the anchor keeps it owed).
+    pub fn settle_later(&self, order_id: &str, skus: Vec<String>, outcome: Settlement) {
+        let job = SettleJob {
+            order_id: order_id.to_string(),
+            skus,
+            outcome,
+        };
+        if self.tx.try_send((job, None)).is_err() {
+            tracing::info!(order_id, "settlement queue full; left to recovery");
+        }
+    }
 }
 
 /// The state of `order_id`'s transaction on its anchor, linearizably.
@@ -304,17 +459,26 @@ pub async fn recover(
         }
     }
     // Anchor: settlements whose coordinator did not finish them.
-    for (order_id, entry) in &in_flight.settlements {
-        if now.saturating_sub(entry.since_ms) >= SETTLEMENT_GRACE_MS {
-            settle(node, map, order_id, &entry.skus, entry.outcome, deadline).await?;
-            stats.settled += 1;
-        }
+    let owed: Vec<SettleJob> = in_flight
+        .settlements
+        .iter()
+        .filter(|(_, e)| now.saturating_sub(e.since_ms) >= SETTLEMENT_GRACE_MS)
+        .map(|(order_id, e)| SettleJob {
+            order_id: order_id.clone(),
+            skus: e.skus.clone(),
+            outcome: e.outcome,
+        })
+        .collect();
+    if !owed.is_empty() {
+        let results = settle_many(node, map, &owed, deadline).await;
+        stats.settled += results.iter().filter(|r| r.is_ok()).count() as u32;
     }
     // Participant: reservations held past the transaction timeout → ask the anchor.
     let held_for = node
         .config
         .txn_timeout_ms
         .saturating_add(SETTLEMENT_GRACE_MS);
+    let mut items = Vec::new();
     for (order_id, held) in &in_flight.held {
         if now.saturating_sub(held.prepared_ms) < held_for {
             continue;
@@ -331,13 +495,15 @@ pub async fn recover(
             TxnStatus::Aborted => Settlement::Release,
             TxnStatus::Pending => continue,
         };
-        let cmd = CommerceCommand::ResolveTxn {
+        items.push(ResolveItem {
             order_id: order_id.clone(),
             skus: held.skus.clone(),
             outcome,
-        };
-        commerce::propose(node, group, cmd, deadline).await?;
-        stats.resolved += 1;
+        });
+    }
+    if !items.is_empty() {
+        stats.resolved += items.len() as u32;
+        commerce::propose(node, group, CommerceCommand::ResolveTxn { items }, deadline).await?;
     }
     Ok(stats)
 }

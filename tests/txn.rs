@@ -409,6 +409,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
             order_id: id.clone(),
             lines: vec![(sku.clone(), *qty)],
             now_ms: now,
+            begin: None,
         };
         let vote = propose_raw(&c, 3, shard(sku), prepare).await;
         assert!(matches!(vote, CommerceResponse::Prepared(_)), "{vote:?}");
@@ -423,6 +424,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         order_id: ghost.clone(),
         lines: vec![(skus[0].clone(), 4)],
         now_ms: now,
+        begin: None,
     };
     assert!(matches!(
         propose_raw(&c, 1, shard(&skus[0]), prepare).await,
@@ -487,6 +489,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         order_id: id.clone(),
         lines: vec![(skus[1].clone(), 2)],
         now_ms: shopkv::commerce::now_ms(),
+        begin: None,
     };
     match propose_raw(&c, 1, shard(&skus[1]), late).await {
         CommerceResponse::Rejected(r) => {

@@ -62,7 +62,10 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
         )
         .serve_with_incoming(no_delay(peer_listener));
-    let ctx = records::Ctx { node: node.clone() };
+    let ctx = records::Ctx {
+        node: node.clone(),
+        settler: Arc::new(crate::txn::Settler::start(Arc::downgrade(&node))),
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -62,15 +62,11 @@ impl OrdersService {
                 Settlement::Release
             };
             let skus: Vec<String> = order.lines.iter().map(|l| l.sku.clone()).collect();
-            if let Err(e) = txn::settle(
-                &self.ctx.node,
-                &map,
-                &order.order_id,
-                &skus,
-                outcome,
-                deadline,
-            )
-            .await
+            if let Err(e) = self
+                .ctx
+                .settler
+                .settle(&order.order_id, skus, outcome)
+                .await
             {
                 tracing::info!(error = %e, "settlement left to recovery");
             }
@@ -198,6 +194,7 @@ impl Orders for OrdersService {
             let view = txn::place(
                 &self.ctx.node,
                 &map,
+                &self.ctx.settler,
                 &order_id,
                 &r.customer_id,
                 &lines,

@@ -28,6 +28,8 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub struct Ctx {
     /// The node.
     pub node: Arc<Node>,
+    /// Batches the 2PC settlements of the orders this node coordinates.
+    pub settler: Arc<crate::txn::Settler>,
 }
 
 impl Ctx {

@@ -183,6 +183,8 @@ pub enum CommerceCommand {
         deadline_ms: u64,
     },
     /// 2PC, participant: validates this shard's lines and holds their stock.
+    /// On the anchor, when it is also a participant, `begin` carries the
+    /// `BeginTxn` that is applied first in the same apply (one write instead of two).
     PrepareTxn {
         /// Order id = transaction id.
         order_id: String,
@@ -190,6 +192,8 @@ pub enum CommerceCommand {
         lines: Vec<(String, u32)>,
         /// Proposer's clock.
         now_ms: u64,
+        /// The fused `BeginTxn`, on the anchor only.
+        begin: Option<TxnBegin>,
     },
     /// 2PC, anchor: the commit point (PENDING → COMMITTED with the order
     /// record) or the abort.
@@ -209,23 +213,17 @@ pub enum CommerceCommand {
         /// Proposer's clock.
         now_ms: u64,
     },
-    /// 2PC, participant: applies a settlement to this order's reservations of
-    /// `skus` (idempotent; leaves tombstones).
+    /// 2PC, participant: applies settlements to orders' reservations on this
+    /// shard, many orders per command (idempotent; leaves tombstones).
     ResolveTxn {
-        /// Order id = transaction id.
-        order_id: String,
-        /// This shard's SKUs of the order.
-        skus: Vec<String>,
-        /// Commit, release or consume.
-        outcome: Settlement,
+        /// One per order.
+        items: Vec<ResolveItem>,
     },
-    /// 2PC, anchor: every participant applied `outcome`; forget it (unless a
-    /// newer settlement replaced it meanwhile).
+    /// 2PC, anchor: every participant applied these settlements; forget each
+    /// (unless a newer settlement replaced it meanwhile).
     SettlementDone {
-        /// Order id.
-        order_id: String,
-        /// The settlement that was applied.
-        outcome: Settlement,
+        /// (order id, the settlement that was applied).
+        items: Vec<(String, Settlement)>,
     },
 }
 
@@ -269,11 +267,9 @@ impl std::fmt::Display for CommerceCommand {
                 order_id, decision, ..
             } => write!(f, "DecideTxn({order_id}, commit={})", decision.is_commit()),
             CommerceCommand::AbortTxn { order_id, .. } => write!(f, "AbortTxn({order_id})"),
-            CommerceCommand::ResolveTxn {
-                order_id, outcome, ..
-            } => write!(f, "ResolveTxn({order_id}, {outcome:?})"),
-            CommerceCommand::SettlementDone { order_id, .. } => {
-                write!(f, "SettlementDone({order_id})")
+            CommerceCommand::ResolveTxn { items } => write!(f, "ResolveTxn(n={})", items.len()),
+            CommerceCommand::SettlementDone { items } => {
+                write!(f, "SettlementDone(n={})", items.len())
             }
         }
     }
@@ -303,8 +299,12 @@ pub enum CommerceResponse {
     Txn(Box<TxnView>),
     /// `PrepareTxn`: YES, with the products as they are now (for pricing).
     Prepared(Vec<Product>),
-    /// `ResolveTxn` / `SettlementDone` applied.
-    Settled,
+    /// `ResolveTxn` / `SettlementDone` applied; `failed` names the orders a
+    /// rule refused (the others were applied).
+    Settled {
+        /// (order id, why).
+        failed: Vec<(String, Rejection)>,
+    },
 }
 
 fn reject(code: RejectCode, message: impl Into<String>) -> CommerceResponse {
@@ -323,7 +323,8 @@ macro_rules! check {
 
 mod txn;
 pub use txn::{
-    Decision, HeldEntry, InFlight, SettleEntry, Settlement, TxnRecord, TxnStatus, TxnView,
+    Decision, HeldEntry, InFlight, ResolveItem, SettleEntry, Settlement, TxnBegin, TxnRecord,
+    TxnStatus, TxnView,
 };
 
 fn load<T: DeserializeOwned>(
@@ -491,7 +492,26 @@ pub fn apply(
             order_id,
             lines,
             now_ms,
-        } => txn::prepare(state, index, order_id, lines, *now_ms),
+            begin,
+        } => {
+            if let Some(b) = begin {
+                let view = txn::begin(
+                    state,
+                    index,
+                    order_id,
+                    &b.customer,
+                    &b.lines,
+                    *now_ms,
+                    b.deadline_ms,
+                )?;
+                // Decided already (a retry), or refused: that is the answer.
+                match &view {
+                    CommerceResponse::Txn(v) if v.status == TxnStatus::Pending => {}
+                    _ => return Ok(view),
+                }
+            }
+            txn::prepare(state, index, order_id, lines, *now_ms)
+        }
         CommerceCommand::DecideTxn {
             order_id,
             decision,
@@ -500,14 +520,8 @@ pub fn apply(
         CommerceCommand::AbortTxn { order_id, now_ms } => {
             txn::abort_expired(state, index, order_id, *now_ms)
         }
-        CommerceCommand::ResolveTxn {
-            order_id,
-            skus,
-            outcome,
-        } => txn::resolve(state, index, order_id, skus, *outcome),
-        CommerceCommand::SettlementDone { order_id, outcome } => {
-            txn::settlement_done(state, order_id, *outcome)
-        }
+        CommerceCommand::ResolveTxn { items } => txn::resolve_all(state, index, items),
+        CommerceCommand::SettlementDone { items } => txn::settlement_done(state, items),
         CommerceCommand::ExpireOrders { order_ids, now_ms } => {
             let mut expired = 0u32;
             for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
@@ -1343,6 +1357,7 @@ mod tests {
             order_id: "t1".into(),
             lines: lines.clone(),
             now_ms: 1_000,
+            begin: None,
         };
         assert!(
             matches!(apply(&mut m, i + 2, &prepare).unwrap(), CommerceResponse::Prepared(p) if p.len() == 2)
@@ -1383,9 +1398,11 @@ mod tests {
         );
         assert!(load_order(&mut m, "t1").unwrap().is_none());
         let release = CommerceCommand::ResolveTxn {
-            order_id: "t1".into(),
-            skus: vec!["A".into(), "B".into()],
-            outcome: Settlement::Release,
+            items: vec![ResolveItem {
+                order_id: "t1".into(),
+                skus: vec!["A".into(), "B".into()],
+                outcome: Settlement::Release,
+            }],
         };
         apply(&mut m, i + 7, &release).unwrap();
         let after = m.clone();
@@ -1428,6 +1445,7 @@ mod tests {
                 order_id: "t2".into(),
                 lines,
                 now_ms: 1,
+                begin: None,
             },
         )
         .unwrap();
@@ -1469,9 +1487,11 @@ mod tests {
                 &mut m,
                 i + 4,
                 &CommerceCommand::ResolveTxn {
-                    order_id: "t2".into(),
-                    skus: vec!["A".into()],
-                    outcome,
+                    items: vec![ResolveItem {
+                        order_id: "t2".into(),
+                        skus: vec!["A".into()],
+                        outcome,
+                    }],
                 },
             )
             .unwrap();
@@ -1481,8 +1501,7 @@ mod tests {
             &mut m,
             i + 5,
             &CommerceCommand::SettlementDone {
-                order_id: "t2".into(),
-                outcome: Settlement::Commit,
+                items: vec![("t2".into(), Settlement::Commit)],
             },
         )
         .unwrap();

@@ -79,6 +79,28 @@ pub struct HeldEntry {
     pub prepared_ms: u64,
 }
 
+/// A `BeginTxn` carried by the anchor's own `PrepareTxn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnBegin {
+    /// Customer.
+    pub customer: String,
+    /// Every line of the order (normalised).
+    pub lines: Vec<(String, u32)>,
+    /// Past this a PENDING record may be aborted by anyone.
+    pub deadline_ms: u64,
+}
+
+/// One order's settlement on one participant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveItem {
+    /// Order id.
+    pub order_id: String,
+    /// The order's SKUs on this shard.
+    pub skus: Vec<String>,
+    /// Commit, release or consume.
+    pub outcome: Settlement,
+}
+
 /// The coordinator's decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
@@ -405,8 +427,26 @@ pub(super) fn abort_expired(
     Ok(view(&rec.record, None))
 }
 
-/// `ResolveTxn` on a participant.
-pub(super) fn resolve(
+/// `ResolveTxn` on a participant: each item on its own (a refused one does
+/// not hold the others back; each is idempotent).
+pub(super) fn resolve_all(
+    state: &mut dyn StateAccess,
+    index: u64,
+    items: &[ResolveItem],
+) -> Result<CommerceResponse, SmError> {
+    let mut failed = Vec::new();
+    for item in items {
+        if let CommerceResponse::Rejected(r) =
+            resolve(state, index, &item.order_id, &item.skus, item.outcome)?
+        {
+            failed.push((item.order_id.clone(), r));
+        }
+    }
+    Ok(CommerceResponse::Settled { failed })
+}
+
+/// One order's settlement on a participant.
+fn resolve(
     state: &mut dyn StateAccess,
     index: u64,
     order_id: &str,
@@ -469,21 +509,22 @@ pub(super) fn resolve(
         save(state, keys::reservation_key(sku, order_id), index, &r)?;
     }
     state.delete(keys::held_key(order_id))?;
-    Ok(CommerceResponse::Settled)
+    Ok(CommerceResponse::Settled { failed: Vec::new() })
 }
 
 /// `SettlementDone` on the anchor.
 pub(super) fn settlement_done(
     state: &mut dyn StateAccess,
-    order_id: &str,
-    outcome: Settlement,
+    items: &[(String, Settlement)],
 ) -> Result<CommerceResponse, SmError> {
-    if let Some(entry) = load::<SettleEntry>(state, &keys::settlement_key(order_id))?
-        && entry.record.outcome == outcome
-    {
-        state.delete(keys::settlement_key(order_id))?;
+    for (order_id, outcome) in items {
+        if let Some(entry) = load::<SettleEntry>(state, &keys::settlement_key(order_id))?
+            && entry.record.outcome == *outcome
+        {
+            state.delete(keys::settlement_key(order_id))?;
+        }
     }
-    Ok(CommerceResponse::Settled)
+    Ok(CommerceResponse::Settled { failed: Vec::new() })
 }
 
 /// A transaction's state for readers (a 1PC order reads as committed).
