@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shopkv/v1/cluster.proto",
         "proto/shopkv/v1/peer.proto",
         "proto/shopkv/v1/commerce.proto",
+        "proto/shopkv/v1/session.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

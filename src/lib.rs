@@ -11,6 +11,7 @@ pub mod commerce;
 pub mod config;
 pub mod domain;
 pub mod forward;
+pub mod lease;
 pub mod node;
 pub mod payment;
 pub mod raft;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shopkv::cli::commerce::{self, CartCmd, OrderCmd, ProductCmd, StockCmd};
+use shopkv::cli::session::SessionCmd;
 use shopkv::cli::{self, ClusterCmd, GlobalArgs, KvCmd};
 use shopkv::config::{Config, ServeArgs};
 use shopkv::node::Node;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Orders: place, pay, ship, deliver, cancel.
     #[command(subcommand)]
     Order(OrderCmd),
+    /// Sessions: leases that keep locks alive.
+    #[command(subcommand)]
+    Session(SessionCmd),
     /// Demo data.
     #[command(subcommand)]
     Demo(DemoCmd),
@@ -67,6 +71,7 @@ async fn main() -> ExitCode {
         Cmd::Stock(c) => commerce::stock(&cli.global, c).await,
         Cmd::Cart(c) => commerce::cart(&cli.global, c).await,
         Cmd::Order(c) => commerce::order(&cli.global, c).await,
+        Cmd::Session(c) => cli::session::session(&cli.global, c).await,
         Cmd::Demo(DemoCmd::Seed { products }) => cli::demo::seed(&cli.global, products).await,
     };
     match res {

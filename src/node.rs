@@ -24,6 +24,7 @@ use crate::raft::state_machine::StateMachine;
 use crate::raft::{GroupRaft, TypeConfig};
 use crate::router::{ClusterMap, META_GROUP, NodeAddr};
 use crate::sm::commerce::{CommerceRead, CommerceReadResult, RecordReader};
+use crate::sm::session::SessionRecord;
 use crate::sm::{self, Command, Response, StoredRecord};
 use crate::storage::keys::{self, GroupId};
 use crate::storage::{StorageError, Store};
@@ -31,6 +32,8 @@ use crate::storage::{StorageError, Store};
 /// Most forwarding hops a request may take (a non-replica forwards to a
 /// replica, which forwards to the leader).
 pub const MAX_FORWARD_HOPS: u32 = 3;
+/// Most sessions the meta leader tracks (the service refuses more).
+pub const MAX_SESSIONS: usize = 100_000;
 /// Most in-flight 2PC records of each kind one status report counts.
 const MAX_IN_FLIGHT_REPORTED: u32 = 10_000;
 /// How long a forwarded or local request waits between leader look-ups.
@@ -89,6 +92,37 @@ pub enum ReadOp {
     },
     /// Catalog, inventory, cart or order records.
     Commerce(CommerceRead),
+    /// A session, on the meta leader (`KeepAlive` renews it there).
+    Session(SessionRead),
+}
+
+/// A session read (meta group, served by its leader).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SessionRead {
+    /// Renew the session for its TTL.
+    KeepAlive {
+        /// Session.
+        id: u64,
+    },
+    /// The session and its remaining time.
+    Get {
+        /// Session.
+        id: u64,
+    },
+}
+
+/// Result of a [`SessionRead`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SessionReadResult {
+    /// The session is live.
+    Alive {
+        /// Its TTL.
+        ttl_ms: u64,
+        /// Time left before the leader expires it.
+        remaining_ms: u64,
+    },
+    /// No such session (never granted, closed or expired).
+    Missing,
 }
 
 /// Result of a [`ReadOp`].
@@ -105,6 +139,8 @@ pub enum ReadResult {
     },
     /// `Commerce`.
     Commerce(CommerceReadResult),
+    /// `Session`.
+    Session(SessionReadResult),
 }
 
 /// One group's records on this node, for `sm::commerce::read`.
@@ -211,6 +247,8 @@ pub struct Node {
     vote_hold_off_until: Instant,
     /// The payment provider orders are charged and refunded through.
     pub payments: Arc<dyn PaymentProvider>,
+    /// Session deadlines, kept while this node leads the meta group.
+    pub sessions: crate::lease::SessionClock,
 }
 
 impl Node {
@@ -282,6 +320,7 @@ impl Node {
             cluster,
             vote_hold_off_until: Instant::now() + leader_lease,
             payments: Arc::new(SimulatedProvider::new()),
+            sessions: crate::lease::SessionClock::default(),
         });
         let meta = node
             .start_group(META_GROUP)
@@ -293,6 +332,7 @@ impl Node {
         tokio::spawn(Node::watch_meta(Arc::downgrade(&node), meta));
         tokio::spawn(Node::balance_leaders(Arc::downgrade(&node)));
         tokio::spawn(crate::sweeper::run(Arc::downgrade(&node)));
+        tokio::spawn(crate::lease::run(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -331,6 +371,87 @@ impl Node {
     /// while the old one still serves lease reads, which would then be stale.
     pub fn in_vote_hold_off(&self) -> bool {
         Instant::now() < self.vote_hold_off_until
+    }
+
+    /// The meta group's term, if this node leads it.
+    pub fn meta_leader_term(&self) -> Option<u64> {
+        let raft = self.group(META_GROUP)?;
+        let m = raft.metrics().borrow_watched().clone();
+        (m.current_leader == Some(self.id)).then_some(m.current_term)
+    }
+
+    /// The longest election timeout (the grace a new meta leader adds to
+    /// every session's remaining time).
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.raft_config.election_timeout_max)
+    }
+
+    /// Every session in this node's replica of the meta group.
+    pub fn all_sessions(&self) -> Result<Vec<(u64, SessionRecord)>, NodeError> {
+        let rows = self
+            .store
+            .scan_records(META_GROUP, &keys::session_prefix(), MAX_SESSIONS)?;
+        rows.into_iter()
+            .filter_map(|(k, v)| {
+                let id = keys::session_id_of(&k)?;
+                Some(codec::decode::<SessionRecord>(&v).map(|r| (id, r)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NodeError::from)
+    }
+
+    /// Serves a session read on the meta leader (after the linearizable check).
+    fn read_session(
+        &self,
+        group: GroupId,
+        op: &SessionRead,
+    ) -> Result<SessionReadResult, NodeError> {
+        if group != META_GROUP {
+            return Err(NodeError::InvalidArgument(
+                "sessions live in the meta group".into(),
+            ));
+        }
+        let id = match op {
+            SessionRead::KeepAlive { id } | SessionRead::Get { id } => *id,
+        };
+        let Some(bytes) = self.store.get_record(META_GROUP, &keys::session_key(id))? else {
+            return Ok(SessionReadResult::Missing);
+        };
+        let rec: SessionRecord = codec::decode(&bytes)?;
+        let Some(term) = self.meta_leader_term() else {
+            return Err(NodeError::Unavailable(
+                "this node no longer leads the meta group".into(),
+            ));
+        };
+        let synced = |clock: &crate::lease::SessionClock| -> Result<(), NodeError> {
+            clock.sync(term, &self.all_sessions()?, self.election_timeout());
+            Ok(())
+        };
+        match op {
+            SessionRead::KeepAlive { .. } => {
+                if !self.sessions.keep_alive(term, id, rec.ttl_ms) {
+                    synced(&self.sessions)?;
+                    self.sessions.keep_alive(term, id, rec.ttl_ms);
+                }
+                Ok(SessionReadResult::Alive {
+                    ttl_ms: rec.ttl_ms,
+                    remaining_ms: rec.ttl_ms,
+                })
+            }
+            SessionRead::Get { .. } => {
+                let remaining = match self.sessions.remaining(term, id) {
+                    Some(r) => Some(r),
+                    None => {
+                        synced(&self.sessions)?;
+                        self.sessions.remaining(term, id)
+                    }
+                };
+                Ok(SessionReadResult::Alive {
+                    ttl_ms: rec.ttl_ms,
+                    remaining_ms: remaining.map_or(rec.remaining_ms, |d| d.as_millis() as u64),
+                })
+            }
+        }
     }
 
     /// Data shards whose leader is this node's replica.
@@ -717,6 +838,7 @@ impl Node {
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(ReadResult::Records { records, more })
             }
+            ReadOp::Session(op) => self.read_session(group, op).map(ReadResult::Session),
             ReadOp::Commerce(op) => {
                 let reader = GroupReader {
                     store: &self.store,

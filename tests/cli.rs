@@ -308,3 +308,45 @@ async fn commerce_commands_have_the_documented_shapes() {
     assert!(fails(&eps, &["order", "get", "o-9"]).contains("UNKNOWN_ORDER"));
     assert!(fails(&eps, &["order", "place", "bob", "NOPE:1"]).contains("UNKNOWN_SKU"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_commands_create_keep_alive_and_close() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let eps = c.endpoints().join(",");
+    let id = ok(&eps, &["session", "create", "--ttl-ms", "2000"]);
+    let id = id.trim().to_string();
+    assert!(id.parse::<u64>().is_ok(), "prints the id alone: {id:?}");
+    let v = ok_json(&eps, &["session", "get", &id]);
+    assert_eq!(v["ttl_ms"], 2000);
+
+    // `session keepalive` holds it past 2x its TTL; once stopped, it expires.
+    let mut keeper = Command::new(binary())
+        .args(["session", "keepalive", &id, "--endpoints", &eps])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn keepalive");
+    std::thread::sleep(std::time::Duration::from_millis(5000));
+    let still = ok_json(&eps, &["session", "get", &id]);
+    assert!(still["remaining_ms"].as_u64().unwrap_or(0) > 0, "{still}");
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    loop {
+        let (code, _, err) = cli(&["session", "get", &id, "--endpoints", &eps]);
+        if code == 1 {
+            assert!(err.contains("no session"), "{err}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session outlived its keepalive"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let other = ok(&eps, &["session", "create", "--ttl-ms", "5000"]);
+    let out = ok(&eps, &["session", "close", other.trim()]);
+    assert!(out.starts_with("OK closed"), "{out}");
+    assert!(fails(&eps, &["session", "close", other.trim()]).contains("no session"));
+    assert!(fails(&eps, &["session", "create", "--ttl-ms", "10"]).contains("ttl_ms"));
+}

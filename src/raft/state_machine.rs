@@ -138,7 +138,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Empty,
                 EntryPayload::Normal(cmd) => {
-                    sm::apply(&mut overlay, self.group, log_id.index, &cmd)
+                    let term = openraft::vote::RaftLeaderId::term(&log_id.leader_id);
+                    sm::apply(&mut overlay, self.group, log_id.index, term, &cmd)
                         .map_err(io::Error::other)?
                 }
                 EntryPayload::Membership(m) => {

@@ -11,6 +11,7 @@ pub mod kv;
 pub mod orders;
 pub mod peer;
 pub mod records;
+pub mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use crate::proto::inventory_server::InventoryServer;
 use crate::proto::kv_server::KvServer;
 use crate::proto::orders_server::OrdersServer;
 use crate::proto::peer_server::PeerServer;
+use crate::proto::session_server::SessionServer;
 use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
 
 /// Largest client request accepted: a 1 MiB value plus a 4 KiB key and framing.
@@ -86,6 +88,9 @@ pub async fn serve(
         )))
         .add_service(CartServer::new(cart::CartService::new(ctx.clone())))
         .add_service(OrdersServer::new(orders::OrdersService::new(ctx)))
+        .add_service(SessionServer::new(session::SessionService::new(
+            node.clone(),
+        )))
         .add_service(reflection)
         .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;

@@ -6,6 +6,7 @@
 //! the replicated result; [`SmError`] is only for the system failing.
 
 pub mod commerce;
+pub mod session;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,13 +43,15 @@ pub enum Command {
     },
     /// Data shard: a catalog, inventory, cart or order change.
     Commerce(commerce::CommerceCommand),
+    /// Meta group: a session change.
+    Session(session::SessionCommand),
 }
 
 impl Command {
     /// Whether this command may be applied in `group`.
     pub fn belongs_to(&self, group: GroupId) -> bool {
         match self {
-            Command::InitCluster(_) => group == META_GROUP,
+            Command::InitCluster(_) | Command::Session(_) => group == META_GROUP,
             Command::Put { .. }
             | Command::Delete { .. }
             | Command::CompareAndSwap { .. }
@@ -72,6 +75,7 @@ impl std::fmt::Display for Command {
                 ..
             } => write!(f, "Cas(key_len={}, expected={expected_version})", key.len()),
             Command::Commerce(c) => c.fmt(f),
+            Command::Session(c) => write!(f, "Session({c:?})"),
         }
     }
 }
@@ -116,6 +120,8 @@ pub enum Response {
     WrongGroup,
     /// A commerce command's result.
     Commerce(commerce::CommerceResponse),
+    /// A session command's result.
+    Session(session::SessionResponse),
 }
 
 /// A stored KV record.
@@ -149,11 +155,13 @@ pub trait StateAccess {
     fn delete(&mut self, record_key: Vec<u8>) -> Result<(), SmError>;
 }
 
-/// Applies `cmd`, proposed to `group` and committed at log `index`.
+/// Applies `cmd`, proposed to `group` and committed at log `index` by the
+/// leader of `term`.
 pub fn apply(
     state: &mut dyn StateAccess,
     group: GroupId,
     index: u64,
+    term: u64,
     cmd: &Command,
 ) -> Result<Response, SmError> {
     if !cmd.belongs_to(group) {
@@ -212,6 +220,7 @@ pub fn apply(
             })
         }
         Command::Commerce(c) => Ok(Response::Commerce(commerce::apply(state, index, c)?)),
+        Command::Session(c) => Ok(Response::Session(session::apply(state, index, term, c)?)),
     }
 }
 
@@ -279,7 +288,7 @@ mod tests {
             value: v.into(),
         };
         assert_eq!(
-            apply(&mut m, 1, 5, &cas(0, "x")).unwrap(),
+            apply(&mut m, 1, 5, 1, &cas(0, "x")).unwrap(),
             Response::Cas {
                 succeeded: true,
                 version: 5,
@@ -287,7 +296,7 @@ mod tests {
             }
         );
         assert_eq!(
-            apply(&mut m, 1, 6, &cas(0, "y")).unwrap(),
+            apply(&mut m, 1, 6, 1, &cas(0, "y")).unwrap(),
             Response::Cas {
                 succeeded: false,
                 version: 5,
@@ -295,7 +304,7 @@ mod tests {
             }
         );
         assert_eq!(
-            apply(&mut m, 1, 7, &cas(5, "z")).unwrap(),
+            apply(&mut m, 1, 7, 1, &cas(5, "z")).unwrap(),
             Response::Cas {
                 succeeded: true,
                 version: 7,
@@ -308,19 +317,19 @@ mod tests {
     fn delete_reports_existence_and_put_versions_by_index() {
         let mut m = Mem::default();
         assert_eq!(
-            apply(&mut m, 2, 3, &put("k", "v")).unwrap(),
+            apply(&mut m, 2, 3, 1, &put("k", "v")).unwrap(),
             Response::Put { version: 3 }
         );
         let del = Command::Delete { key: b"k".to_vec() };
         assert_eq!(
-            apply(&mut m, 2, 4, &del).unwrap(),
+            apply(&mut m, 2, 4, 1, &del).unwrap(),
             Response::Delete {
                 deleted: true,
                 revision: 4
             }
         );
         assert_eq!(
-            apply(&mut m, 2, 5, &del).unwrap(),
+            apply(&mut m, 2, 5, 1, &del).unwrap(),
             Response::Delete {
                 deleted: false,
                 revision: 5
@@ -332,14 +341,14 @@ mod tests {
     fn commands_are_rejected_in_the_wrong_group_and_init_happens_once() {
         let mut m = Mem::default();
         assert_eq!(
-            apply(&mut m, META_GROUP, 1, &put("k", "v")).unwrap(),
+            apply(&mut m, META_GROUP, 1, 1, &put("k", "v")).unwrap(),
             Response::WrongGroup
         );
         let map = ClusterMap::new(42, 2, BTreeMap::new());
         let init = Command::InitCluster(map.clone());
-        assert_eq!(apply(&mut m, 1, 1, &init).unwrap(), Response::WrongGroup);
+        assert_eq!(apply(&mut m, 1, 1, 1, &init).unwrap(), Response::WrongGroup);
         assert_eq!(
-            apply(&mut m, META_GROUP, 2, &init).unwrap(),
+            apply(&mut m, META_GROUP, 2, 1, &init).unwrap(),
             Response::Init {
                 ok: true,
                 cluster_id: 42
@@ -347,7 +356,7 @@ mod tests {
         );
         let other = Command::InitCluster(ClusterMap::new(7, 2, BTreeMap::new()));
         assert_eq!(
-            apply(&mut m, META_GROUP, 3, &other).unwrap(),
+            apply(&mut m, META_GROUP, 3, 1, &other).unwrap(),
             Response::Init {
                 ok: false,
                 cluster_id: 42

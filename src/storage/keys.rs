@@ -30,6 +30,7 @@
 //! | `S` · order id                           | settlement owed to participants |
 //! | `H` · order id                           | reservations held (participant) |
 //! | `W` · order id                           | undecided transaction index     |
+//! | `s` · session id (8)                     | session (meta group)            |
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -74,6 +75,8 @@ pub enum SmMetaTag {
 const NS_KV: u8 = b'k';
 /// Namespace byte of meta-group records.
 const NS_META: u8 = b'm';
+/// Namespace byte of sessions (meta group).
+const NS_SESSION: u8 = b's';
 /// Namespace bytes of commerce records (see the module table).
 const NS_PRODUCT: u8 = b'P';
 const NS_INVENTORY: u8 = b'I';
@@ -161,6 +164,25 @@ pub fn kv_user_key(record_key: &[u8]) -> Option<&[u8]> {
         Some((&NS_KV, rest)) => Some(rest),
         _ => None,
     }
+}
+
+/// Record key of a session in the meta group (ids sort numerically).
+pub fn session_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(NS_SESSION);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Prefix of every session record.
+pub fn session_prefix() -> Vec<u8> {
+    vec![NS_SESSION]
+}
+
+/// The id of a session record key.
+pub fn session_id_of(record_key: &[u8]) -> Option<u64> {
+    let rest = record_key.strip_prefix(&[NS_SESSION])?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
 /// Record key of the cluster map in the meta group.

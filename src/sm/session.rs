@@ -1,0 +1,242 @@
+//! Sessions in the meta group: granted with a TTL, kept alive by the leader
+//! without Raft writes (`lease`), expired only by the leader through a logged
+//! `Expire` that carries its term and the session's epoch — apply rejects one
+//! proposed in a stale term, or based on a view a later checkpoint replaced.
+//! Checkpoints record each session's remaining time so a new leader grants
+//! that plus an election timeout, never a fresh TTL (etcd #9395).
+
+use serde::{Deserialize, Serialize};
+
+use super::{SmError, StateAccess};
+use crate::codec;
+use crate::domain::{RejectCode, Rejection};
+use crate::storage::keys;
+
+/// A session as replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Time to live without a keep-alive.
+    pub ttl_ms: u64,
+    /// When it was granted (granting node's clock).
+    pub granted_ms: u64,
+    /// Remaining time at the last checkpoint (the TTL until the first).
+    pub remaining_ms: u64,
+    /// Bumped by every checkpoint: an expiry must name the current epoch.
+    pub epoch: u64,
+}
+
+/// A session state change (meta group).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionCommand {
+    /// Grants a session; its id is this entry's log index.
+    Grant {
+        /// Time to live (checked at the edge).
+        ttl_ms: u64,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Closes a session (its owner's request).
+    Close {
+        /// Session.
+        id: u64,
+    },
+    /// Expires a session (the leader, when its deadline passed).
+    Expire {
+        /// Session.
+        id: u64,
+        /// The proposing leader's term: must be this entry's term.
+        term: u64,
+        /// The session's epoch the leader's deadline was based on.
+        epoch: u64,
+    },
+    /// Records every live session's remaining time (the leader, periodically).
+    Checkpoint {
+        /// The proposing leader's term: must be this entry's term.
+        term: u64,
+        /// (session, remaining ms).
+        items: Vec<(u64, u64)>,
+    },
+}
+
+/// The replicated result of a [`SessionCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionResponse {
+    /// `Grant`.
+    Granted {
+        /// The new session's id.
+        id: u64,
+        /// Its TTL.
+        ttl_ms: u64,
+    },
+    /// `Close` / `Expire`: whether the session existed and is now gone.
+    Ended {
+        /// It existed.
+        ended: bool,
+    },
+    /// `Checkpoint`: how many sessions it recorded.
+    Checkpointed {
+        /// Count.
+        sessions: u32,
+    },
+    /// Refused (stale term or epoch, unknown session).
+    Rejected(Rejection),
+}
+
+fn load(state: &mut dyn StateAccess, id: u64) -> Result<Option<SessionRecord>, SmError> {
+    match state.get(&keys::session_key(id))? {
+        Some(b) => Ok(Some(codec::decode(&b)?)),
+        None => Ok(None),
+    }
+}
+
+fn stale(what: &str, got: u64, want: u64) -> SessionResponse {
+    SessionResponse::Rejected(Rejection::new(
+        RejectCode::IllegalTransition,
+        format!("{what} {got} is stale (current {want})"),
+    ))
+}
+
+/// Applies `cmd` at log `index`, an entry of leader term `term`.
+pub fn apply(
+    state: &mut dyn StateAccess,
+    index: u64,
+    term: u64,
+    cmd: &SessionCommand,
+) -> Result<SessionResponse, SmError> {
+    match cmd {
+        SessionCommand::Grant { ttl_ms, now_ms } => {
+            let rec = SessionRecord {
+                ttl_ms: *ttl_ms,
+                granted_ms: *now_ms,
+                remaining_ms: *ttl_ms,
+                epoch: 0,
+            };
+            state.put(keys::session_key(index), codec::encode(&rec)?)?;
+            Ok(SessionResponse::Granted {
+                id: index,
+                ttl_ms: *ttl_ms,
+            })
+        }
+        SessionCommand::Close { id } => {
+            let ended = load(state, *id)?.is_some();
+            if ended {
+                state.delete(keys::session_key(*id))?;
+            }
+            Ok(SessionResponse::Ended { ended })
+        }
+        SessionCommand::Expire {
+            id,
+            term: proposed_in,
+            epoch,
+        } => {
+            // A proposal forwarded from a deposed leader lands in a later term.
+            if *proposed_in != term {
+                return Ok(stale("term", *proposed_in, term));
+            }
+            let Some(rec) = load(state, *id)? else {
+                return Ok(SessionResponse::Ended { ended: false });
+            };
+            if rec.epoch != *epoch {
+                return Ok(stale("epoch", *epoch, rec.epoch));
+            }
+            state.delete(keys::session_key(*id))?;
+            Ok(SessionResponse::Ended { ended: true })
+        }
+        SessionCommand::Checkpoint {
+            term: proposed_in,
+            items,
+        } => {
+            if *proposed_in != term {
+                return Ok(stale("term", *proposed_in, term));
+            }
+            let mut n = 0u32;
+            for (id, remaining_ms) in items {
+                if let Some(mut rec) = load(state, *id)? {
+                    rec.remaining_ms = (*remaining_ms).min(rec.ttl_ms);
+                    rec.epoch += 1;
+                    state.put(keys::session_key(*id), codec::encode(&rec)?)?;
+                    n += 1;
+                }
+            }
+            Ok(SessionResponse::Checkpointed { sessions: n })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl StateAccess for Mem {
+        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+            Ok(self.0.get(k).cloned())
+        }
+        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
+            self.0.insert(k, v);
+            Ok(())
+        }
+        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
+            self.0.remove(&k);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn expiry_in_a_stale_term_or_epoch_is_rejected() {
+        let mut m = Mem::default();
+        let granted = apply(
+            &mut m,
+            7,
+            2,
+            &SessionCommand::Grant {
+                ttl_ms: 3000,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            granted,
+            SessionResponse::Granted {
+                id: 7,
+                ttl_ms: 3000
+            }
+        );
+        // Proposed by the leader of term 2, appended in term 3: refused.
+        let expire = |term, epoch| SessionCommand::Expire { id: 7, term, epoch };
+        assert!(matches!(
+            apply(&mut m, 8, 3, &expire(2, 0)).unwrap(),
+            SessionResponse::Rejected(_)
+        ));
+        // A checkpoint bumps the epoch: an expiry based on the older view is refused.
+        let cp = SessionCommand::Checkpoint {
+            term: 3,
+            items: vec![(7, 1200), (99, 5)],
+        };
+        assert_eq!(
+            apply(&mut m, 9, 3, &cp).unwrap(),
+            SessionResponse::Checkpointed { sessions: 1 }
+        );
+        assert!(matches!(
+            apply(&mut m, 10, 3, &expire(3, 0)).unwrap(),
+            SessionResponse::Rejected(_)
+        ));
+        assert_eq!(
+            load(&mut m, 7).unwrap().unwrap().remaining_ms,
+            1200,
+            "the checkpoint recorded the remaining time"
+        );
+        assert_eq!(
+            apply(&mut m, 11, 3, &expire(3, 1)).unwrap(),
+            SessionResponse::Ended { ended: true }
+        );
+        assert_eq!(
+            apply(&mut m, 12, 3, &SessionCommand::Close { id: 7 }).unwrap(),
+            SessionResponse::Ended { ended: false }
+        );
+    }
+}

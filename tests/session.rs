@@ -1,0 +1,166 @@
+//! Sessions on a real 3-node cluster: kept alive they live past their TTL,
+//! left alone they expire within it (plus a bound), closing ends them, TTLs
+//! outside the bounds are refused, and killing the meta group's leader neither
+//! expires a session that keeps alive nor keeps a dead one alive.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, channel};
+use shopkv::proto;
+use shopkv::proto::session_client::SessionClient;
+use shopkv::router::META_GROUP;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn client(c: &TestCluster, via: u64) -> SessionClient<Channel> {
+    SessionClient::new(channel(&c.node(via).client).await.expect("connect"))
+}
+
+async fn create(s: &mut SessionClient<Channel>, ttl_ms: u64) -> u64 {
+    s.create(proto::CreateSessionRequest { ttl_ms })
+        .await
+        .expect("create session")
+        .into_inner()
+        .session_id
+}
+
+async fn alive(s: &mut SessionClient<Channel>, id: u64) -> Result<u64, tonic::Status> {
+    s.get(proto::GetSessionRequest { session_id: id })
+        .await
+        .map(|r| r.into_inner().remaining_ms)
+}
+
+/// One keep-alive over a fresh stream through `s`.
+async fn keep_alive(s: &mut SessionClient<Channel>, id: u64) -> Result<u64, tonic::Status> {
+    let req = tokio_stream::iter(vec![proto::KeepAliveRequest { session_id: id }]);
+    let mut replies = s.keep_alive(req).await?.into_inner();
+    match replies.message().await? {
+        Some(r) => Ok(r.ttl_ms),
+        None => Err(tonic::Status::unavailable("stream ended")),
+    }
+}
+
+/// Waits until `id` is gone; returns how long that took.
+async fn wait_gone(s: &mut SessionClient<Channel>, id: u64, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        match alive(s, id).await {
+            Err(e) if e.code() == Code::NotFound => return start.elapsed(),
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < within,
+            "session {id} still alive after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_live_while_kept_alive_and_expire_without() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let mut s1 = client(&c, 1).await;
+    let mut s2 = client(&c, 2).await;
+
+    // TTL bounds: at least 1.5 x the election timeout (1 s by default).
+    let e = s1
+        .create(proto::CreateSessionRequest { ttl_ms: 100 })
+        .await
+        .expect_err("too short");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = s1
+        .create(proto::CreateSessionRequest {
+            ttl_ms: 100 * 86_400_000,
+        })
+        .await
+        .expect_err("too long");
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let kept = create(&mut s1, 2000).await;
+    let left = create(&mut s1, 2000).await;
+    assert_ne!(kept, left);
+    // Keep one alive through another node for 3x its TTL; leave the other.
+    let start = Instant::now();
+    let mut left_gone_after = None;
+    while start.elapsed() < Duration::from_millis(6000) {
+        assert_eq!(keep_alive(&mut s2, kept).await.expect("keep-alive"), 2000);
+        if left_gone_after.is_none() && alive(&mut s1, left).await.is_err() {
+            left_gone_after = Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(alive(&mut s1, kept).await.expect("kept session") > 0);
+    let gone = left_gone_after.expect("the session without keep-alives expired");
+    assert!(
+        gone >= Duration::from_millis(1500) && gone <= Duration::from_millis(3500),
+        "expired after {gone:?}, TTL 2 s"
+    );
+    let e = keep_alive(&mut s2, left).await.expect_err("expired");
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Without keep-alives the kept one expires too, within its TTL plus a bound.
+    let waited = wait_gone(&mut s1, kept, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "expired early: {waited:?}"
+    );
+
+    // Close ends a session at once; closing again is NOT_FOUND.
+    let id = create(&mut s2, 5000).await;
+    s1.close(proto::CloseSessionRequest { session_id: id })
+        .await
+        .expect("close");
+    assert_eq!(
+        alive(&mut s2, id).await.expect_err("closed").code(),
+        Code::NotFound
+    );
+    let e = s1
+        .close(proto::CloseSessionRequest { session_id: id })
+        .await
+        .expect_err("closed twice");
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_meta_leader_neither_expires_a_live_session_nor_saves_a_dead_one() {
+    let mut c = TestCluster::start_initialised(3, 1, &[]).await;
+    let leader = c.leader_of(META_GROUP, 1).await.expect("meta leader");
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let mut s = client(&c, others[0]).await;
+    let live = create(&mut s, 3000).await;
+    let dead = create(&mut s, 3000).await;
+    c.kill(leader);
+    let killed_at = Instant::now();
+    // Keep `live` alive every 700 ms through the survivors while the group
+    // elects a new leader; failures during the election are retried.
+    let mut clients = [client(&c, others[0]).await, client(&c, others[1]).await];
+    let mut acked = 0;
+    while killed_at.elapsed() < Duration::from_secs(9) {
+        for cl in clients.iter_mut() {
+            if keep_alive(cl, live).await.is_ok() {
+                acked += 1;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(acked >= 5, "keep-alives mostly failed: {acked}");
+    assert!(
+        alive(&mut clients[0], live)
+            .await
+            .expect("the live session survived")
+            > 0,
+        "live session lost across the leader change"
+    );
+    // The one nobody kept alive is gone: 3 s remaining + 1 s grace after a
+    // ~1-2 s election is well inside 9 s.
+    assert_eq!(
+        alive(&mut clients[1], dead)
+            .await
+            .expect_err("dead session")
+            .code(),
+        Code::NotFound
+    );
+}
