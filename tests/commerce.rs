@@ -6,142 +6,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::shop::{product, shop};
 use common::{TestCluster, channel};
-use shopkv::proto::cart_client::CartClient;
-use shopkv::proto::catalog_client::CatalogClient;
-use shopkv::proto::inventory_client::InventoryClient;
-use shopkv::proto::orders_client::OrdersClient;
 use shopkv::proto::{self, OrderStatus};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const APPROVE: &str = "4242424242424242";
 const DECLINE: &str = "4000000000000002";
 const PROVIDER_ERROR: &str = "4000000000000119";
-
-struct Shop {
-    catalog: CatalogClient<Channel>,
-    inventory: InventoryClient<Channel>,
-    cart: CartClient<Channel>,
-    orders: OrdersClient<Channel>,
-}
-
-async fn shop(c: &TestCluster, via: u64) -> Shop {
-    let ch = channel(&c.node(via).client).await.expect("connect");
-    Shop {
-        catalog: CatalogClient::new(ch.clone()),
-        inventory: InventoryClient::new(ch.clone()),
-        cart: CartClient::new(ch.clone()),
-        orders: OrdersClient::new(ch),
-    }
-}
-
-fn product(sku: &str, price_minor: i64, currency: &str) -> proto::Product {
-    proto::Product {
-        sku: sku.into(),
-        title: format!("Product {sku}"),
-        description: String::new(),
-        price_minor,
-        currency: currency.into(),
-        active: true,
-        attributes: Default::default(),
-        max_per_order: 0,
-        version: 0,
-    }
-}
-
-impl Shop {
-    async fn put(&mut self, p: proto::Product) -> Result<proto::Product, tonic::Status> {
-        self.catalog
-            .put(proto::PutProductRequest { product: Some(p) })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn stock(&mut self, sku: &str) -> proto::StockLevel {
-        self.inventory
-            .get(proto::GetStockRequest {
-                sku: sku.into(),
-                serializable: false,
-            })
-            .await
-            .expect("stock get")
-            .into_inner()
-    }
-
-    async fn set_stock(
-        &mut self,
-        sku: &str,
-        on_hand: i64,
-    ) -> Result<proto::StockLevel, tonic::Status> {
-        self.inventory
-            .set_stock(proto::SetStockRequest {
-                sku: sku.into(),
-                on_hand,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn place(
-        &mut self,
-        customer: &str,
-        order_id: &str,
-        lines: &[(&str, u32)],
-    ) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .place(proto::PlaceOrderRequest {
-                order_id: order_id.into(),
-                customer_id: customer.into(),
-                lines: lines
-                    .iter()
-                    .map(|(s, q)| proto::CartLine {
-                        sku: s.to_string(),
-                        quantity: *q,
-                    })
-                    .collect(),
-                from_cart: false,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn order(&mut self, order_id: &str) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .get(proto::GetOrderRequest {
-                order_id: order_id.into(),
-                serializable: false,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn pay(&mut self, order_id: &str, card: &str) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .pay(proto::PayOrderRequest {
-                order_id: order_id.into(),
-                card_number: card.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn add(
-        &mut self,
-        customer: &str,
-        sku: &str,
-        quantity: i64,
-    ) -> Result<proto::CartView, tonic::Status> {
-        self.cart
-            .add_item(proto::AddCartItemRequest {
-                customer_id: customer.into(),
-                sku: sku.into(),
-                quantity,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-}
 
 fn id(order_id: &str) -> proto::OrderIdRequest {
     proto::OrderIdRequest {

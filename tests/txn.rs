@@ -9,17 +9,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::shop::{Shop, reason, shop};
 use common::{TestCluster, channel};
-use shopkv::proto::catalog_client::CatalogClient;
-use shopkv::proto::inventory_client::InventoryClient;
-use shopkv::proto::orders_client::OrdersClient;
 use shopkv::proto::peer_client::PeerClient;
 use shopkv::proto::{self, OrderStatus};
 use shopkv::router::ClusterMap;
 use shopkv::sm::commerce::{CommerceCommand, CommerceResponse};
 use shopkv::sm::{Command, Response};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const SHARDS: u32 = 3;
 
@@ -29,16 +26,7 @@ fn map() -> ClusterMap {
 
 /// One SKU named `{prefix}-…` on each shard, in shard order.
 fn skus_on_every_shard(prefix: &str) -> Vec<String> {
-    let m = map();
-    let mut by_shard = BTreeMap::new();
-    for i in 0.. {
-        let sku = format!("{prefix}-{i}");
-        by_shard.entry(m.shard_of_sku(&sku)).or_insert(sku);
-        if by_shard.len() == SHARDS as usize {
-            break;
-        }
-    }
-    by_shard.into_values().collect()
+    common::shop::skus_on_every_shard(prefix, SHARDS)
 }
 
 /// An order id anchored on `shard`.
@@ -48,109 +36,6 @@ fn order_id_on(prefix: &str, shard: u64) -> String {
         .map(|i| format!("{prefix}-{i}"))
         .find(|id| m.shard_of_order(id) == shard)
         .expect("an id")
-}
-
-struct Shop {
-    catalog: CatalogClient<Channel>,
-    inventory: InventoryClient<Channel>,
-    orders: OrdersClient<Channel>,
-}
-
-async fn shop(c: &TestCluster, via: u64) -> Shop {
-    let ch = channel(&c.node(via).client).await.expect("connect");
-    Shop {
-        catalog: CatalogClient::new(ch.clone()),
-        inventory: InventoryClient::new(ch.clone()),
-        orders: OrdersClient::new(ch),
-    }
-}
-
-impl Shop {
-    async fn product(&mut self, sku: &str, price_minor: i64, currency: &str, stock: i64) {
-        let p = proto::Product {
-            sku: sku.into(),
-            title: format!("Item {sku}"),
-            description: String::new(),
-            price_minor,
-            currency: currency.into(),
-            active: true,
-            attributes: Default::default(),
-            max_per_order: 0,
-            version: 0,
-        };
-        self.catalog
-            .put(proto::PutProductRequest { product: Some(p) })
-            .await
-            .expect("put product");
-        self.inventory
-            .set_stock(proto::SetStockRequest {
-                sku: sku.into(),
-                on_hand: stock,
-            })
-            .await
-            .expect("set stock");
-    }
-
-    async fn stock(&mut self, sku: &str) -> (i64, i64) {
-        let l = self
-            .inventory
-            .get(proto::GetStockRequest {
-                sku: sku.into(),
-                serializable: false,
-            })
-            .await
-            .expect("stock")
-            .into_inner();
-        (l.on_hand, l.reserved)
-    }
-
-    async fn stocks(&mut self, skus: &[String]) -> Vec<(i64, i64)> {
-        let mut out = Vec::new();
-        for s in skus {
-            out.push(self.stock(s).await);
-        }
-        out
-    }
-
-    async fn place(
-        &mut self,
-        order_id: &str,
-        lines: &[(&str, u32)],
-    ) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .place(proto::PlaceOrderRequest {
-                order_id: order_id.into(),
-                customer_id: "cust".into(),
-                lines: lines
-                    .iter()
-                    .map(|(s, q)| proto::CartLine {
-                        sku: s.to_string(),
-                        quantity: *q,
-                    })
-                    .collect(),
-                from_cart: false,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn get(&mut self, order_id: &str) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .get(proto::GetOrderRequest {
-                order_id: order_id.into(),
-                serializable: false,
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("x-shopkv-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Polls the stock of `skus` until it is `want` or `within` passes.
@@ -207,18 +92,25 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
     let mut s = shop(&c, 1).await;
     let skus = skus_on_every_shard("X");
     for (i, sku) in skus.iter().enumerate() {
-        s.product(sku, 100 * (i as i64 + 1), "EUR", 10).await;
+        s.add_product(sku, 100 * (i as i64 + 1), "EUR", 10).await;
     }
     let lines: Vec<(&str, u32)> = skus.iter().map(|s| s.as_str()).zip([2, 3, 1]).collect();
     // Anchored on the last line's shard; the other two lines live elsewhere.
     let id = order_id_on("o-commit", 3);
-    let o = s.place(&id, &lines).await.expect("cross-shard order");
+    let o = s
+        .place("cust", &id, &lines)
+        .await
+        .expect("cross-shard order");
     assert_eq!(o.status(), OrderStatus::PendingPayment);
     assert_eq!(o.total_minor, 2 * 100 + 3 * 200 + 100 * 3);
     assert_eq!(o.shard, 3);
     assert_eq!(s.stocks(&skus).await, vec![(10, 2), (10, 3), (10, 1)]);
     // Placing it again (through another node) returns the same order.
-    let again = shop(&c, 2).await.place(&id, &lines).await.expect("replay");
+    let again = shop(&c, 2)
+        .await
+        .place("cust", &id, &lines)
+        .await
+        .expect("replay");
     assert_eq!(again.version, o.version);
     assert_eq!(s.stocks(&skus).await, vec![(10, 2), (10, 3), (10, 1)]);
 
@@ -250,7 +142,7 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
 
     // A second order, cancelled: every shard's reservation is released.
     let id2 = order_id_on("o-cancel", 1);
-    s.place(&id2, &lines).await.expect("second order");
+    s.place("cust", &id2, &lines).await.expect("second order");
     assert_eq!(s.stocks(&skus).await, vec![(8, 2), (7, 3), (9, 1)]);
     let cancelled = s
         .orders
@@ -274,15 +166,15 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
     let c = TestCluster::start_initialised(3, SHARDS, &[]).await;
     let mut s = shop(&c, 2).await;
     let skus = skus_on_every_shard("Y");
-    s.product(&skus[0], 500, "EUR", 10).await;
-    s.product(&skus[1], 700, "EUR", 2).await;
-    s.product(&skus[2], 900, "USD", 10).await;
+    s.add_product(&skus[0], 500, "EUR", 10).await;
+    s.add_product(&skus[1], 700, "EUR", 2).await;
+    s.add_product(&skus[2], 900, "USD", 10).await;
     let before = s.stocks(&skus).await;
 
     // One line out of stock.
     let id = order_id_on("o-short", 1);
     let err = s
-        .place(&id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
+        .place("cust", &id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
         .await
         .expect_err("out of stock");
     assert_eq!(
@@ -295,7 +187,7 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
         before,
         "abort released what was held"
     );
-    let got = s.get(&id).await.expect_err("aborted order");
+    let got = s.order(&id).await.expect_err("aborted order");
     assert_eq!(
         (got.code(), reason(&got).as_str()),
         (Code::FailedPrecondition, "ORDER_ABORTED")
@@ -309,7 +201,7 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
         .await
         .expect("restock");
     let again = s
-        .place(&id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
+        .place("cust", &id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 5)])
         .await
         .expect_err("still aborted");
     assert_eq!(again.code(), Code::FailedPrecondition);
@@ -318,6 +210,7 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
     // One unknown SKU.
     let err = s
         .place(
+            "cust",
             &order_id_on("o-unknown", 2),
             &[(skus[0].as_str(), 1), ("NOPE-9", 1)],
         )
@@ -330,6 +223,7 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
     // Every participant votes yes, but the currencies differ: pricing aborts.
     let err = s
         .place(
+            "cust",
             &order_id_on("o-cur", 3),
             &[(skus[0].as_str(), 1), (skus[2].as_str(), 1)],
         )
@@ -348,7 +242,7 @@ async fn the_same_cross_shard_order_placed_concurrently_is_placed_once() {
     let mut s = shop(&c, 1).await;
     let skus = skus_on_every_shard("Z");
     for sku in &skus {
-        s.product(sku, 250, "EUR", 50).await;
+        s.add_product(sku, 250, "EUR", 50).await;
     }
     let id = order_id_on("o-race", 2);
     let mut tasks = Vec::new();
@@ -357,7 +251,7 @@ async fn the_same_cross_shard_order_placed_concurrently_is_placed_once() {
         let (id, skus) = (id.clone(), skus.clone());
         tasks.push(tokio::spawn(async move {
             let lines: Vec<(&str, u32)> = skus.iter().map(|s| (s.as_str(), 2)).collect();
-            sh.place(&id, &lines).await.map(|o| o.version)
+            sh.place("cust", &id, &lines).await.map(|o| o.version)
         }));
     }
     let mut versions = Vec::new();
@@ -375,7 +269,7 @@ async fn the_same_cross_shard_order_placed_concurrently_is_placed_once() {
         vec![(50, 2); 3],
         "reserved once per line"
     );
-    assert_eq!(s.get(&id).await.expect("get").version, versions[0]);
+    assert_eq!(s.order(&id).await.expect("get").version, versions[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,7 +278,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     let mut s = shop(&c, 1).await;
     let skus = skus_on_every_shard("R");
     for sku in &skus {
-        s.product(sku, 100, "EUR", 10).await;
+        s.add_product(sku, 100, "EUR", 10).await;
     }
     let m = map();
     let shard = |sku: &str| m.shard_of_sku(sku);
@@ -414,8 +308,8 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         let vote = propose_raw(&c, 3, shard(sku), prepare).await;
         assert!(matches!(vote, CommerceResponse::Prepared(_)), "{vote:?}");
     }
-    assert_eq!(s.stock(&skus[1]).await, (10, 2));
-    let pending = s.get(&id).await.expect_err("in progress");
+    assert_eq!(s.stocks(&skus[1..2]).await, vec![(10, 2)]);
+    let pending = s.order(&id).await.expect_err("in progress");
     assert_eq!(pending.code(), Code::Unavailable);
 
     // A reservation prepared for a transaction that was never begun.
@@ -430,7 +324,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         propose_raw(&c, 1, shard(&skus[0]), prepare).await,
         CommerceResponse::Prepared(_)
     ));
-    assert_eq!(s.stock(&skus[0]).await, (10, 4));
+    assert_eq!(s.stocks(&skus[..1]).await, vec![(10, 4)]);
 
     // Cluster.Status (and its CLI) shows the work in flight per shard.
     let status = c.status(2).await.expect("status");
@@ -476,7 +370,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     )
     .await;
     for order in [&id, &ghost] {
-        let e = s.get(order).await.expect_err("aborted");
+        let e = s.order(order).await.expect_err("aborted");
         assert_eq!(
             (e.code(), reason(&e).as_str()),
             (Code::FailedPrecondition, "ORDER_ABORTED"),
@@ -498,7 +392,11 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         other => panic!("late prepare succeeded: {other:?}"),
     }
     let e = s
-        .place(&ghost, &[(skus[0].as_str(), 4), (skus[1].as_str(), 1)])
+        .place(
+            "cust",
+            &ghost,
+            &[(skus[0].as_str(), 4), (skus[1].as_str(), 1)],
+        )
         .await
         .expect_err("ghost stays aborted");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");

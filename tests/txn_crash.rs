@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, channel};
@@ -16,24 +15,10 @@ use shopkv::proto::catalog_client::CatalogClient;
 use shopkv::proto::inventory_client::InventoryClient;
 use shopkv::proto::orders_client::OrdersClient;
 use shopkv::proto::{self, OrderStatus};
-use shopkv::router::ClusterMap;
 
 const SHARDS: u32 = 3;
 /// Recovery must finish within this after the coordinator is back.
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
-
-fn skus_on_every_shard() -> Vec<String> {
-    let m = ClusterMap::new(0, SHARDS, BTreeMap::new());
-    let mut by_shard = BTreeMap::new();
-    for i in 0.. {
-        let sku = format!("K-{i}");
-        by_shard.entry(m.shard_of_sku(&sku)).or_insert(sku);
-        if by_shard.len() == SHARDS as usize {
-            break;
-        }
-    }
-    by_shard.into_values().collect()
-}
 
 async fn stocks(
     inv: &mut InventoryClient<tonic::transport::Channel>,
@@ -69,7 +54,7 @@ async fn crash_at(failpoint: &str, committed: bool) {
     let mut catalog = CatalogClient::new(ch.clone());
     let mut inv = InventoryClient::new(ch.clone());
     let mut orders = OrdersClient::new(ch);
-    let skus = skus_on_every_shard();
+    let skus = common::shop::skus_on_every_shard("K", SHARDS);
     for sku in &skus {
         let p = proto::Product {
             sku: sku.clone(),

@@ -1087,42 +1087,11 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::domain::catalog::product;
 
-    #[derive(Default, Clone, PartialEq, Debug)]
-    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl StateAccess for Mem {
-        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
-            Ok(self.0.get(k).cloned())
-        }
-        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
-            self.0.insert(k, v);
-            Ok(())
-        }
-        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
-            self.0.remove(&k);
-            Ok(())
-        }
-    }
-
-    impl RecordReader for Mem {
-        fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
-            Ok(self.0.get(k).cloned())
-        }
-        fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Rows, SmError> {
-            Ok(self
-                .0
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_slice() > a))
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect())
-        }
-    }
+    type Mem = crate::sm::MemState;
 
     /// A shard with products A (10 in stock, 2.50 EUR) and B (3, 1.00 EUR).
     fn shop() -> (Mem, u64) {

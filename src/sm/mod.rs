@@ -244,6 +244,47 @@ fn read_record(state: &mut dyn StateAccess, key: &[u8]) -> Result<Option<StoredR
     }
 }
 
+/// An in-memory [`StateAccess`] and [`commerce::RecordReader`] for unit tests.
+#[cfg(test)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MemState(pub std::collections::BTreeMap<Vec<u8>, Vec<u8>>);
+
+#[cfg(test)]
+impl StateAccess for MemState {
+    fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+        Ok(self.0.get(k).cloned())
+    }
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
+        self.0.insert(k, v);
+        Ok(())
+    }
+    fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
+        self.0.remove(&k);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl commerce::RecordReader for MemState {
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+        Ok(self.0.get(k).cloned())
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<commerce::Rows, SmError> {
+        Ok(self
+            .0
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_slice() > a))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
 /// Decodes the cluster map stored by `InitCluster`.
 pub fn decode_cluster_map(bytes: &[u8]) -> Result<ClusterMap, SmError> {
     Ok(codec::decode(bytes)?)
@@ -255,22 +296,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Default)]
-    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl StateAccess for Mem {
-        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
-            Ok(self.0.get(k).cloned())
-        }
-        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
-            self.0.insert(k, v);
-            Ok(())
-        }
-        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
-            self.0.remove(&k);
-            Ok(())
-        }
-    }
+    type Mem = MemState;
 
     fn put(k: &str, v: &str) -> Command {
         Command::Put {

@@ -165,26 +165,10 @@ pub fn apply(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
 
-    #[derive(Default)]
-    struct Mem(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl StateAccess for Mem {
-        fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
-            Ok(self.0.get(k).cloned())
-        }
-        fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), SmError> {
-            self.0.insert(k, v);
-            Ok(())
-        }
-        fn delete(&mut self, k: Vec<u8>) -> Result<(), SmError> {
-            self.0.remove(&k);
-            Ok(())
-        }
-    }
+    type Mem = crate::sm::MemState;
 
     #[test]
     fn expiry_in_a_stale_term_or_epoch_is_rejected() {

@@ -6,6 +6,7 @@
 
 pub mod history;
 pub mod proxy;
+pub mod shop;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
