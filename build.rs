@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shopkv/v1/peer.proto",
         "proto/shopkv/v1/commerce.proto",
         "proto/shopkv/v1/session.proto",
+        "proto/shopkv/v1/lock.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

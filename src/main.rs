@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shopkv::cli::commerce::{self, CartCmd, OrderCmd, ProductCmd, StockCmd};
+use shopkv::cli::lock::LockCmd;
 use shopkv::cli::session::SessionCmd;
 use shopkv::cli::{self, ClusterCmd, GlobalArgs, KvCmd};
 use shopkv::config::{Config, ServeArgs};
@@ -45,6 +46,9 @@ enum Cmd {
     /// Sessions: leases that keep locks alive.
     #[command(subcommand)]
     Session(SessionCmd),
+    /// Fair locks with fencing tokens.
+    #[command(subcommand)]
+    Lock(LockCmd),
     /// Demo data.
     #[command(subcommand)]
     Demo(DemoCmd),
@@ -72,6 +76,7 @@ async fn main() -> ExitCode {
         Cmd::Cart(c) => commerce::cart(&cli.global, c).await,
         Cmd::Order(c) => commerce::order(&cli.global, c).await,
         Cmd::Session(c) => cli::session::session(&cli.global, c).await,
+        Cmd::Lock(c) => cli::lock::lock(&cli.global, c).await,
         Cmd::Demo(DemoCmd::Seed { products }) => cli::demo::seed(&cli.global, products).await,
     };
     match res {

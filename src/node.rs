@@ -94,6 +94,11 @@ pub enum ReadOp {
     Commerce(CommerceRead),
     /// A session, on the meta leader (`KeepAlive` renews it there).
     Session(SessionRead),
+    /// A lock's queue (meta group).
+    Lock {
+        /// Lock name.
+        name: String,
+    },
 }
 
 /// A session read (meta group, served by its leader).
@@ -120,6 +125,8 @@ pub enum SessionReadResult {
         ttl_ms: u64,
         /// Time left before the leader expires it.
         remaining_ms: u64,
+        /// Locks it holds or waits for.
+        locks: Vec<String>,
     },
     /// No such session (never granted, closed or expired).
     Missing,
@@ -141,6 +148,8 @@ pub enum ReadResult {
     Commerce(CommerceReadResult),
     /// `Session`.
     Session(SessionReadResult),
+    /// `Lock` (an unknown lock is an empty one).
+    Lock(crate::sm::lock::LockRecord),
 }
 
 /// One group's records on this node, for `sm::commerce::read`.
@@ -436,6 +445,7 @@ impl Node {
                 Ok(SessionReadResult::Alive {
                     ttl_ms: rec.ttl_ms,
                     remaining_ms: rec.ttl_ms,
+                    locks: Vec::new(),
                 })
             }
             SessionRead::Get { .. } => {
@@ -449,6 +459,7 @@ impl Node {
                 Ok(SessionReadResult::Alive {
                     ttl_ms: rec.ttl_ms,
                     remaining_ms: remaining.map_or(rec.remaining_ms, |d| d.as_millis() as u64),
+                    locks: rec.locks,
                 })
             }
         }
@@ -839,6 +850,13 @@ impl Node {
                 Ok(ReadResult::Records { records, more })
             }
             ReadOp::Session(op) => self.read_session(group, op).map(ReadResult::Session),
+            ReadOp::Lock { name } => {
+                let rec = match self.store.get_record(group, &keys::lock_key(name))? {
+                    Some(b) => codec::decode(&b)?,
+                    None => crate::sm::lock::LockRecord::default(),
+                };
+                Ok(ReadResult::Lock(rec))
+            }
             ReadOp::Commerce(op) => {
                 let reader = GroupReader {
                     store: &self.store,

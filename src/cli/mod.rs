@@ -5,6 +5,7 @@
 
 pub mod commerce;
 pub mod demo;
+pub mod lock;
 pub mod session;
 
 use std::time::Duration;

@@ -59,6 +59,10 @@ pub enum RejectCode {
     Inconsistent = 19,
     /// The cross-shard order was aborted (a vote said no, or it timed out).
     OrderAborted = 20,
+    /// No such session (closed or expired).
+    UnknownSession = 21,
+    /// A session has as many locks as it may.
+    TooManyLocks = 22,
 }
 
 /// The gRPC class of a [`RejectCode`] (the server maps it to a status code).
@@ -100,6 +104,8 @@ impl RejectCode {
             RejectCode::CartChanged => "CART_CHANGED",
             RejectCode::Inconsistent => "INCONSISTENT",
             RejectCode::OrderAborted => "ORDER_ABORTED",
+            RejectCode::UnknownSession => "UNKNOWN_SESSION",
+            RejectCode::TooManyLocks => "TOO_MANY_LOCKS",
         }
     }
 
@@ -114,16 +120,18 @@ impl RejectCode {
             | RejectCode::Overflow
             | RejectCode::EmptyOrder
             | RejectCode::TooManyLines => RejectKind::InvalidArgument,
-            RejectCode::UnknownSku | RejectCode::UnknownOrder | RejectCode::NotInCart => {
-                RejectKind::NotFound
-            }
+            RejectCode::UnknownSku
+            | RejectCode::UnknownOrder
+            | RejectCode::NotInCart
+            | RejectCode::UnknownSession => RejectKind::NotFound,
             RejectCode::InactiveProduct
             | RejectCode::IllegalTransition
             | RejectCode::BelowReserved
             | RejectCode::OutOfStock
             | RejectCode::OrderIdReused
             | RejectCode::PaymentDeclined
-            | RejectCode::OrderAborted => RejectKind::FailedPrecondition,
+            | RejectCode::OrderAborted
+            | RejectCode::TooManyLocks => RejectKind::FailedPrecondition,
             RejectCode::CartChanged => RejectKind::Aborted,
             RejectCode::Inconsistent => RejectKind::Internal,
         }

@@ -123,9 +123,9 @@ impl Kv for KvService {
                 }),
             })),
             ReadResult::Record(None) => Err(Status::not_found("key not found")),
-            ReadResult::Records { .. } | ReadResult::Commerce(_) | ReadResult::Session(_) => Err(
-                to_status(NodeError::Internal("wrong result for get".into())),
-            ),
+            _ => Err(to_status(NodeError::Internal(
+                "wrong result for get".into(),
+            ))),
         }
     }
 
@@ -207,7 +207,7 @@ impl Kv for KvService {
                         shard,
                     }));
                 }
-                ReadResult::Record(_) | ReadResult::Commerce(_) | ReadResult::Session(_) => {
+                _ => {
                     return Err(to_status(NodeError::Internal(
                         "wrong result for scan".into(),
                     )));

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod error;
 pub mod inventory;
 pub mod kv;
+pub mod lock;
 pub mod orders;
 pub mod peer;
 pub mod records;
@@ -25,6 +26,7 @@ use crate::proto::catalog_server::CatalogServer;
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::inventory_server::InventoryServer;
 use crate::proto::kv_server::KvServer;
+use crate::proto::lock_server::LockServer;
 use crate::proto::orders_server::OrdersServer;
 use crate::proto::peer_server::PeerServer;
 use crate::proto::session_server::SessionServer;
@@ -91,6 +93,7 @@ pub async fn serve(
         .add_service(SessionServer::new(session::SessionService::new(
             node.clone(),
         )))
+        .add_service(LockServer::new(lock::LockService::new(node.clone())))
         .add_service(reflection)
         .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;

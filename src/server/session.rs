@@ -107,6 +107,7 @@ impl Session for SessionService {
                     session_id: id,
                     ttl_ms,
                     remaining_ms: ttl_ms,
+                    locks: Vec::new(),
                 }))
             }
             other => Err(to_status(NodeError::Internal(format!(
@@ -181,10 +182,12 @@ impl Session for SessionService {
             SessionReadResult::Alive {
                 ttl_ms,
                 remaining_ms,
+                locks,
             } => Ok(Response::new(proto::SessionInfo {
                 session_id: id,
                 ttl_ms,
                 remaining_ms,
+                locks,
             })),
             SessionReadResult::Missing => Err(not_found(id)),
         }

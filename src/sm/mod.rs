@@ -6,6 +6,7 @@
 //! the replicated result; [`SmError`] is only for the system failing.
 
 pub mod commerce;
+pub mod lock;
 pub mod session;
 
 use serde::{Deserialize, Serialize};
@@ -45,13 +46,15 @@ pub enum Command {
     Commerce(commerce::CommerceCommand),
     /// Meta group: a session change.
     Session(session::SessionCommand),
+    /// Meta group: a lock change.
+    Lock(lock::LockCommand),
 }
 
 impl Command {
     /// Whether this command may be applied in `group`.
     pub fn belongs_to(&self, group: GroupId) -> bool {
         match self {
-            Command::InitCluster(_) | Command::Session(_) => group == META_GROUP,
+            Command::InitCluster(_) | Command::Session(_) | Command::Lock(_) => group == META_GROUP,
             Command::Put { .. }
             | Command::Delete { .. }
             | Command::CompareAndSwap { .. }
@@ -76,6 +79,7 @@ impl std::fmt::Display for Command {
             } => write!(f, "Cas(key_len={}, expected={expected_version})", key.len()),
             Command::Commerce(c) => c.fmt(f),
             Command::Session(c) => write!(f, "Session({c:?})"),
+            Command::Lock(c) => write!(f, "Lock({c:?})"),
         }
     }
 }
@@ -122,6 +126,8 @@ pub enum Response {
     Commerce(commerce::CommerceResponse),
     /// A session command's result.
     Session(session::SessionResponse),
+    /// A lock command's result.
+    Lock(lock::LockResponse),
 }
 
 /// A stored KV record.
@@ -221,6 +227,7 @@ pub fn apply(
         }
         Command::Commerce(c) => Ok(Response::Commerce(commerce::apply(state, index, c)?)),
         Command::Session(c) => Ok(Response::Session(session::apply(state, index, term, c)?)),
+        Command::Lock(c) => Ok(Response::Lock(lock::apply(state, index, c)?)),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct SessionRecord {
     pub remaining_ms: u64,
     /// Bumped by every checkpoint: an expiry must name the current epoch.
     pub epoch: u64,
+    /// Locks it holds or waits for (released with it).
+    pub locks: Vec<String>,
 }
 
 /// A session state change (meta group).
@@ -96,6 +98,32 @@ fn stale(what: &str, got: u64, want: u64) -> SessionResponse {
     ))
 }
 
+/// Ends a session: its locks are released (their next waiters promoted) in
+/// the same apply.
+fn end(
+    state: &mut dyn StateAccess,
+    index: u64,
+    id: u64,
+    rec: &SessionRecord,
+) -> Result<(), SmError> {
+    super::lock::release_all(state, index, id, &rec.locks)?;
+    state.delete(keys::session_key(id))
+}
+
+/// Reads a session record.
+pub fn load_record(state: &mut dyn StateAccess, id: u64) -> Result<Option<SessionRecord>, SmError> {
+    load(state, id)
+}
+
+/// Writes a session record.
+pub fn save_record(
+    state: &mut dyn StateAccess,
+    id: u64,
+    rec: &SessionRecord,
+) -> Result<(), SmError> {
+    state.put(keys::session_key(id), codec::encode(rec)?)
+}
+
 /// Applies `cmd` at log `index`, an entry of leader term `term`.
 pub fn apply(
     state: &mut dyn StateAccess,
@@ -110,6 +138,7 @@ pub fn apply(
                 granted_ms: *now_ms,
                 remaining_ms: *ttl_ms,
                 epoch: 0,
+                locks: Vec::new(),
             };
             state.put(keys::session_key(index), codec::encode(&rec)?)?;
             Ok(SessionResponse::Granted {
@@ -118,11 +147,11 @@ pub fn apply(
             })
         }
         SessionCommand::Close { id } => {
-            let ended = load(state, *id)?.is_some();
-            if ended {
-                state.delete(keys::session_key(*id))?;
-            }
-            Ok(SessionResponse::Ended { ended })
+            let Some(rec) = load(state, *id)? else {
+                return Ok(SessionResponse::Ended { ended: false });
+            };
+            end(state, index, *id, &rec)?;
+            Ok(SessionResponse::Ended { ended: true })
         }
         SessionCommand::Expire {
             id,
@@ -139,7 +168,7 @@ pub fn apply(
             if rec.epoch != *epoch {
                 return Ok(stale("epoch", *epoch, rec.epoch));
             }
-            state.delete(keys::session_key(*id))?;
+            end(state, index, *id, &rec)?;
             Ok(SessionResponse::Ended { ended: true })
         }
         SessionCommand::Checkpoint {

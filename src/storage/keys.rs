@@ -31,6 +31,7 @@
 //! | `H` · order id                           | reservations held (participant) |
 //! | `W` · order id                           | undecided transaction index     |
 //! | `s` · session id (8)                     | session (meta group)            |
+//! | `L` · lock name                          | lock queue and last token (meta)|
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -77,6 +78,8 @@ const NS_KV: u8 = b'k';
 const NS_META: u8 = b'm';
 /// Namespace byte of sessions (meta group).
 const NS_SESSION: u8 = b's';
+/// Namespace byte of locks (meta group).
+const NS_LOCK: u8 = b'L';
 /// Namespace bytes of commerce records (see the module table).
 const NS_PRODUCT: u8 = b'P';
 const NS_INVENTORY: u8 = b'I';
@@ -183,6 +186,11 @@ pub fn session_prefix() -> Vec<u8> {
 pub fn session_id_of(record_key: &[u8]) -> Option<u64> {
     let rest = record_key.strip_prefix(&[NS_SESSION])?;
     Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// Record key of a lock (meta group).
+pub fn lock_key(name: &str) -> Vec<u8> {
+    ns_id(NS_LOCK, name)
 }
 
 /// Record key of the cluster map in the meta group.

@@ -1,0 +1,207 @@
+//! `shopkv.v1.Lock`: fair locks in the meta group. Acquire joins the queue (one
+//! Raft write) and, if it must wait, polls the lock with linearizable reads
+//! until its session holds it or the wait ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use super::deadline_of;
+use super::error::{rejection_status, to_status};
+use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
+use crate::proto;
+use crate::proto::lock_server::Lock;
+use crate::router::META_GROUP;
+use crate::sm::lock::{LockCommand, LockMode, LockRecord, LockResponse};
+use crate::sm::{Command, Response as SmResponse};
+
+/// Longest lock name, in bytes.
+pub const MAX_LOCK_NAME_BYTES: usize = 256;
+/// Longest wait of one Acquire.
+pub const MAX_LOCK_WAIT_MS: u64 = 600_000;
+/// How often a waiting Acquire looks at the lock again.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+/// The Lock service.
+pub struct LockService {
+    node: Arc<Node>,
+}
+
+impl LockService {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> LockService {
+        LockService { node }
+    }
+
+    fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.config.request_timeout_ms)
+    }
+
+    async fn propose(&self, cmd: LockCommand, deadline: Instant) -> Result<LockResponse, Status> {
+        match self
+            .node
+            .propose(META_GROUP, Command::Lock(cmd), deadline, MAX_FORWARD_HOPS)
+            .await
+            .map_err(to_status)?
+        {
+            SmResponse::Lock(LockResponse::Rejected(r)) => Err(rejection_status(r)),
+            SmResponse::Lock(r) => Ok(r),
+            other => Err(to_status(NodeError::Internal(format!(
+                "unexpected result {other:?}"
+            )))),
+        }
+    }
+
+    async fn inspect_record(&self, name: &str, deadline: Instant) -> Result<LockRecord, Status> {
+        let op = ReadOp::Lock {
+            name: name.to_string(),
+        };
+        match self
+            .node
+            .read(META_GROUP, op, true, deadline, MAX_FORWARD_HOPS)
+            .await
+            .map_err(to_status)?
+        {
+            ReadResult::Lock(r) => Ok(r),
+            _ => Err(to_status(NodeError::Internal("wrong read result".into()))),
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Status> {
+    if name.is_empty() || name.len() > MAX_LOCK_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "lock name must be 1..={MAX_LOCK_NAME_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn mode_of(m: i32) -> Result<LockMode, Status> {
+    match proto::LockMode::try_from(m) {
+        Ok(proto::LockMode::Exclusive) => Ok(LockMode::Exclusive),
+        Ok(proto::LockMode::Shared) => Ok(LockMode::Shared),
+        Err(_) => Err(Status::invalid_argument(format!("unknown lock mode {m}"))),
+    }
+}
+
+fn entry_msg(e: &crate::sm::lock::LockEntry) -> proto::LockEntry {
+    proto::LockEntry {
+        session_id: e.session,
+        mode: match e.mode {
+            LockMode::Exclusive => proto::LockMode::Exclusive,
+            LockMode::Shared => proto::LockMode::Shared,
+        } as i32,
+        fencing_token: e.token,
+    }
+}
+
+#[tonic::async_trait]
+impl Lock for LockService {
+    #[tracing::instrument(name = "lock.acquire", skip_all, fields(name = %req.get_ref().name, session = req.get_ref().session_id))]
+    async fn acquire(
+        &self,
+        req: Request<proto::AcquireRequest>,
+    ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let mode = mode_of(r.mode)?;
+        if r.wait_timeout_ms > MAX_LOCK_WAIT_MS {
+            return Err(Status::invalid_argument(format!(
+                "wait_timeout_ms must be at most {MAX_LOCK_WAIT_MS}"
+            )));
+        }
+        let wait_until = Instant::now() + Duration::from_millis(r.wait_timeout_ms);
+        let cmd = LockCommand::Acquire {
+            name: r.name.clone(),
+            session: r.session_id,
+            mode,
+        };
+        if let LockResponse::Held { token } = self.propose(cmd, deadline).await? {
+            return Ok(Response::new(proto::AcquireResponse {
+                fencing_token: token,
+            }));
+        }
+        // Waiting: look again until held, gone (session ended) or out of time.
+        while Instant::now() < wait_until {
+            tokio::time::sleep(WAIT_POLL).await;
+            let rec = self
+                .inspect_record(&r.name, Instant::now() + self.default_timeout())
+                .await?;
+            match rec.queue.iter().find(|e| e.session == r.session_id) {
+                Some(e) if e.token != 0 => {
+                    return Ok(Response::new(proto::AcquireResponse {
+                        fencing_token: e.token,
+                    }));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(Status::not_found(format!(
+                        "session {} left the queue of {} (closed or expired)",
+                        r.session_id, r.name
+                    )));
+                }
+            }
+        }
+        // Out of time: leave the queue (if it came to hold meanwhile, that is released too).
+        let cmd = LockCommand::Release {
+            name: r.name.clone(),
+            session: r.session_id,
+        };
+        self.propose(cmd, Instant::now() + self.default_timeout())
+            .await?;
+        if r.wait_timeout_ms == 0 {
+            return Err(Status::failed_precondition(format!(
+                "lock {} is held by another session",
+                r.name
+            )));
+        }
+        Err(Status::deadline_exceeded(format!(
+            "lock {} not acquired within {} ms",
+            r.name, r.wait_timeout_ms
+        )))
+    }
+
+    #[tracing::instrument(name = "lock.release", skip_all, fields(name = %req.get_ref().name, session = req.get_ref().session_id))]
+    async fn release(
+        &self,
+        req: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let cmd = LockCommand::Release {
+            name: r.name.clone(),
+            session: r.session_id,
+        };
+        match self.propose(cmd, deadline).await? {
+            LockResponse::Released { existed: true } => {
+                Ok(Response::new(proto::ReleaseResponse {}))
+            }
+            _ => Err(Status::not_found(format!(
+                "session {} is not in the queue of {}",
+                r.session_id, r.name
+            ))),
+        }
+    }
+
+    #[tracing::instrument(name = "lock.inspect", skip_all, fields(name = %req.get_ref().name))]
+    async fn inspect(
+        &self,
+        req: Request<proto::InspectRequest>,
+    ) -> Result<Response<proto::LockState>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        let r = req.into_inner();
+        check_name(&r.name)?;
+        let rec = self.inspect_record(&r.name, deadline).await?;
+        let (holders, waiters): (Vec<_>, Vec<_>) = rec.queue.iter().partition(|e| e.token != 0);
+        Ok(Response::new(proto::LockState {
+            name: r.name,
+            holders: holders.into_iter().map(entry_msg).collect(),
+            waiters: waiters.into_iter().map(entry_msg).collect(),
+            last_token: rec.last_token,
+        }))
+    }
+}

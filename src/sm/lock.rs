@@ -1,0 +1,334 @@
+//! Fair locks in the meta group, the ZooKeeper recipe done server-side: each
+//! lock is a FIFO queue of (session, mode); an exclusive entry holds when it
+//! is first, a shared one when everything before it is shared. An entry that
+//! comes to hold gets the fencing token = the log index of that moment, so
+//! tokens strictly increase per lock (and across the cluster). Acquire is
+//! idempotent per (lock, session); releasing, closing or expiring the session
+//! removes its entries and promotes the next ones in the same apply.
+
+use serde::{Deserialize, Serialize};
+
+use super::session;
+use super::{SmError, StateAccess};
+use crate::codec;
+use crate::domain::{RejectCode, Rejection};
+use crate::storage::keys;
+
+/// Most locks one session may hold or wait for.
+pub const MAX_LOCKS_PER_SESSION: usize = 1000;
+
+/// Exclusive or shared (read-write lock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMode {
+    /// One holder.
+    Exclusive,
+    /// Any number of shared holders, none exclusive.
+    Shared,
+}
+
+/// One queue entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockEntry {
+    /// Owner.
+    pub session: u64,
+    /// Mode.
+    pub mode: LockMode,
+    /// Fencing token once it holds (0 while waiting).
+    pub token: u64,
+}
+
+/// A lock: its queue in arrival order, holders first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Holders and waiters, FIFO.
+    pub queue: Vec<LockEntry>,
+    /// The highest token ever given.
+    pub last_token: u64,
+}
+
+/// A lock state change (meta group).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockCommand {
+    /// Joins the queue (or finds the session already in it).
+    Acquire {
+        /// Lock name.
+        name: String,
+        /// Owner session (must exist).
+        session: u64,
+        /// Mode.
+        mode: LockMode,
+    },
+    /// Leaves the queue (holding or waiting).
+    Release {
+        /// Lock name.
+        name: String,
+        /// Owner session.
+        session: u64,
+    },
+}
+
+/// The replicated result of a [`LockCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockResponse {
+    /// The session holds the lock with this token.
+    Held {
+        /// Fencing token.
+        token: u64,
+    },
+    /// The session waits behind `ahead` entries.
+    Waiting {
+        /// Entries before it.
+        ahead: u32,
+    },
+    /// `Release`: whether the session was in the queue.
+    Released {
+        /// It was.
+        existed: bool,
+    },
+    /// Refused (unknown session).
+    Rejected(Rejection),
+}
+
+/// Promotes waiters that may now hold: an exclusive one when first, shared
+/// ones while everything before them is shared.
+fn grant(rec: &mut LockRecord, index: u64) {
+    let mut all_shared_so_far = true;
+    for (i, e) in rec.queue.iter_mut().enumerate() {
+        let may_hold = match e.mode {
+            LockMode::Exclusive => i == 0,
+            LockMode::Shared => all_shared_so_far,
+        };
+        if !may_hold {
+            break;
+        }
+        if e.token == 0 {
+            e.token = index;
+            rec.last_token = index;
+        }
+        all_shared_so_far &= e.mode == LockMode::Shared;
+    }
+}
+
+fn load(state: &mut dyn StateAccess, name: &str) -> Result<LockRecord, SmError> {
+    match state.get(&keys::lock_key(name))? {
+        Some(b) => Ok(codec::decode(&b)?),
+        None => Ok(LockRecord::default()),
+    }
+}
+
+fn store(state: &mut dyn StateAccess, name: &str, rec: &LockRecord) -> Result<(), SmError> {
+    if rec.queue.is_empty() && rec.last_token == 0 {
+        return state.delete(keys::lock_key(name));
+    }
+    state.put(keys::lock_key(name), codec::encode(rec)?)
+}
+
+fn position(rec: &LockRecord, session: u64) -> Option<(usize, &LockEntry)> {
+    rec.queue
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.session == session)
+}
+
+fn answer(rec: &LockRecord, session: u64) -> LockResponse {
+    match position(rec, session) {
+        Some((_, e)) if e.token != 0 => LockResponse::Held { token: e.token },
+        Some((i, _)) => LockResponse::Waiting { ahead: i as u32 },
+        None => LockResponse::Released { existed: false },
+    }
+}
+
+/// Applies `cmd` at log `index`.
+pub fn apply(
+    state: &mut dyn StateAccess,
+    index: u64,
+    cmd: &LockCommand,
+) -> Result<LockResponse, SmError> {
+    match cmd {
+        LockCommand::Acquire {
+            name,
+            session,
+            mode,
+        } => {
+            let Some(mut owner) = session::load_record(state, *session)? else {
+                return Ok(LockResponse::Rejected(Rejection::new(
+                    RejectCode::UnknownSession,
+                    format!("no session {session} (closed or expired)"),
+                )));
+            };
+            let mut rec = load(state, name)?;
+            if position(&rec, *session).is_none() {
+                if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
+                    return Ok(LockResponse::Rejected(Rejection::new(
+                        RejectCode::TooManyLocks,
+                        format!("session {session} already has {MAX_LOCKS_PER_SESSION} locks"),
+                    )));
+                }
+                rec.queue.push(LockEntry {
+                    session: *session,
+                    mode: *mode,
+                    token: 0,
+                });
+                grant(&mut rec, index);
+                store(state, name, &rec)?;
+                owner.locks.push(name.clone());
+                session::save_record(state, *session, &owner)?;
+            }
+            Ok(answer(&rec, *session))
+        }
+        LockCommand::Release { name, session } => {
+            let existed = release(state, index, name, *session)?;
+            Ok(LockResponse::Released { existed })
+        }
+    }
+}
+
+/// Removes `session` from lock `name` and promotes the next entries.
+pub fn release(
+    state: &mut dyn StateAccess,
+    index: u64,
+    name: &str,
+    session: u64,
+) -> Result<bool, SmError> {
+    let mut rec = load(state, name)?;
+    let before = rec.queue.len();
+    rec.queue.retain(|e| e.session != session);
+    let existed = rec.queue.len() != before;
+    if existed {
+        grant(&mut rec, index);
+        store(state, name, &rec)?;
+        if let Some(mut owner) = session::load_record(state, session)? {
+            owner.locks.retain(|l| l != name);
+            session::save_record(state, session, &owner)?;
+        }
+    }
+    Ok(existed)
+}
+
+/// Releases every lock of a session that is ending (its record is deleted
+/// right after, so it is not updated per lock).
+pub fn release_all(
+    state: &mut dyn StateAccess,
+    index: u64,
+    session: u64,
+    names: &[String],
+) -> Result<(), SmError> {
+    for name in names {
+        let mut rec = load(state, name)?;
+        rec.queue.retain(|e| e.session != session);
+        grant(&mut rec, index);
+        store(state, name, &rec)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sm::MemState;
+    use crate::sm::session::SessionRecord;
+
+    fn with_sessions(ids: &[u64]) -> MemState {
+        let mut m = MemState::default();
+        for id in ids {
+            let rec = SessionRecord {
+                ttl_ms: 1000,
+                granted_ms: 0,
+                remaining_ms: 1000,
+                epoch: 0,
+                locks: Vec::new(),
+            };
+            session::save_record(&mut m, *id, &rec).unwrap();
+        }
+        m
+    }
+
+    fn acquire(m: &mut MemState, index: u64, session: u64, mode: LockMode) -> LockResponse {
+        let cmd = LockCommand::Acquire {
+            name: "l".into(),
+            session,
+            mode,
+        };
+        apply(m, index, &cmd).unwrap()
+    }
+
+    fn rel(m: &mut MemState, index: u64, session: u64) -> LockResponse {
+        let cmd = LockCommand::Release {
+            name: "l".into(),
+            session,
+        };
+        apply(m, index, &cmd).unwrap()
+    }
+
+    #[test]
+    fn waiters_hold_in_fifo_order_with_increasing_tokens() {
+        let mut m = with_sessions(&[1, 2, 3]);
+        use LockMode::Exclusive as X;
+        assert_eq!(acquire(&mut m, 10, 1, X), LockResponse::Held { token: 10 });
+        assert_eq!(
+            acquire(&mut m, 11, 2, X),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        assert_eq!(
+            acquire(&mut m, 12, 3, X),
+            LockResponse::Waiting { ahead: 2 }
+        );
+        // Idempotent per session: asking again changes nothing.
+        assert_eq!(
+            acquire(&mut m, 13, 2, X),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        assert_eq!(rel(&mut m, 14, 1), LockResponse::Released { existed: true });
+        assert_eq!(acquire(&mut m, 15, 2, X), LockResponse::Held { token: 14 });
+        assert_eq!(rel(&mut m, 16, 2), LockResponse::Released { existed: true });
+        assert_eq!(acquire(&mut m, 17, 3, X), LockResponse::Held { token: 16 });
+        assert_eq!(
+            rel(&mut m, 18, 9),
+            LockResponse::Released { existed: false }
+        );
+    }
+
+    #[test]
+    fn shared_holders_coexist_and_exclusive_waits_for_them() {
+        let mut m = with_sessions(&[1, 2, 3, 4]);
+        use LockMode::{Exclusive as X, Shared as S};
+        assert_eq!(acquire(&mut m, 10, 1, S), LockResponse::Held { token: 10 });
+        assert_eq!(acquire(&mut m, 11, 2, S), LockResponse::Held { token: 11 });
+        assert_eq!(
+            acquire(&mut m, 12, 3, X),
+            LockResponse::Waiting { ahead: 2 }
+        );
+        // A reader behind a waiting writer waits too (no writer starvation).
+        assert_eq!(
+            acquire(&mut m, 13, 4, S),
+            LockResponse::Waiting { ahead: 3 }
+        );
+        rel(&mut m, 14, 1);
+        assert_eq!(
+            acquire(&mut m, 15, 3, X),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        rel(&mut m, 16, 2);
+        assert_eq!(acquire(&mut m, 17, 3, X), LockResponse::Held { token: 16 });
+        rel(&mut m, 18, 3);
+        assert_eq!(acquire(&mut m, 19, 4, S), LockResponse::Held { token: 18 });
+    }
+
+    #[test]
+    fn an_unknown_session_cannot_queue_and_release_all_frees_every_lock() {
+        let mut m = with_sessions(&[1, 2]);
+        assert!(matches!(
+            acquire(&mut m, 5, 7, LockMode::Exclusive),
+            LockResponse::Rejected(_)
+        ));
+        acquire(&mut m, 6, 1, LockMode::Exclusive);
+        acquire(&mut m, 7, 2, LockMode::Exclusive);
+        let owner = session::load_record(&mut m, 1).unwrap().unwrap();
+        assert_eq!(owner.locks, vec!["l".to_string()]);
+        release_all(&mut m, 8, 1, &owner.locks).unwrap();
+        assert_eq!(
+            acquire(&mut m, 9, 2, LockMode::Exclusive),
+            LockResponse::Held { token: 8 }
+        );
+    }
+}

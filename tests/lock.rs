@@ -1,0 +1,240 @@
+//! Fair locks on a real 3-node cluster: waiters acquire in FIFO order with
+//! strictly increasing fencing tokens, shared holders coexist, a holder whose
+//! process is SIGKILLed loses the lock after its session's TTL and the next
+//! waiter gets a higher token, and `shopkv lock acquire NAME -- COMMAND` hands
+//! COMMAND the token and releases afterwards.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, binary, channel};
+use shopkv::proto;
+use shopkv::proto::lock_client::LockClient;
+use shopkv::proto::session_client::SessionClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn clients(c: &TestCluster, via: u64) -> (SessionClient<Channel>, LockClient<Channel>) {
+    let ch = channel(&c.node(via).client).await.expect("connect");
+    (SessionClient::new(ch.clone()), LockClient::new(ch))
+}
+
+async fn session(s: &mut SessionClient<Channel>, ttl_ms: u64) -> u64 {
+    s.create(proto::CreateSessionRequest { ttl_ms })
+        .await
+        .expect("session")
+        .into_inner()
+        .session_id
+}
+
+fn acquire_req(name: &str, session: u64, shared: bool, wait_ms: u64) -> proto::AcquireRequest {
+    proto::AcquireRequest {
+        name: name.into(),
+        session_id: session,
+        mode: if shared {
+            proto::LockMode::Shared
+        } else {
+            proto::LockMode::Exclusive
+        } as i32,
+        wait_timeout_ms: wait_ms,
+    }
+}
+
+async fn inspect(l: &mut LockClient<Channel>, name: &str) -> proto::LockState {
+    l.inspect(proto::InspectRequest { name: name.into() })
+        .await
+        .expect("inspect")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_acquire_in_fifo_order_with_increasing_tokens() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let a = session(&mut s, 10_000).await;
+    let t1 = l
+        .acquire(acquire_req("orders/flush", a, false, 1000))
+        .await
+        .expect("first acquire")
+        .into_inner()
+        .fencing_token;
+    // Already held: a try-lock fails, and leaves no trace in the queue.
+    let other = session(&mut s, 10_000).await;
+    let e = l
+        .acquire(acquire_req("orders/flush", other, false, 0))
+        .await
+        .expect_err("held");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // B then C queue (through other nodes); each waits for its turn.
+    let mut waiters = Vec::new();
+    for via in [2u64, 3] {
+        let (mut s2, mut l2) = clients(&c, via).await;
+        let id = session(&mut s2, 10_000).await;
+        let st = inspect(&mut l, "orders/flush").await;
+        let queued = st.waiters.len();
+        waiters.push((
+            id,
+            tokio::spawn(async move {
+                l2.acquire(acquire_req("orders/flush", id, false, 20_000))
+                    .await
+                    .map(|r| r.into_inner().fencing_token)
+            }),
+        ));
+        // Wait until it is in the queue before the next one joins.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while inspect(&mut l, "orders/flush").await.waiters.len() == queued {
+            assert!(Instant::now() < deadline, "waiter did not queue");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let st = inspect(&mut l, "orders/flush").await;
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].session_id, a);
+    let info = s
+        .get(proto::GetSessionRequest { session_id: a })
+        .await
+        .expect("session get")
+        .into_inner();
+    assert_eq!(
+        info.locks,
+        vec!["orders/flush".to_string()],
+        "Get lists owned locks"
+    );
+    let order: Vec<u64> = st.waiters.iter().map(|w| w.session_id).collect();
+    assert_eq!(order, vec![waiters[0].0, waiters[1].0], "FIFO");
+
+    l.release(proto::ReleaseRequest {
+        name: "orders/flush".into(),
+        session_id: a,
+    })
+    .await
+    .expect("release");
+    let (b, tb) = waiters.remove(0);
+    let t2 = tb.await.expect("task").expect("B acquires");
+    assert!(t2 > t1, "tokens increase: {t1} then {t2}");
+    assert_eq!(
+        inspect(&mut l, "orders/flush").await.holders[0].session_id,
+        b
+    );
+    // Closing B's session releases its lock in the same apply: C is next.
+    s.close(proto::CloseSessionRequest { session_id: b })
+        .await
+        .expect("close");
+    let (_, tc) = waiters.remove(0);
+    let t3 = tc.await.expect("task").expect("C acquires");
+    assert!(t3 > t2, "tokens increase: {t2} then {t3}");
+    let e = l
+        .release(proto::ReleaseRequest {
+            name: "orders/flush".into(),
+            session_id: a,
+        })
+        .await
+        .expect_err("not in the queue");
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Shared holders coexist; an exclusive one waits for both.
+    let r1 = session(&mut s, 10_000).await;
+    let r2 = session(&mut s, 10_000).await;
+    for r in [r1, r2] {
+        l.acquire(acquire_req("catalog/read", r, true, 1000))
+            .await
+            .expect("shared acquire");
+    }
+    assert_eq!(inspect(&mut l, "catalog/read").await.holders.len(), 2);
+    let w = session(&mut s, 10_000).await;
+    let e = l
+        .acquire(acquire_req("catalog/read", w, false, 300))
+        .await
+        .expect_err("writer waits for readers");
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(
+        inspect(&mut l, "catalog/read").await.waiters.is_empty(),
+        "a timed-out waiter leaves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_loses_the_lock_after_its_ttl_and_the_cli_passes_the_token() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let eps = c.endpoints().join(",");
+    let (mut s, mut l) = clients(&c, 2).await;
+
+    // `lock acquire -- COMMAND` gives COMMAND the token and frees the lock after.
+    let out = Command::new(binary())
+        .args([
+            "lock",
+            "acquire",
+            "jobs/nightly",
+            "--endpoints",
+            &eps,
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("echo token=$SHOPKV_FENCING_TOKEN; exit 3")
+        .output()
+        .expect("run lock acquire");
+    assert_eq!(out.status.code(), Some(3), "exit code of the command");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let token: u64 = text
+        .trim()
+        .strip_prefix("token=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no token in {text:?}"));
+    assert!(token > 0);
+    let st = inspect(&mut l, "jobs/nightly").await;
+    assert!(st.holders.is_empty() && st.last_token == token, "{st:?}");
+
+    // A holder process killed with SIGKILL: its session stops being kept alive.
+    let mut holder = Command::new(binary())
+        .args([
+            "lock",
+            "acquire",
+            "jobs/nightly",
+            "--ttl-ms",
+            "2000",
+            "--endpoints",
+            &eps,
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn holder");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let st = inspect(&mut l, "jobs/nightly").await;
+        if let Some(h) = st.holders.first() {
+            break h.fencing_token;
+        }
+        assert!(Instant::now() < deadline, "holder never got the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(held > token);
+    let next = session(&mut s, 10_000).await;
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = l
+            .acquire(acquire_req("jobs/nightly", next, false, 15_000))
+            .await
+            .map(|r| r.into_inner().fencing_token);
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: kill(2) on a child we spawned.
+    unsafe {
+        libc::kill(holder.id() as i32, libc::SIGKILL);
+    }
+    let _ = holder.wait();
+    let (got, waited) = waiter.await.expect("task");
+    let t = got.expect("the next waiter gets the lock");
+    assert!(t > held, "higher token: {held} then {t}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "passed on after {waited:?} (TTL 2 s)"
+    );
+}
