@@ -21,7 +21,11 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
     let mut c = TestCluster::start_initialised(3, 2, &[]).await;
     let mut kv = c.kv(2).await;
 
-    let put = |key: Vec<u8>, value: Vec<u8>| proto::PutRequest { key, value };
+    let put = |key: Vec<u8>, value: Vec<u8>| proto::PutRequest {
+        key,
+        value,
+        fence: None,
+    };
     let e = kv
         .put(put(Vec::new(), b"v".to_vec()))
         .await
@@ -57,6 +61,7 @@ async fn bad_requests_get_clear_statuses_and_change_nothing() {
             key: Vec::new(),
             expected_version: 0,
             value: Vec::new(),
+            fence: None,
         })
         .await
         .expect_err("cas empty key");

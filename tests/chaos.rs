@@ -108,6 +108,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
                 let req = proto::PutRequest {
                     key: key_bytes(key),
                     value: value.to_string().into_bytes(),
+                    fence: None,
                 };
                 match tokio::time::timeout(OP_TIMEOUT, kv.put(req)).await {
                     Ok(Ok(r)) => Outcome::Written(r.into_inner().version),
@@ -120,6 +121,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
                     key: key_bytes(key),
                     expected_version: *expected,
                     value: value.to_string().into_bytes(),
+                    fence: None,
                 };
                 match tokio::time::timeout(OP_TIMEOUT, kv.compare_and_swap(req)).await {
                     Ok(Ok(r)) => {

@@ -238,3 +238,88 @@ async fn a_killed_holder_loses_the_lock_after_its_ttl_and_the_cli_passes_the_tok
         "passed on after {waited:?} (TTL 2 s)"
     );
 }
+
+/// Kleppmann's scenario: a holder pauses, loses the lock, the next holder
+/// writes, and the old holder's late write — with its old token — is refused
+/// by the store itself; the data keeps the new holder's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_a_superseded_fencing_token_is_refused_by_the_store() {
+    let c = TestCluster::start_initialised(3, 2, &[]).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let mut kv = c.kv(3).await;
+    let fence = |token| {
+        Some(proto::Fence {
+            lock_name: "inventory/writer".into(),
+            token,
+        })
+    };
+    let put = |value: &str, token| proto::PutRequest {
+        key: b"stock/sku-1".to_vec(),
+        value: value.as_bytes().to_vec(),
+        fence: fence(token),
+    };
+    let a = session(&mut s, 10_000).await;
+    let ta = l
+        .acquire(acquire_req("inventory/writer", a, false, 1000))
+        .await
+        .expect("A acquires")
+        .into_inner()
+        .fencing_token;
+    kv.put(put("by A", ta))
+        .await
+        .expect("A writes with its token");
+    // A "pauses"; its session ends and B takes over.
+    s.close(proto::CloseSessionRequest { session_id: a })
+        .await
+        .expect("A's session ends");
+    let b = session(&mut s, 10_000).await;
+    let tb = l
+        .acquire(acquire_req("inventory/writer", b, false, 1000))
+        .await
+        .expect("B acquires")
+        .into_inner()
+        .fencing_token;
+    assert!(tb > ta);
+    kv.put(put("by B", tb)).await.expect("B writes");
+    // A wakes up and writes with its old token: refused, nothing changes.
+    let e = kv.put(put("late A", ta)).await.expect_err("stale token");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("stale fencing token"), "{e:?}");
+    let e = kv
+        .delete(proto::DeleteRequest {
+            key: b"stock/sku-1".to_vec(),
+            fence: fence(ta),
+        })
+        .await
+        .expect_err("stale delete");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = kv
+        .compare_and_swap(proto::CompareAndSwapRequest {
+            key: b"stock/sku-1".to_vec(),
+            expected_version: 0,
+            value: b"x".to_vec(),
+            fence: fence(ta),
+        })
+        .await
+        .expect_err("stale cas");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        common::get(&mut kv, "stock/sku-1", false)
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("by B")
+    );
+    let e = kv
+        .put(proto::PutRequest {
+            key: b"k".to_vec(),
+            value: Vec::new(),
+            fence: Some(proto::Fence {
+                lock_name: String::new(),
+                token: 1,
+            }),
+        })
+        .await
+        .expect_err("empty lock name");
+    assert_eq!(e.code(), Code::InvalidArgument);
+}

@@ -132,10 +132,14 @@ impl Conn {
     pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), OpError> {
         match self {
             Conn::Shopkv(c) => {
-                c.kv.put(request(PutRequest { key, value }))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
+                c.kv.put(request(PutRequest {
+                    key,
+                    value,
+                    fence: None,
+                }))
+                .await
+                .map(|_| ())
+                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
             }
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => kv

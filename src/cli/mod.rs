@@ -348,6 +348,7 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
                 .put(proto::PutRequest {
                     key: key.into_bytes(),
                     value: value.into_bytes(),
+                    fence: None,
                 })
                 .await?
                 .into_inner();
@@ -379,6 +380,7 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
             let r = client
                 .delete(proto::DeleteRequest {
                     key: key.into_bytes(),
+                    fence: None,
                 })
                 .await?
                 .into_inner();
@@ -428,6 +430,7 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
                     key: key.into_bytes(),
                     expected_version: version,
                     value: value.into_bytes(),
+                    fence: None,
                 })
                 .await?
                 .into_inner();

@@ -67,6 +67,31 @@ fn check_value(value: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
+/// Longest lock name a fence may name.
+const MAX_FENCE_LOCK_BYTES: usize = 256;
+
+/// Wraps a write in its fence, if the request carries one.
+fn fenced(cmd: Command, fence: Option<proto::Fence>) -> Result<Command, Status> {
+    let Some(f) = fence else { return Ok(cmd) };
+    if f.lock_name.is_empty() || f.lock_name.len() > MAX_FENCE_LOCK_BYTES || f.token == 0 {
+        return Err(invalid(format!(
+            "fence needs a lock name of 1..={MAX_FENCE_LOCK_BYTES} bytes and a token > 0"
+        )));
+    }
+    Ok(Command::Fenced {
+        lock_name: f.lock_name,
+        token: f.token,
+        cmd: Box::new(cmd),
+    })
+}
+
+/// FAILED_PRECONDITION for a write whose fencing token was superseded.
+fn stale_fence(highest: u64) -> Status {
+    to_status(NodeError::FailedPrecondition(format!(
+        "stale fencing token: this lock has already seen token {highest}"
+    )))
+}
+
 fn unexpected(r: SmResponse) -> Status {
     to_status(NodeError::Internal(format!(
         "unexpected apply result {r:?}"
@@ -85,16 +110,20 @@ impl Kv for KvService {
         check_key(&r.key)?;
         check_value(&r.value)?;
         let shard = self.map()?.shard_for(&r.key);
-        let cmd = Command::Put {
-            key: r.key,
-            value: r.value,
-        };
+        let cmd = fenced(
+            Command::Put {
+                key: r.key,
+                value: r.value,
+            },
+            r.fence,
+        )?;
         match self
             .node
             .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
             .await?
         {
             SmResponse::Put { version } => Ok(Response::new(proto::PutResponse { version, shard })),
+            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             other => Err(unexpected(other)),
         }
     }
@@ -142,7 +171,7 @@ impl Kv for KvService {
             .node
             .propose(
                 shard,
-                Command::Delete { key: r.key },
+                fenced(Command::Delete { key: r.key }, r.fence)?,
                 deadline,
                 MAX_FORWARD_HOPS,
             )
@@ -151,6 +180,7 @@ impl Kv for KvService {
             SmResponse::Delete { deleted, revision } => {
                 Ok(Response::new(proto::DeleteResponse { deleted, revision }))
             }
+            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             other => Err(unexpected(other)),
         }
     }
@@ -233,16 +263,20 @@ impl Kv for KvService {
         check_value(&r.value)?;
         let shard = self.map()?.shard_for(&r.key);
         let key = r.key.clone();
-        let cmd = Command::CompareAndSwap {
-            key: r.key,
-            expected_version: r.expected_version,
-            value: r.value,
-        };
+        let cmd = fenced(
+            Command::CompareAndSwap {
+                key: r.key,
+                expected_version: r.expected_version,
+                value: r.value,
+            },
+            r.fence,
+        )?;
         match self
             .node
             .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
             .await?
         {
+            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             SmResponse::Cas {
                 succeeded,
                 version,

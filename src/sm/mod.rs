@@ -48,6 +48,16 @@ pub enum Command {
     Session(session::SessionCommand),
     /// Meta group: a lock change.
     Lock(lock::LockCommand),
+    /// Data shard: `cmd` only if `token` is at least the highest token this
+    /// shard has seen for `lock_name` (store-enforced fencing).
+    Fenced {
+        /// Lock whose token guards the write.
+        lock_name: String,
+        /// The writer's fencing token.
+        token: u64,
+        /// The guarded command (a KV write).
+        cmd: Box<Command>,
+    },
 }
 
 impl Command {
@@ -55,6 +65,11 @@ impl Command {
     pub fn belongs_to(&self, group: GroupId) -> bool {
         match self {
             Command::InitCluster(_) | Command::Session(_) | Command::Lock(_) => group == META_GROUP,
+            Command::Fenced { cmd, .. } => {
+                group != META_GROUP
+                    && !matches!(**cmd, Command::Fenced { .. })
+                    && cmd.belongs_to(group)
+            }
             Command::Put { .. }
             | Command::Delete { .. }
             | Command::CompareAndSwap { .. }
@@ -80,6 +95,11 @@ impl std::fmt::Display for Command {
             Command::Commerce(c) => c.fmt(f),
             Command::Session(c) => write!(f, "Session({c:?})"),
             Command::Lock(c) => write!(f, "Lock({c:?})"),
+            Command::Fenced {
+                lock_name,
+                token,
+                cmd,
+            } => write!(f, "Fenced({lock_name}@{token}, {cmd})"),
         }
     }
 }
@@ -128,6 +148,11 @@ pub enum Response {
     Session(session::SessionResponse),
     /// A lock command's result.
     Lock(lock::LockResponse),
+    /// `Fenced` refused: a higher token was already seen for the lock.
+    StaleFence {
+        /// The highest token seen.
+        highest: u64,
+    },
 }
 
 /// A stored KV record.
@@ -228,6 +253,24 @@ pub fn apply(
         Command::Commerce(c) => Ok(Response::Commerce(commerce::apply(state, index, c)?)),
         Command::Session(c) => Ok(Response::Session(session::apply(state, index, term, c)?)),
         Command::Lock(c) => Ok(Response::Lock(lock::apply(state, index, c)?)),
+        Command::Fenced {
+            lock_name,
+            token,
+            cmd,
+        } => {
+            let key = keys::fence_key(lock_name);
+            let highest = match state.get(&key)? {
+                Some(b) => codec::decode::<u64>(&b)?,
+                None => 0,
+            };
+            if *token < highest {
+                return Ok(Response::StaleFence { highest });
+            }
+            if *token > highest {
+                state.put(key, codec::encode(token)?)?;
+            }
+            apply(state, group, index, term, cmd)
+        }
     }
 }
 
@@ -367,6 +410,48 @@ mod tests {
                 deleted: false,
                 revision: 5
             }
+        );
+    }
+
+    #[test]
+    fn a_fenced_write_with_a_stale_token_changes_nothing() {
+        let mut m = Mem::default();
+        let fenced = |token, v: &str| Command::Fenced {
+            lock_name: "l".into(),
+            token,
+            cmd: Box::new(put("k", v)),
+        };
+        assert_eq!(
+            apply(&mut m, 1, 5, 1, &fenced(7, "a")).unwrap(),
+            Response::Put { version: 5 }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 6, 1, &fenced(7, "b")).unwrap(),
+            Response::Put { version: 6 },
+            "the same holder may write again"
+        );
+        let before = m.clone();
+        assert_eq!(
+            apply(&mut m, 1, 7, 1, &fenced(3, "old holder")).unwrap(),
+            Response::StaleFence { highest: 7 }
+        );
+        assert_eq!(m, before);
+        assert_eq!(
+            apply(&mut m, 1, 8, 1, &fenced(9, "c")).unwrap(),
+            Response::Put { version: 8 }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 9, 1, &fenced(7, "d")).unwrap(),
+            Response::StaleFence { highest: 9 }
+        );
+        let nested = Command::Fenced {
+            lock_name: "l".into(),
+            token: 10,
+            cmd: Box::new(fenced(10, "x")),
+        };
+        assert_eq!(
+            apply(&mut m, 1, 10, 1, &nested).unwrap(),
+            Response::WrongGroup
         );
     }
 

@@ -32,6 +32,7 @@
 //! | `W` · order id                           | undecided transaction index     |
 //! | `s` · session id (8)                     | session (meta group)            |
 //! | `L` · lock name                          | lock queue and last token (meta)|
+//! | `f` · lock name                          | highest fencing token seen      |
 
 /// Raft group id: 0 is the meta group, 1..=S the data shards.
 pub type GroupId = u64;
@@ -80,6 +81,8 @@ const NS_META: u8 = b'm';
 const NS_SESSION: u8 = b's';
 /// Namespace byte of locks (meta group).
 const NS_LOCK: u8 = b'L';
+/// Namespace byte of the highest fencing token seen per lock (data shards).
+const NS_FENCE: u8 = b'f';
 /// Namespace bytes of commerce records (see the module table).
 const NS_PRODUCT: u8 = b'P';
 const NS_INVENTORY: u8 = b'I';
@@ -191,6 +194,11 @@ pub fn session_id_of(record_key: &[u8]) -> Option<u64> {
 /// Record key of a lock (meta group).
 pub fn lock_key(name: &str) -> Vec<u8> {
     ns_id(NS_LOCK, name)
+}
+
+/// Record key of the highest fencing token a shard has seen for `lock_name`.
+pub fn fence_key(lock_name: &str) -> Vec<u8> {
+    ns_id(NS_FENCE, lock_name)
 }
 
 /// Record key of the cluster map in the meta group.

@@ -413,6 +413,7 @@ pub async fn put(
         .put(proto::PutRequest {
             key: key.as_bytes().to_vec(),
             value: value.as_bytes().to_vec(),
+            fence: None,
         })
         .await
         .map(|r| r.into_inner().version)
