@@ -350,3 +350,57 @@ async fn session_commands_create_keep_alive_and_close() {
     assert!(fails(&eps, &["session", "close", other.trim()]).contains("no session"));
     assert!(fails(&eps, &["session", "create", "--ttl-ms", "10"]).contains("ttl_ms"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_under_a_lock_writes_with_its_fencing_token_and_a_stale_one_fails() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let eps = c.endpoints().join(",");
+    // The command writes with the token it was given: accepted.
+    let script = format!(
+        "{} kv put report/owner first --fence jobs/report:$SHOPKV_FENCING_TOKEN --endpoints {eps} && echo $SHOPKV_FENCING_TOKEN",
+        binary()
+    );
+    let out = ok(
+        &eps,
+        &["lock", "acquire", "jobs/report", "--", "sh", "-c", &script],
+    );
+    let first: u64 = out
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("token printed");
+    // A later holder writes with its (higher) token.
+    let script = format!(
+        "{} kv put report/owner second --fence jobs/report:$SHOPKV_FENCING_TOKEN --endpoints {eps}",
+        binary()
+    );
+    ok(
+        &eps,
+        &["lock", "acquire", "jobs/report", "--", "sh", "-c", &script],
+    );
+    // The first holder's token is now stale: refused, value unchanged.
+    let fence = format!("jobs/report:{first}");
+    let err = fails(
+        &eps,
+        &["kv", "put", "report/owner", "late", "--fence", &fence],
+    );
+    assert!(err.contains("stale fencing token"), "{err}");
+    assert!(
+        fails(&eps, &["kv", "del", "report/owner", "--fence", &fence])
+            .contains("stale fencing token")
+    );
+    assert_eq!(ok(&eps, &["kv", "get", "report/owner"]), "second\n");
+    // A malformed fence is a usage error (clap's exit code 2), naming the format.
+    let (code, _, err) = cli(&[
+        "kv",
+        "put",
+        "k",
+        "v",
+        "--fence",
+        "no-token",
+        "--endpoints",
+        &eps,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("LOCK:TOKEN"), "{err}");
+}

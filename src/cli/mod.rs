@@ -75,6 +75,10 @@ pub enum KvCmd {
         key: String,
         /// Value.
         value: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current
+        /// (`--fence LOCK:TOKEN`, e.g. from `lock acquire`'s SHOPKV_FENCING_TOKEN).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Read a value (prints the value alone in table mode).
     Get {
@@ -88,6 +92,10 @@ pub enum KvCmd {
     Del {
         /// Key.
         key: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current
+        /// (`--fence LOCK:TOKEN`, e.g. from `lock acquire`'s SHOPKV_FENCING_TOKEN).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// List keys by prefix.
     Scan {
@@ -108,7 +116,25 @@ pub enum KvCmd {
         version: u64,
         /// New value.
         value: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current
+        /// (`--fence LOCK:TOKEN`, e.g. from `lock acquire`'s SHOPKV_FENCING_TOKEN).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
+}
+
+/// Parses `LOCK:TOKEN` (the lock name may itself contain ':').
+fn parse_fence(s: &str) -> Result<proto::Fence, String> {
+    let (lock_name, token) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("expected LOCK:TOKEN, got {s:?}"))?;
+    let token = token
+        .parse()
+        .map_err(|e| format!("bad token in {s:?}: {e}"))?;
+    Ok(proto::Fence {
+        lock_name: lock_name.to_string(),
+        token,
+    })
 }
 
 /// A CLI failure: printed as one line, exit code 1.
@@ -343,12 +369,12 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
     let mut client = KvClient::new(connect(g).await?).max_decoding_message_size(64 << 20);
     let json_out = g.write_out == Format::Json;
     match cmd {
-        KvCmd::Put { key, value } => {
+        KvCmd::Put { key, value, fence } => {
             let r = client
                 .put(proto::PutRequest {
                     key: key.into_bytes(),
                     value: value.into_bytes(),
-                    fence: None,
+                    fence,
                 })
                 .await?
                 .into_inner();
@@ -376,11 +402,11 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
                 println!("{}", lossy(&rec.value));
             }
         }
-        KvCmd::Del { key } => {
+        KvCmd::Del { key, fence } => {
             let r = client
                 .delete(proto::DeleteRequest {
                     key: key.into_bytes(),
-                    fence: None,
+                    fence,
                 })
                 .await?
                 .into_inner();
@@ -424,13 +450,14 @@ pub async fn kv(g: &GlobalArgs, cmd: KvCmd) -> Result<(), CliError> {
             key,
             version,
             value,
+            fence,
         } => {
             let r = client
                 .compare_and_swap(proto::CompareAndSwapRequest {
                     key: key.into_bytes(),
                     expected_version: version,
                     value: value.into_bytes(),
-                    fence: None,
+                    fence,
                 })
                 .await?
                 .into_inner();
