@@ -73,17 +73,12 @@ pub trait PaymentProvider: Send + Sync {
     ) -> Result<String, PaymentError>;
 }
 
-/// What the simulated provider has done, per idempotency key.
-#[derive(Debug, Default)]
-struct Ledger {
-    captured: HashMap<String, i64>,
-    refunded: HashMap<String, i64>,
-}
-
 /// The built-in simulated provider (see the module docs).
 #[derive(Debug, Default)]
 pub struct SimulatedProvider {
-    ledger: Mutex<Ledger>,
+    /// Amount of each (operation, idempotency key) done: a repeated key
+    /// finds its entry and does nothing more.
+    ledger: Mutex<HashMap<(&'static str, String), i64>>,
 }
 
 impl SimulatedProvider {
@@ -97,8 +92,23 @@ impl SimulatedProvider {
     pub fn captured_total(&self) -> i64 {
         self.ledger
             .lock()
-            .map(|l| l.captured.values().sum())
+            .map(|l| {
+                l.iter()
+                    .filter(|((op, _), _)| *op == "capture")
+                    .map(|(_, amount)| amount)
+                    .sum()
+            })
             .unwrap_or(0)
+    }
+
+    /// Records `op` of `amount_minor` under `key` once; returns its reference.
+    fn once(&self, op: &'static str, key: &str, amount_minor: i64) -> Result<String, PaymentError> {
+        let mut ledger = self
+            .ledger
+            .lock()
+            .map_err(|_| PaymentError::Unavailable("ledger poisoned".into()))?;
+        ledger.entry((op, key.to_string())).or_insert(amount_minor);
+        Ok(reference(op, key))
     }
 }
 
@@ -165,15 +175,7 @@ impl PaymentProvider for SimulatedProvider {
         _auth_ref: &str,
         amount_minor: i64,
     ) -> Result<String, PaymentError> {
-        let mut ledger = self
-            .ledger
-            .lock()
-            .map_err(|_| PaymentError::Unavailable("ledger poisoned".into()))?;
-        ledger
-            .captured
-            .entry(idempotency_key.to_string())
-            .or_insert(amount_minor);
-        Ok(reference("capture", idempotency_key))
+        self.once("capture", idempotency_key, amount_minor)
     }
 
     async fn refund(
@@ -182,15 +184,7 @@ impl PaymentProvider for SimulatedProvider {
         _capture_ref: &str,
         amount_minor: i64,
     ) -> Result<String, PaymentError> {
-        let mut ledger = self
-            .ledger
-            .lock()
-            .map_err(|_| PaymentError::Unavailable("ledger poisoned".into()))?;
-        ledger
-            .refunded
-            .entry(idempotency_key.to_string())
-            .or_insert(amount_minor);
-        Ok(reference("refund", idempotency_key))
+        self.once("refund", idempotency_key, amount_minor)
     }
 }
 

@@ -41,6 +41,22 @@ impl CartService {
         }
     }
 
+    /// Checks a line request (ids, quantity, the product orderable) and
+    /// returns the quantity and the product's per-order limit.
+    async fn checked_line(
+        &self,
+        customer: &str,
+        sku: &str,
+        quantity: i64,
+        deadline: Instant,
+    ) -> Result<(u32, u32), Status> {
+        check_id("customer_id", customer)?;
+        check_id("sku", sku)?;
+        let qty = check_quantity(sku, quantity)?;
+        let product = self.orderable(sku, deadline).await?;
+        Ok((qty, product.line_limit()))
+    }
+
     async fn change(
         &self,
         customer: String,
@@ -64,15 +80,14 @@ impl Cart for CartService {
     ) -> Result<Response<proto::CartView>, Status> {
         let deadline = self.ctx.deadline(&req);
         let r = req.into_inner();
-        check_id("customer_id", &r.customer_id)?;
-        check_id("sku", &r.sku)?;
-        let qty = check_quantity(&r.sku, r.quantity)?;
-        let product = self.orderable(&r.sku, deadline).await?;
+        let (qty, line_limit) = self
+            .checked_line(&r.customer_id, &r.sku, r.quantity, deadline)
+            .await?;
         let cmd = CommerceCommand::CartAdd {
             customer: r.customer_id.clone(),
             sku: r.sku,
             qty,
-            line_limit: product.line_limit(),
+            line_limit,
         };
         self.change(r.customer_id, cmd, deadline).await
     }
@@ -100,15 +115,14 @@ impl Cart for CartService {
     ) -> Result<Response<proto::CartView>, Status> {
         let deadline = self.ctx.deadline(&req);
         let r = req.into_inner();
-        check_id("customer_id", &r.customer_id)?;
-        check_id("sku", &r.sku)?;
-        let qty = check_quantity(&r.sku, r.quantity)?;
-        let product = self.orderable(&r.sku, deadline).await?;
+        let (qty, line_limit) = self
+            .checked_line(&r.customer_id, &r.sku, r.quantity, deadline)
+            .await?;
         let cmd = CommerceCommand::CartUpdate {
             customer: r.customer_id.clone(),
             sku: r.sku,
             qty,
-            line_limit: product.line_limit(),
+            line_limit,
         };
         self.change(r.customer_id, cmd, deadline).await
     }

@@ -249,11 +249,6 @@ pub fn inventory_key(sku: &str) -> Vec<u8> {
     ns_id(NS_INVENTORY, sku)
 }
 
-/// Prefix of every inventory record.
-pub fn inventory_prefix() -> Vec<u8> {
-    vec![NS_INVENTORY]
-}
-
 /// Record key of the stock `order_id` holds reserved of `sku`.
 pub fn reservation_key(sku: &str, order_id: &str) -> Vec<u8> {
     let mut k = ns_len_id(NS_RESERVATION, sku);
@@ -274,11 +269,6 @@ pub fn cart_key(customer: &str) -> Vec<u8> {
 /// Record key of an order.
 pub fn order_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_ORDER, order_id)
-}
-
-/// Prefix of every order record.
-pub fn order_prefix() -> Vec<u8> {
-    vec![NS_ORDER]
 }
 
 /// Record key of an order's payment.

@@ -222,6 +222,21 @@ impl TestCluster {
         c
     }
 
+    /// The last `lines` lines of every node's log, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(n.dir.join("shopkv.log")).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- node {} log (last {lines} lines)\n", n.id));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// The cluster's temporary directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -252,7 +267,9 @@ impl TestCluster {
                     eprintln!("init not yet possible: {e}");
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                Err(e) => panic!("cluster init failed: {e}"),
+                // Say why: the flake seen twice (nodes not answering for 30 s)
+                // needs the nodes' own account.
+                Err(e) => panic!("cluster init failed: {e}\n{}", self.log_tails(20)),
             }
         }
         self.shards = shards;
