@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shopkv/v1/commerce.proto",
         "proto/shopkv/v1/session.proto",
         "proto/shopkv/v1/lock.proto",
+        "proto/shopkv/v1/watch.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

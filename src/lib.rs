@@ -21,6 +21,7 @@ pub mod sm;
 pub mod storage;
 pub mod sweeper;
 pub mod txn;
+pub mod watch;
 
 /// Generated gRPC types of `proto/shopkv/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use shopkv::cli::commerce::{self, CartCmd, OrderCmd, ProductCmd, StockCmd};
 use shopkv::cli::lock::LockCmd;
 use shopkv::cli::session::SessionCmd;
+use shopkv::cli::watch::WatchArgs;
 use shopkv::cli::{self, ClusterCmd, GlobalArgs, KvCmd};
 use shopkv::config::{Config, ServeArgs};
 use shopkv::node::Node;
@@ -49,6 +50,8 @@ enum Cmd {
     /// Fair locks with fencing tokens.
     #[command(subcommand)]
     Lock(LockCmd),
+    /// Stream changes to KV keys under a prefix, an order, a SKU's stock or a lock.
+    Watch(WatchArgs),
     /// Demo data.
     #[command(subcommand)]
     Demo(DemoCmd),
@@ -77,6 +80,7 @@ async fn main() -> ExitCode {
         Cmd::Order(c) => commerce::order(&cli.global, c).await,
         Cmd::Session(c) => cli::session::session(&cli.global, c).await,
         Cmd::Lock(c) => cli::lock::lock(&cli.global, c).await,
+        Cmd::Watch(a) => cli::watch::watch(&cli.global, a).await,
         Cmd::Demo(DemoCmd::Seed { products }) => cli::demo::seed(&cli.global, products).await,
     };
     match res {

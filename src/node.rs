@@ -28,6 +28,7 @@ use crate::sm::session::SessionRecord;
 use crate::sm::{self, Command, Response, StoredRecord};
 use crate::storage::keys::{self, GroupId};
 use crate::storage::{StorageError, Store};
+use crate::watch::WatchHub;
 
 /// Most forwarding hops a request may take (a non-replica forwards to a
 /// replica, which forwards to the leader).
@@ -258,6 +259,8 @@ pub struct Node {
     pub payments: Arc<dyn PaymentProvider>,
     /// Session deadlines, kept while this node leads the meta group.
     pub sessions: crate::lease::SessionClock,
+    /// Recently applied changes of each local group, for watchers.
+    pub watches: Arc<WatchHub>,
 }
 
 impl Node {
@@ -330,6 +333,7 @@ impl Node {
             vote_hold_off_until: Instant::now() + leader_lease,
             payments: Arc::new(SimulatedProvider::new()),
             sessions: crate::lease::SessionClock::default(),
+            watches: Arc::new(WatchHub::new()),
         });
         let meta = node
             .start_group(META_GROUP)
@@ -483,16 +487,32 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The index `group`'s state machine has applied, as stored.
+    fn applied_index_on_disk(&self, group: GroupId) -> Result<u64, NodeError> {
+        let stored = self
+            .store
+            .sm_meta(group, keys::SmMetaTag::LastApplied)
+            .map_err(|e| NodeError::Internal(format!("read applied index: {e}")))?;
+        match stored {
+            Some(b) => codec::decode::<openraft::type_config::alias::LogIdOf<TypeConfig>>(&b)
+                .map(|l| l.index)
+                .map_err(|e| NodeError::Internal(format!("decode applied index: {e}"))),
+            None => Ok(0),
+        }
+    }
+
     async fn start_group(&self, group: GroupId) -> Result<GroupRaft, NodeError> {
         if let Some(r) = self.group(group) {
             return Ok(r);
         }
+        self.watches
+            .register(group, self.applied_index_on_disk(group)?);
         let raft = GroupRaft::new(
             self.id,
             self.raft_config.clone(),
             GroupNetworkFactory::new(self.router.clone(), group),
             LogStore::new(group, self.store.clone()),
-            StateMachine::new(group, self.store.clone()),
+            StateMachine::new(group, self.store.clone(), self.watches.clone()),
         )
         .await
         .map_err(|e| NodeError::Internal(format!("start group {group}: {e}")))?;

@@ -25,7 +25,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         Ok((
             dir,
             LogStore::new(self.group, store.clone()),
-            StateMachine::new(self.group, store),
+            StateMachine::new(self.group, store, Default::default()),
         ))
     }
 }

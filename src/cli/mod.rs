@@ -7,6 +7,7 @@ pub mod commerce;
 pub mod demo;
 pub mod lock;
 pub mod session;
+pub mod watch;
 
 use std::time::Duration;
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
@@ -14,8 +15,9 @@ use openraft::{EntryPayload, StoredMembership};
 use super::TypeConfig;
 use crate::codec;
 use crate::sm::{self, Response, SmError, StateAccess};
-use crate::storage::keys::{GroupId, SmMetaTag};
+use crate::storage::keys::{self, GroupId, SmMetaTag};
 use crate::storage::{ApplyBatch, GroupImage, Store};
+use crate::watch::{Change, Event, WatchHub};
 
 /// Snapshot contents in flight: one group's records and meta.
 pub type SnapshotData = GroupImage;
@@ -25,12 +27,17 @@ pub type SnapshotData = GroupImage;
 pub struct StateMachine {
     group: GroupId,
     store: Store,
+    watches: Arc<WatchHub>,
 }
 
 impl StateMachine {
-    /// The state machine of `group` in `store`.
-    pub fn new(group: GroupId, store: Store) -> StateMachine {
-        StateMachine { group, store }
+    /// The state machine of `group` in `store`, publishing its changes to `watches`.
+    pub fn new(group: GroupId, store: Store, watches: Arc<WatchHub>) -> StateMachine {
+        StateMachine {
+            group,
+            store,
+            watches,
+        }
     }
 
     /// A snapshot of the current state: records, last applied and membership
@@ -61,6 +68,19 @@ struct Overlay<'a> {
     group: GroupId,
     batch: ApplyBatch,
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Watchable changes of the entry being applied.
+    changes: Vec<Change>,
+}
+
+impl Overlay<'_> {
+    fn note(&mut self, record_key: &[u8], value: Option<&[u8]>) {
+        if keys::is_watchable(record_key) {
+            self.changes.push(Change {
+                record_key: record_key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+            });
+        }
+    }
 }
 
 impl StateAccess for Overlay<'_> {
@@ -77,6 +97,7 @@ impl StateAccess for Overlay<'_> {
         self.batch
             .put_record(self.store, &record_key, &value)
             .map_err(|e| SmError::Storage(e.to_string()))?;
+        self.note(&record_key, Some(&value));
         self.pending.insert(record_key, Some(value));
         Ok(())
     }
@@ -85,6 +106,7 @@ impl StateAccess for Overlay<'_> {
         self.batch
             .delete_record(self.store, &record_key)
             .map_err(|e| SmError::Storage(e.to_string()))?;
+        self.note(&record_key, None);
         self.pending.insert(record_key, None);
         Ok(())
     }
@@ -128,7 +150,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             group: self.group,
             batch: self.store.apply_batch(self.group),
             pending: HashMap::new(),
+            changes: Vec::new(),
         };
+        let mut events = Vec::new();
         let mut responders = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
@@ -147,6 +171,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Response::Empty
                 }
             };
+            if !overlay.changes.is_empty() {
+                events.push(Event {
+                    revision: log_id.index,
+                    changes: std::mem::take(&mut overlay.changes),
+                });
+            }
             last_applied = Some(log_id);
             if let Some(r) = responder {
                 responders.push((r, response));
@@ -165,6 +195,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.put_meta(&self.store, SmMetaTag::Membership, &codec::encode(&m)?)?;
         }
         self.store.commit_apply(batch)?;
+        self.watches.publish(self.group, events, last_applied.index);
         for (r, resp) in responders {
             r.send(resp);
         }
@@ -191,6 +222,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || store.install_group_snapshot(group, &snapshot))
             .await
             .map_err(io::Error::other)??;
+        let applied = meta.last_log_id.as_ref().map_or(0, |l| l.index);
+        self.watches.reset(self.group, applied);
         Ok(())
     }
 

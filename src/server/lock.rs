@@ -1,6 +1,6 @@
 //! `shopkv.v1.Lock`: fair locks in the meta group. Acquire joins the queue (one
-//! Raft write) and, if it must wait, polls the lock with linearizable reads
-//! until its session holds it or the wait ends.
+//! Raft write) and, if it must wait, follows the lock's changes in this node's
+//! watch hub until its session holds it or the wait ends.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,19 +9,22 @@ use tonic::{Request, Response, Status};
 
 use super::deadline_of;
 use super::error::{rejection_status, to_status};
+use crate::codec;
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::proto;
 use crate::proto::lock_server::Lock;
 use crate::router::META_GROUP;
 use crate::sm::lock::{LockCommand, LockMode, LockRecord, LockResponse};
 use crate::sm::{Command, Response as SmResponse};
+use crate::storage::keys;
 
 /// Longest lock name, in bytes.
 pub const MAX_LOCK_NAME_BYTES: usize = 256;
 /// Longest wait of one Acquire.
 pub const MAX_LOCK_WAIT_MS: u64 = 600_000;
-/// How often a waiting Acquire looks at the lock again.
-const WAIT_POLL: Duration = Duration::from_millis(20);
+/// How often a waiting Acquire reads the lock linearizably, in case this
+/// node's applied changes fall behind (a partitioned follower).
+const RECHECK_EVERY: Duration = Duration::from_millis(1000);
 
 /// The Lock service.
 pub struct LockService {
@@ -69,7 +72,8 @@ impl LockService {
     }
 }
 
-fn check_name(name: &str) -> Result<(), Status> {
+/// INVALID_ARGUMENT unless `name` is a valid lock name.
+pub fn check_name(name: &str) -> Result<(), Status> {
     if name.is_empty() || name.len() > MAX_LOCK_NAME_BYTES || name.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
             "lock name must be 1..={MAX_LOCK_NAME_BYTES} bytes without control characters"
@@ -97,6 +101,17 @@ fn entry_msg(e: &crate::sm::lock::LockEntry) -> proto::LockEntry {
     }
 }
 
+/// A lock record → proto: holders, then waiters in queue order.
+pub fn lock_state_msg(name: String, rec: &LockRecord) -> proto::LockState {
+    let (holders, waiters): (Vec<_>, Vec<_>) = rec.queue.iter().partition(|e| e.token != 0);
+    proto::LockState {
+        name,
+        holders: holders.into_iter().map(entry_msg).collect(),
+        waiters: waiters.into_iter().map(entry_msg).collect(),
+        last_token: rec.last_token,
+    }
+}
+
 #[tonic::async_trait]
 impl Lock for LockService {
     #[tracing::instrument(name = "lock.acquire", skip_all, fields(name = %req.get_ref().name, session = req.get_ref().session_id))]
@@ -114,6 +129,8 @@ impl Lock for LockService {
             )));
         }
         let wait_until = Instant::now() + Duration::from_millis(r.wait_timeout_ms);
+        // Follow the lock's changes from before the proposal so no grant is missed.
+        let mut cursor = self.node.watches.cursor(META_GROUP, 0);
         let cmd = LockCommand::Acquire {
             name: r.name.clone(),
             session: r.session_id,
@@ -124,12 +141,46 @@ impl Lock for LockService {
                 fencing_token: token,
             }));
         }
-        // Waiting: look again until held, gone (session ended) or out of time.
-        while Instant::now() < wait_until {
-            tokio::time::sleep(WAIT_POLL).await;
-            let rec = self
-                .inspect_record(&r.name, Instant::now() + self.default_timeout())
-                .await?;
+        // Waiting: woken by the lock's changes as this node applies them; a
+        // linearizable look now and then covers a node that falls behind.
+        let key = keys::lock_key(&r.name);
+        let mut next_check = Instant::now() + RECHECK_EVERY;
+        loop {
+            let now = Instant::now();
+            if now >= wait_until {
+                break;
+            }
+            let mut seen: Option<LockRecord> = None;
+            if now >= next_check {
+                seen = Some(
+                    self.inspect_record(&r.name, now + self.default_timeout())
+                        .await?,
+                );
+                next_check = Instant::now() + RECHECK_EVERY;
+            } else {
+                let wake = wait_until.min(next_check);
+                match tokio::time::timeout_at(wake.into(), cursor.next_batch()).await {
+                    Err(_) => continue,
+                    Ok(Err(_compacted)) => {
+                        cursor = self.node.watches.cursor(META_GROUP, 0);
+                        next_check = Instant::now();
+                        continue;
+                    }
+                    Ok(Ok(batch)) => {
+                        for change in batch.iter().flat_map(|e| &e.changes) {
+                            if change.record_key == key {
+                                seen = Some(match &change.value {
+                                    Some(b) => codec::decode(b).map_err(|e| {
+                                        to_status(NodeError::Internal(e.to_string()))
+                                    })?,
+                                    None => LockRecord::default(),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(rec) = seen else { continue };
             match rec.queue.iter().find(|e| e.session == r.session_id) {
                 Some(e) if e.token != 0 => {
                     return Ok(Response::new(proto::AcquireResponse {
@@ -196,12 +247,6 @@ impl Lock for LockService {
         let r = req.into_inner();
         check_name(&r.name)?;
         let rec = self.inspect_record(&r.name, deadline).await?;
-        let (holders, waiters): (Vec<_>, Vec<_>) = rec.queue.iter().partition(|e| e.token != 0);
-        Ok(Response::new(proto::LockState {
-            name: r.name,
-            holders: holders.into_iter().map(entry_msg).collect(),
-            waiters: waiters.into_iter().map(entry_msg).collect(),
-            last_token: rec.last_token,
-        }))
+        Ok(Response::new(lock_state_msg(r.name, &rec)))
     }
 }

@@ -13,6 +13,7 @@ pub mod orders;
 pub mod peer;
 pub mod records;
 pub mod session;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use crate::proto::lock_server::LockServer;
 use crate::proto::orders_server::OrdersServer;
 use crate::proto::peer_server::PeerServer;
 use crate::proto::session_server::SessionServer;
+use crate::proto::watch_server::WatchServer;
 use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
 
 /// Largest client request accepted: a 1 MiB value plus a 4 KiB key and framing.
@@ -94,6 +96,7 @@ pub async fn serve(
             node.clone(),
         )))
         .add_service(LockServer::new(lock::LockService::new(node.clone())))
+        .add_service(WatchServer::new(watch::WatchService::new(node.clone())))
         .add_service(reflection)
         .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;

@@ -98,6 +98,23 @@ const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
 const NS_TXN_PENDING: u8 = b'W';
 
+/// Whether changes to this record are kept for watchers (`crate::watch`):
+/// KV records, stock levels, orders and locks.
+pub fn is_watchable(record_key: &[u8]) -> bool {
+    matches!(
+        record_key.first(),
+        Some(&(NS_KV | NS_INVENTORY | NS_ORDER | NS_LOCK))
+    )
+}
+
+/// The lock name in a lock record key.
+pub fn lock_name_of(record_key: &[u8]) -> Option<&str> {
+    match record_key.split_first() {
+        Some((&NS_LOCK, rest)) => std::str::from_utf8(rest).ok(),
+        _ => None,
+    }
+}
+
 /// `group · index` in `raft_log`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
