@@ -14,7 +14,7 @@ use crate::router::ClusterMap;
 use crate::sm::commerce::{
     CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, OrderView, PaymentOutcome,
 };
-use crate::sm::{Command, Response};
+use crate::sm::{self, Command, Fence, Response};
 use crate::storage::keys::GroupId;
 
 /// Why a commerce request did not succeed.
@@ -47,12 +47,49 @@ pub async fn propose(
     cmd: CommerceCommand,
     deadline: Instant,
 ) -> Result<CommerceResponse, CommerceError> {
-    match node
-        .propose(shard, Command::Commerce(cmd), deadline, MAX_FORWARD_HOPS)
-        .await?
-    {
+    propose_fenced(node, shard, cmd, None, deadline).await
+}
+
+/// Proposes `cmd` guarded by `fence` if given: a superseded token is a
+/// `STALE_FENCE` rejection and nothing changes.
+pub async fn propose_fenced(
+    node: &Node,
+    shard: GroupId,
+    cmd: CommerceCommand,
+    fence: Option<&Fence>,
+    deadline: Instant,
+) -> Result<CommerceResponse, CommerceError> {
+    let cmd = match fence {
+        Some(f) => f.guard(Command::Commerce(cmd)),
+        None => Command::Commerce(cmd),
+    };
+    match node.propose(shard, cmd, deadline, MAX_FORWARD_HOPS).await? {
         Response::Commerce(CommerceResponse::Rejected(r)) => Err(r.into()),
         Response::Commerce(r) => Ok(r),
+        Response::StaleFence { highest } => Err(sm::stale_fence(highest).into()),
+        other => Err(NodeError::Internal(format!("unexpected apply result {other:?}")).into()),
+    }
+}
+
+/// Checks (and records) `fence` on `shard` without changing anything else:
+/// for flows whose first effect is outside the store (a charge).
+pub async fn check_fence(
+    node: &Node,
+    shard: GroupId,
+    fence: &Fence,
+    deadline: Instant,
+) -> Result<(), CommerceError> {
+    match node
+        .propose(
+            shard,
+            fence.guard(Command::Noop),
+            deadline,
+            MAX_FORWARD_HOPS,
+        )
+        .await?
+    {
+        Response::Empty => Ok(()),
+        Response::StaleFence { highest } => Err(sm::stale_fence(highest).into()),
         other => Err(NodeError::Internal(format!("unexpected apply result {other:?}")).into()),
     }
 }
@@ -85,9 +122,10 @@ pub async fn propose_order(
     node: &Node,
     shard: GroupId,
     cmd: CommerceCommand,
+    fence: Option<&Fence>,
     deadline: Instant,
 ) -> Result<OrderView, CommerceError> {
-    match propose(node, shard, cmd, deadline).await? {
+    match propose_fenced(node, shard, cmd, fence, deadline).await? {
         CommerceResponse::Order(view) => Ok(*view),
         other => Err(NodeError::Internal(format!("expected an order, got {other:?}")).into()),
     }
@@ -116,14 +154,21 @@ pub async fn get_order(
 /// `order_id:attempt`, then record the outcome. A retried Pay finds the same
 /// attempt number (declines alone advance it), so the provider sees the same
 /// key and charges once; an order already paid is returned as it is.
+/// `fence`, if given, must hold on the order's shard before anything happens.
 pub async fn pay(
     node: &Node,
     map: &ClusterMap,
     order_id: &str,
     card_number: &str,
+    fence: Option<&Fence>,
     deadline: Instant,
 ) -> Result<OrderView, CommerceError> {
     let shard = map.shard_of_order(order_id);
+    // A fenced Pay is checked before the card is charged: a charge cannot be
+    // taken back by refusing to record it.
+    if let Some(f) = fence {
+        check_fence(node, shard, f, deadline).await?;
+    }
     let view = get_order(node, shard, order_id, deadline).await?;
     let order = &view.order.record;
     match order.status {
@@ -157,7 +202,7 @@ pub async fn pay(
         outcome,
         now_ms: now_ms(),
     };
-    let paid = propose_order(node, shard, cmd, deadline).await?;
+    let paid = propose_order(node, shard, cmd, None, deadline).await?;
     if paid.payment.refund_due_minor > 0 {
         // Raced with a cancel or expiry: give the money back now if we can.
         return Ok(settle_refund(node, shard, paid, deadline)
@@ -194,7 +239,7 @@ pub async fn settle_refund(
         order_id,
         amount_minor: owed,
     };
-    match propose_order(node, shard, cmd, deadline).await {
+    match propose_order(node, shard, cmd, None, deadline).await {
         Ok(v) => Ok(v),
         Err(e) => Err((view, e)),
     }

@@ -22,6 +22,7 @@ use crate::domain::order::price_lines;
 use crate::domain::{RejectCode, Rejection};
 use crate::node::{Node, NodeError, ReadOp, ReadResult};
 use crate::router::ClusterMap;
+use crate::sm::Fence;
 use crate::sm::commerce::{
     CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, Decision, OrderView,
     ResolveItem, Settlement, TxnBegin, TxnStatus, TxnView,
@@ -85,13 +86,28 @@ fn by_shard<'a>(
     out
 }
 
+/// What a cross-shard order is placed with.
+#[derive(Clone, Copy, Debug)]
+pub struct PlaceTxn<'a> {
+    /// Order id = transaction id.
+    pub order_id: &'a str,
+    /// Customer.
+    pub customer: &'a str,
+    /// Normalised lines (SKU, quantity).
+    pub lines: &'a [(String, u32)],
+    /// Checked by every participant's prepare, if given.
+    pub fence: Option<&'a Fence>,
+}
+
 /// Places a cross-shard order (normalised `lines`). Committed: the order.
 /// Aborted: the reason as a rejection (its held stock released first). A
 /// step whose outcome is unknown: `OutcomeUnknown` — the order id tells the
 /// truth later (`Orders.Get`, or the same `Place` again).
 ///
 /// BeginTxn and the prepares go out together: the anchor, when it holds lines
-/// too, gets one `PrepareTxn` carrying the begin (one write instead of two).
+/// too, gets one `PrepareTxn` carrying the begin (one write instead of two),
+/// unless the order is fenced: `fence` guards every prepare (a stale token is
+/// a NO vote) and the begin then goes alone.
 /// Prepares may reach a participant before the record exists; that is safe
 /// because recovery only acts on a hold after the timeout, and then through
 /// the anchor (`AbortTxn` writes an aborted record if there is none, which a
@@ -100,11 +116,15 @@ pub async fn place(
     node: &Arc<Node>,
     map: &Arc<ClusterMap>,
     settler: &Settler,
-    order_id: &str,
-    customer: &str,
-    lines: &[(String, u32)],
+    order: PlaceTxn<'_>,
     deadline: Instant,
 ) -> Result<OrderView, CommerceError> {
+    let PlaceTxn {
+        order_id,
+        customer,
+        lines,
+        fence,
+    } = order;
     let anchor = map.shard_of_order(order_id);
     let now = now_ms();
     let begin = TxnBegin {
@@ -115,7 +135,10 @@ pub async fn place(
     let qty: BTreeMap<&str, u32> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
     let shards = by_shard(map, lines.iter().map(|(s, _)| s));
     let mut steps = Vec::new();
-    if !shards.contains_key(&anchor) {
+    // A fenced prepare may be refused whole, so the begin then travels alone
+    // (unguarded): the record must exist for the abort to be decided.
+    let fuse_begin = fence.is_none() && shards.contains_key(&anchor);
+    if !fuse_begin {
         let cmd = CommerceCommand::BeginTxn {
             order_id: order_id.to_string(),
             customer: begin.customer.clone(),
@@ -133,12 +156,17 @@ pub async fn place(
                 .map(|s| (s.clone(), qty.get(s.as_str()).copied().unwrap_or(0)))
                 .collect(),
             now_ms: now,
-            begin: (*shard == anchor).then(|| begin.clone()),
+            begin: (fuse_begin && *shard == anchor).then(|| begin.clone()),
         };
         steps.push((*shard, cmd));
     }
     let answers = futures::future::join_all(steps.into_iter().map(|(shard, cmd)| async move {
-        let res = commerce::propose(node, shard, cmd, deadline).await;
+        // A fence is a prepare condition: each participant checks it with its
+        // vote (a stale token is a NO); the begin alone is not guarded.
+        let guard = matches!(cmd, CommerceCommand::PrepareTxn { .. })
+            .then_some(fence)
+            .flatten();
+        let res = commerce::propose_fenced(node, shard, cmd, guard, deadline).await;
         if shard == anchor && res.is_ok() {
             crash_point!("txn-after-begin");
         }

@@ -211,6 +211,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
             };
             run.update(&id, |k| k.lines = lines.clone());
             let req = proto::PlaceOrderRequest {
+                fence: None,
                 order_id: id.clone(),
                 customer_id: format!("cust-{client}"),
                 lines: lines
@@ -281,6 +282,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
             }
             let id = ids[rng.random_range(0..ids.len())].clone();
             let req = proto::OrderIdRequest {
+                fence: None,
                 order_id: id.clone(),
             };
             let (answer, event) = if roll < 65 {
@@ -290,6 +292,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
                     APPROVE
                 };
                 let r = proto::PayOrderRequest {
+                    fence: None,
                     order_id: id.clone(),
                     card_number: card.into(),
                 };
@@ -372,12 +375,14 @@ async fn chaos_orders() {
         };
         catalog
             .put(proto::PutProductRequest {
+                fence: None,
                 product: Some(product),
             })
             .await
             .expect("put product");
         inventory
             .set_stock(proto::SetStockRequest {
+                fence: None,
                 sku: sku(i),
                 on_hand: initial(&sku(i)),
             })

@@ -17,6 +17,7 @@ const PROVIDER_ERROR: &str = "4000000000000119";
 
 fn id(order_id: &str) -> proto::OrderIdRequest {
     proto::OrderIdRequest {
+        fence: None,
         order_id: order_id.into(),
     }
 }
@@ -101,6 +102,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let l = s
         .inventory
         .adjust_stock(proto::AdjustStockRequest {
+            fence: None,
             sku: "SKU-001".into(),
             delta: -4,
         })
@@ -111,6 +113,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let below = s
         .inventory
         .adjust_stock(proto::AdjustStockRequest {
+            fence: None,
             sku: "SKU-001".into(),
             delta: -7,
         })
@@ -151,6 +154,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     );
     s.catalog
         .deactivate(proto::DeactivateProductRequest {
+            fence: None,
             sku: "SKU-024".into(),
         })
         .await
@@ -163,6 +167,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let cart = s
         .cart
         .update_quantity(proto::UpdateCartItemRequest {
+            fence: None,
             customer_id: "carol".into(),
             sku: "SKU-001".into(),
             quantity: 5,
@@ -174,6 +179,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let gone = s
         .cart
         .remove_item(proto::RemoveCartItemRequest {
+            fence: None,
             customer_id: "carol".into(),
             sku: "SKU-009".into(),
         })
@@ -182,6 +188,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let cart = s
         .cart
         .remove_item(proto::RemoveCartItemRequest {
+            fence: None,
             customer_id: "carol".into(),
             sku: "LIMITED".into(),
         })
@@ -203,6 +210,7 @@ async fn catalog_inventory_and_carts_route_by_key_and_enforce_their_rules() {
     let cleared = s
         .cart
         .clear(proto::ClearCartRequest {
+            fence: None,
             customer_id: "carol".into(),
         })
         .await
@@ -372,6 +380,7 @@ async fn orders_pay_ship_cancel_and_reject_bad_input_without_changing_anything()
     let empty_cart = s
         .orders
         .place(proto::PlaceOrderRequest {
+            fence: None,
             order_id: "o-3".into(),
             customer_id: "nobody".into(),
             lines: vec![],
@@ -506,6 +515,7 @@ async fn the_seed_story_cart_to_order_to_payment_to_shipping() {
     let o = s
         .orders
         .place(proto::PlaceOrderRequest {
+            fence: None,
             order_id: String::new(),
             customer_id: "erin".into(),
             lines: vec![],

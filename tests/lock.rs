@@ -323,3 +323,140 @@ async fn a_write_with_a_superseded_fencing_token_is_refused_by_the_store() {
         .expect_err("empty lock name");
     assert_eq!(e.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commerce_writes_and_cross_shard_orders_with_a_superseded_token_are_refused() {
+    use common::shop::{self, reason, skus_on_every_shard};
+    let c = TestCluster::start_initialised(3, 2, &[]).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let mut sh = shop::shop(&c, 2).await;
+    let skus = skus_on_every_shard("FENCE", 2);
+    for sku in &skus {
+        sh.add_product(sku, 100, "EUR", 10).await;
+    }
+    let fence = |token| {
+        Some(proto::Fence {
+            lock_name: "warehouse".into(),
+            token,
+        })
+    };
+    let a = session(&mut s, 10_000).await;
+    let ta = l
+        .acquire(acquire_req("warehouse", a, false, 1000))
+        .await
+        .expect("A acquires")
+        .into_inner()
+        .fencing_token;
+    s.close(proto::CloseSessionRequest { session_id: a })
+        .await
+        .expect("A's session ends");
+    let b = session(&mut s, 10_000).await;
+    let tb = l
+        .acquire(acquire_req("warehouse", b, false, 1000))
+        .await
+        .expect("B acquires")
+        .into_inner()
+        .fencing_token;
+    assert!(tb > ta);
+
+    // B restocks the first SKU; A's late adjustment there is refused.
+    sh.inventory
+        .set_stock(proto::SetStockRequest {
+            sku: skus[0].clone(),
+            on_hand: 20,
+            fence: fence(tb),
+        })
+        .await
+        .expect("B restocks");
+    let e = sh
+        .inventory
+        .adjust_stock(proto::AdjustStockRequest {
+            sku: skus[0].clone(),
+            delta: -5,
+            fence: fence(ta),
+        })
+        .await
+        .expect_err("A's token is stale");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(reason(&e), "STALE_FENCE");
+    assert_eq!(sh.stock(&skus[0]).await.on_hand, 20);
+
+    // A cross-shard order under A's token: the first SKU's shard votes NO
+    // (the second has not seen B's token and would say yes): nothing is held.
+    let order = |id: &str, token| proto::PlaceOrderRequest {
+        order_id: id.into(),
+        customer_id: "cust-f".into(),
+        lines: skus
+            .iter()
+            .map(|s| proto::CartLine {
+                sku: s.clone(),
+                quantity: 1,
+            })
+            .collect(),
+        from_cart: false,
+        fence: fence(token),
+    };
+    let e = sh
+        .orders
+        .place(order("ord-fa", ta))
+        .await
+        .expect_err("stale order");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(reason(&e), "STALE_FENCE", "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let levels = sh.stocks(&skus).await;
+        if levels.iter().all(|(_, reserved)| *reserved == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "held stock not released: {levels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Under B's token the same order commits.
+    let placed = sh
+        .orders
+        .place(order("ord-fb", tb))
+        .await
+        .expect("B's order")
+        .into_inner();
+    assert_eq!(placed.lines.len(), 2);
+    assert_eq!(sh.stocks(&skus).await, vec![(20, 1), (10, 1)]);
+    // A may neither pay nor cancel it; B may cancel it.
+    let e = sh
+        .orders
+        .pay(proto::PayOrderRequest {
+            order_id: "ord-fb".into(),
+            card_number: "4242424242424242".into(),
+            fence: fence(ta),
+        })
+        .await
+        .expect_err("stale pay");
+    assert_eq!(reason(&e), "STALE_FENCE");
+    assert_eq!(
+        sh.order("ord-fb").await.expect("order").status_name,
+        "pending_payment",
+        "nothing charged"
+    );
+    let e = sh
+        .orders
+        .cancel(proto::OrderIdRequest {
+            order_id: "ord-fb".into(),
+            fence: fence(ta),
+        })
+        .await
+        .expect_err("stale cancel");
+    assert_eq!(reason(&e), "STALE_FENCE");
+    let cancelled = sh
+        .orders
+        .cancel(proto::OrderIdRequest {
+            order_id: "ord-fb".into(),
+            fence: fence(tb),
+        })
+        .await
+        .expect("B cancels")
+        .into_inner();
+    assert_eq!(cancelled.status_name, "cancelled");
+}

@@ -116,6 +116,7 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
 
     s.orders
         .pay(proto::PayOrderRequest {
+            fence: None,
             order_id: id.clone(),
             card_number: "4242424242424242".into(),
         })
@@ -124,6 +125,7 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
     let shipped = s
         .orders
         .ship(proto::OrderIdRequest {
+            fence: None,
             order_id: id.clone(),
         })
         .await
@@ -146,7 +148,10 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
     assert_eq!(s.stocks(&skus).await, vec![(8, 2), (7, 3), (9, 1)]);
     let cancelled = s
         .orders
-        .cancel(proto::OrderIdRequest { order_id: id2 })
+        .cancel(proto::OrderIdRequest {
+            order_id: id2,
+            fence: None,
+        })
         .await
         .expect("cancel")
         .into_inner();
@@ -195,6 +200,7 @@ async fn an_order_with_a_bad_line_aborts_and_leaves_every_shard_untouched() {
     // The id stays aborted, even once stock would allow it.
     s.inventory
         .set_stock(proto::SetStockRequest {
+            fence: None,
             sku: skus[1].clone(),
             on_hand: 20,
         })

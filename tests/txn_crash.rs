@@ -68,10 +68,14 @@ async fn crash_at(failpoint: &str, committed: bool) {
             version: 0,
         };
         catalog
-            .put(proto::PutProductRequest { product: Some(p) })
+            .put(proto::PutProductRequest {
+                product: Some(p),
+                fence: None,
+            })
             .await
             .expect("put");
         inv.set_stock(proto::SetStockRequest {
+            fence: None,
             sku: sku.clone(),
             on_hand: 10,
         })
@@ -84,6 +88,7 @@ async fn crash_at(failpoint: &str, committed: bool) {
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
     let res = via1
         .place(proto::PlaceOrderRequest {
+            fence: None,
             order_id: order_id.clone(),
             customer_id: "cust".into(),
             lines: skus

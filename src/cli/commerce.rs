@@ -324,6 +324,7 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
             };
             let p = c
                 .put(proto::PutProductRequest {
+                    fence: None,
                     product: Some(product),
                 })
                 .await?
@@ -373,7 +374,7 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
         }
         ProductCmd::Deactivate { sku } => {
             let p = c
-                .deactivate(proto::DeactivateProductRequest { sku })
+                .deactivate(proto::DeactivateProductRequest { sku, fence: None })
                 .await?
                 .into_inner();
             out(g, product_json(&p), || println!("OK {} inactive", p.sku));
@@ -387,11 +388,20 @@ pub async fn stock(g: &GlobalArgs, cmd: StockCmd) -> Result<(), CliError> {
     let mut c = InventoryClient::new(connect(g).await?);
     let s = match cmd {
         StockCmd::Set { sku, on_hand } => {
-            c.set_stock(proto::SetStockRequest { sku, on_hand }).await?
+            c.set_stock(proto::SetStockRequest {
+                sku,
+                on_hand,
+                fence: None,
+            })
+            .await?
         }
         StockCmd::Adjust { sku, delta } => {
-            c.adjust_stock(proto::AdjustStockRequest { sku, delta })
-                .await?
+            c.adjust_stock(proto::AdjustStockRequest {
+                sku,
+                delta,
+                fence: None,
+            })
+            .await?
         }
         StockCmd::Get { sku } => {
             c.get(proto::GetStockRequest {
@@ -417,6 +427,7 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
     let view = match cmd {
         CartCmd::Add { customer, sku, qty } => {
             c.add_item(proto::AddCartItemRequest {
+                fence: None,
                 customer_id: customer,
                 sku,
                 quantity: qty,
@@ -425,6 +436,7 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
         }
         CartCmd::Update { customer, sku, qty } => {
             c.update_quantity(proto::UpdateCartItemRequest {
+                fence: None,
                 customer_id: customer,
                 sku,
                 quantity: qty,
@@ -433,6 +445,7 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
         }
         CartCmd::Rm { customer, sku } => {
             c.remove_item(proto::RemoveCartItemRequest {
+                fence: None,
                 customer_id: customer,
                 sku,
             })
@@ -446,6 +459,7 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
         }
         CartCmd::Clear { customer } => {
             c.clear(proto::ClearCartRequest {
+                fence: None,
                 customer_id: customer,
             })
             .await?
@@ -466,7 +480,10 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
 /// Runs `shopkv order ...`.
 pub async fn order(g: &GlobalArgs, cmd: OrderCmd) -> Result<(), CliError> {
     let mut c = OrdersClient::new(connect(g).await?);
-    let id = |order_id: String| proto::OrderIdRequest { order_id };
+    let id = |order_id: String| proto::OrderIdRequest {
+        order_id,
+        fence: None,
+    };
     let o = match cmd {
         OrderCmd::Place {
             customer,
@@ -478,6 +495,7 @@ pub async fn order(g: &GlobalArgs, cmd: OrderCmd) -> Result<(), CliError> {
                 return Err(CliError("give SKU:QTY lines or --from-cart".into()));
             }
             c.place(proto::PlaceOrderRequest {
+                fence: None,
                 order_id: order_id.unwrap_or_default(),
                 customer_id: customer,
                 lines: lines
@@ -497,6 +515,7 @@ pub async fn order(g: &GlobalArgs, cmd: OrderCmd) -> Result<(), CliError> {
         }
         OrderCmd::Pay { order_id, card } => {
             c.pay(proto::PayOrderRequest {
+                fence: None,
                 order_id,
                 card_number: card,
             })

@@ -73,11 +73,16 @@ pub async fn seed(g: &GlobalArgs, products: u32) -> Result<(), CliError> {
                 let sku = product.sku.clone();
                 catalog
                     .put(proto::PutProductRequest {
+                        fence: None,
                         product: Some(product),
                     })
                     .await?;
                 inventory
-                    .set_stock(proto::SetStockRequest { sku, on_hand })
+                    .set_stock(proto::SetStockRequest {
+                        sku,
+                        on_hand,
+                        fence: None,
+                    })
                     .await?;
                 Ok::<(), tonic::Status>(())
             }

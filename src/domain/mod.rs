@@ -63,6 +63,8 @@ pub enum RejectCode {
     UnknownSession = 21,
     /// A session has as many locks as it may.
     TooManyLocks = 22,
+    /// The write's fencing token was superseded by a newer lock holder.
+    StaleFence = 23,
 }
 
 /// The gRPC class of a [`RejectCode`] (the server maps it to a status code).
@@ -106,6 +108,7 @@ impl RejectCode {
             RejectCode::OrderAborted => "ORDER_ABORTED",
             RejectCode::UnknownSession => "UNKNOWN_SESSION",
             RejectCode::TooManyLocks => "TOO_MANY_LOCKS",
+            RejectCode::StaleFence => "STALE_FENCE",
         }
     }
 
@@ -131,7 +134,8 @@ impl RejectCode {
             | RejectCode::OrderIdReused
             | RejectCode::PaymentDeclined
             | RejectCode::OrderAborted
-            | RejectCode::TooManyLocks => RejectKind::FailedPrecondition,
+            | RejectCode::TooManyLocks
+            | RejectCode::StaleFence => RejectKind::FailedPrecondition,
             RejectCode::CartChanged => RejectKind::Aborted,
             RejectCode::Inconsistent => RejectKind::Internal,
         }

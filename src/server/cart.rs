@@ -7,6 +7,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::catalog::unexpected;
+use super::fence_of;
 use super::records::{Ctx, cart_msg, check_id, unknown_sku};
 use crate::commerce;
 use crate::domain::catalog::{Product, check_quantity};
@@ -61,10 +62,13 @@ impl CartService {
         &self,
         customer: String,
         cmd: CommerceCommand,
+        fence: Option<proto::Fence>,
         deadline: Instant,
     ) -> Result<Response<proto::CartView>, Status> {
+        let fence = fence_of(fence)?;
         let shard = self.ctx.map()?.shard_of_customer(&customer);
-        match commerce::propose(&self.ctx.node, shard, cmd, deadline).await? {
+        match commerce::propose_fenced(&self.ctx.node, shard, cmd, fence.as_ref(), deadline).await?
+        {
             CommerceResponse::Cart(c) => Ok(Response::new(cart_msg(customer, c))),
             other => Err(unexpected(other)),
         }
@@ -89,7 +93,7 @@ impl Cart for CartService {
             qty,
             line_limit,
         };
-        self.change(r.customer_id, cmd, deadline).await
+        self.change(r.customer_id, cmd, r.fence, deadline).await
     }
 
     #[tracing::instrument(name = "cart.remove", skip_all, fields(customer = %req.get_ref().customer_id, sku = %req.get_ref().sku))]
@@ -105,7 +109,7 @@ impl Cart for CartService {
             customer: r.customer_id.clone(),
             sku: r.sku,
         };
-        self.change(r.customer_id, cmd, deadline).await
+        self.change(r.customer_id, cmd, r.fence, deadline).await
     }
 
     #[tracing::instrument(name = "cart.update", skip_all, fields(customer = %req.get_ref().customer_id, sku = %req.get_ref().sku))]
@@ -124,7 +128,7 @@ impl Cart for CartService {
             qty,
             line_limit,
         };
-        self.change(r.customer_id, cmd, deadline).await
+        self.change(r.customer_id, cmd, r.fence, deadline).await
     }
 
     #[tracing::instrument(name = "cart.get", skip_all, fields(customer = %req.get_ref().customer_id))]
@@ -157,6 +161,6 @@ impl Cart for CartService {
             customer: r.customer_id.clone(),
             expected_version: None,
         };
-        self.change(r.customer_id, cmd, deadline).await
+        self.change(r.customer_id, cmd, r.fence, deadline).await
     }
 }

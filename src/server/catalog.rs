@@ -3,6 +3,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::fence_of;
 use super::records::{Ctx, check_id, page_size, page_token, product_msg, unknown_sku};
 use crate::commerce::{self, CommerceError};
 use crate::domain::catalog::Product;
@@ -46,7 +47,9 @@ impl Catalog for CatalogService {
         req: Request<proto::PutProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
         let deadline = self.ctx.deadline(&req);
-        let Some(p) = req.into_inner().product else {
+        let r = req.into_inner();
+        let fence = fence_of(r.fence)?;
+        let Some(p) = r.product else {
             return Err(Status::invalid_argument("product is required"));
         };
         tracing::Span::current().record("sku", p.sku.as_str());
@@ -63,7 +66,9 @@ impl Catalog for CatalogService {
         product.validate()?;
         let shard = self.ctx.map()?.shard_of_sku(&product.sku);
         let cmd = CommerceCommand::PutProduct(product);
-        product_reply(commerce::propose(&self.ctx.node, shard, cmd, deadline).await?)
+        product_reply(
+            commerce::propose_fenced(&self.ctx.node, shard, cmd, fence.as_ref(), deadline).await?,
+        )
     }
 
     #[tracing::instrument(name = "catalog.get", skip_all, fields(sku = %req.get_ref().sku))]
@@ -137,7 +142,10 @@ impl Catalog for CatalogService {
         let r = req.into_inner();
         check_id("sku", &r.sku)?;
         let shard = self.ctx.map()?.shard_of_sku(&r.sku);
+        let fence = fence_of(r.fence)?;
         let cmd = CommerceCommand::DeactivateProduct { sku: r.sku };
-        product_reply(commerce::propose(&self.ctx.node, shard, cmd, deadline).await?)
+        product_reply(
+            commerce::propose_fenced(&self.ctx.node, shard, cmd, fence.as_ref(), deadline).await?,
+        )
     }
 }

@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::catalog::unexpected;
+use super::fence_of;
 use super::records::{Ctx, check_id, stock_msg, unknown_sku};
 use crate::commerce;
 use crate::proto;
@@ -24,10 +25,13 @@ impl InventoryService {
         &self,
         sku: String,
         cmd: CommerceCommand,
+        fence: Option<proto::Fence>,
         deadline: std::time::Instant,
     ) -> Result<Response<proto::StockLevel>, Status> {
+        let fence = fence_of(fence)?;
         let shard = self.ctx.map()?.shard_of_sku(&sku);
-        match commerce::propose(&self.ctx.node, shard, cmd, deadline).await? {
+        match commerce::propose_fenced(&self.ctx.node, shard, cmd, fence.as_ref(), deadline).await?
+        {
             CommerceResponse::Stock(l) => Ok(Response::new(stock_msg(sku, l))),
             other => Err(unexpected(other)),
         }
@@ -48,7 +52,7 @@ impl Inventory for InventoryService {
             sku: r.sku.clone(),
             on_hand: r.on_hand,
         };
-        self.change(r.sku, cmd, deadline).await
+        self.change(r.sku, cmd, r.fence, deadline).await
     }
 
     #[tracing::instrument(name = "inventory.adjust", skip_all, fields(sku = %req.get_ref().sku))]
@@ -63,7 +67,7 @@ impl Inventory for InventoryService {
             sku: r.sku.clone(),
             delta: r.delta,
         };
-        self.change(r.sku, cmd, deadline).await
+        self.change(r.sku, cmd, r.fence, deadline).await
     }
 
     #[tracing::instrument(name = "inventory.get", skip_all, fields(sku = %req.get_ref().sku))]

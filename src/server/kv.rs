@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::error::invalid;
+use super::error::{invalid, rejection_status};
 use super::{deadline_of, error::to_status};
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::proto;
@@ -67,29 +67,17 @@ fn check_value(value: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
-/// Longest lock name a fence may name.
-const MAX_FENCE_LOCK_BYTES: usize = 256;
-
 /// Wraps a write in its fence, if the request carries one.
 fn fenced(cmd: Command, fence: Option<proto::Fence>) -> Result<Command, Status> {
-    let Some(f) = fence else { return Ok(cmd) };
-    if f.lock_name.is_empty() || f.lock_name.len() > MAX_FENCE_LOCK_BYTES || f.token == 0 {
-        return Err(invalid(format!(
-            "fence needs a lock name of 1..={MAX_FENCE_LOCK_BYTES} bytes and a token > 0"
-        )));
-    }
-    Ok(Command::Fenced {
-        lock_name: f.lock_name,
-        token: f.token,
-        cmd: Box::new(cmd),
+    Ok(match super::fence_of(fence)? {
+        Some(f) => f.guard(cmd),
+        None => cmd,
     })
 }
 
 /// FAILED_PRECONDITION for a write whose fencing token was superseded.
 fn stale_fence(highest: u64) -> Status {
-    to_status(NodeError::FailedPrecondition(format!(
-        "stale fencing token: this lock has already seen token {highest}"
-    )))
+    rejection_status(crate::sm::stale_fence(highest))
 }
 
 fn unexpected(r: SmResponse) -> Status {

@@ -103,6 +103,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Longest lock name a fence may name.
+const MAX_FENCE_LOCK_BYTES: usize = 256;
+
+/// The fence a mutating request carries, checked: a lock name of
+/// 1..=256 bytes and a token > 0 (tokens are log indexes).
+pub fn fence_of(
+    fence: Option<crate::proto::Fence>,
+) -> Result<Option<crate::sm::Fence>, tonic::Status> {
+    let Some(f) = fence else { return Ok(None) };
+    if f.lock_name.is_empty() || f.lock_name.len() > MAX_FENCE_LOCK_BYTES || f.token == 0 {
+        return Err(tonic::Status::invalid_argument(format!(
+            "fence needs a lock name of 1..={MAX_FENCE_LOCK_BYTES} bytes and a token > 0"
+        )));
+    }
+    Ok(Some(crate::sm::Fence {
+        lock_name: f.lock_name,
+        token: f.token,
+    }))
+}
+
 /// Streams a peer may reset before the node accepts them (see `serve`).
 const MAX_PEER_PENDING_RESETS: usize = 4096;
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::catalog::unexpected;
+use super::fence_of;
 use super::records::{Ctx, check_id, order_msg, page_size, page_token};
 use crate::commerce::{self, CommerceError, now_ms};
 use crate::domain::order::{OrderEvent, normalize_lines};
@@ -45,6 +46,7 @@ impl OrdersService {
         let deadline = self.ctx.deadline(&req);
         let r = req.into_inner();
         check_id("order_id", &r.order_id)?;
+        let fence = fence_of(r.fence)?;
         let map = self.ctx.map()?;
         let shard = map.shard_of_order(&r.order_id);
         let cmd = CommerceCommand::Transition {
@@ -52,7 +54,8 @@ impl OrdersService {
             event,
             now_ms: now_ms(),
         };
-        let mut view = commerce::propose_order(&self.ctx.node, shard, cmd, deadline).await?;
+        let mut view =
+            commerce::propose_order(&self.ctx.node, shard, cmd, fence.as_ref(), deadline).await?;
         let order = &view.order.record;
         if order.two_phase && matches!(event, OrderEvent::Ship | OrderEvent::Cancel) {
             // Move the participants' stock now; if this fails, recovery does it.
@@ -131,6 +134,7 @@ impl Orders for OrdersService {
         let deadline = self.ctx.deadline(&req);
         let r = req.into_inner();
         check_id("customer_id", &r.customer_id)?;
+        let fence = fence_of(r.fence)?;
         if !r.order_id.is_empty() {
             check_id("order_id", &r.order_id)?;
         }
@@ -191,16 +195,13 @@ impl Orders for OrdersService {
         let order_shard = map.shard_of_order(&order_id);
         let cart_shard = map.shard_of_customer(&r.customer_id);
         if shards.len() > 1 || order_shard != line_shard {
-            let view = txn::place(
-                &self.ctx.node,
-                &map,
-                &self.ctx.settler,
-                &order_id,
-                &r.customer_id,
-                &lines,
-                deadline,
-            )
-            .await?;
+            let order = txn::PlaceTxn {
+                order_id: &order_id,
+                customer: &r.customer_id,
+                lines: &lines,
+                fence: fence.as_ref(),
+            };
+            let view = txn::place(&self.ctx.node, &map, &self.ctx.settler, order, deadline).await?;
             if let Some(version) = cart_version {
                 self.clear_cart(cart_shard, r.customer_id, version, deadline)
                     .await;
@@ -217,7 +218,9 @@ impl Orders for OrdersService {
             expires_at_ms: now.saturating_add(self.ctx.node.config.order_payment_timeout_ms),
             clear_cart_version: clear_here,
         };
-        let view = commerce::propose_order(&self.ctx.node, order_shard, cmd, deadline).await?;
+        let view =
+            commerce::propose_order(&self.ctx.node, order_shard, cmd, fence.as_ref(), deadline)
+                .await?;
         if let (Some(version), None) = (cart_version, clear_here) {
             self.clear_cart(cart_shard, r.customer_id, version, deadline)
                 .await;
@@ -339,9 +342,17 @@ impl Orders for OrdersService {
         if r.card_number.is_empty() || r.card_number.len() > 19 {
             return Err(Status::invalid_argument("card_number must be 12-19 digits"));
         }
+        let fence = fence_of(r.fence)?;
         let map = self.ctx.map()?;
-        let view =
-            commerce::pay(&self.ctx.node, &map, &r.order_id, &r.card_number, deadline).await?;
+        let view = commerce::pay(
+            &self.ctx.node,
+            &map,
+            &r.order_id,
+            &r.card_number,
+            fence.as_ref(),
+            deadline,
+        )
+        .await?;
         Ok(self.reply(&map, view))
     }
 

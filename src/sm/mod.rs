@@ -55,9 +55,42 @@ pub enum Command {
         lock_name: String,
         /// The writer's fencing token.
         token: u64,
-        /// The guarded command (a KV write).
+        /// The guarded command (a KV or commerce write, or `Noop`).
         cmd: Box<Command>,
     },
+    /// Data shard: changes nothing (a fence checked and raised alone, e.g.
+    /// before an order is charged).
+    Noop,
+}
+
+/// A writer's fencing token for a lock: the store refuses the guarded write
+/// if the shard has seen a higher token for that lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// Lock whose token guards the write.
+    pub lock_name: String,
+    /// The writer's token.
+    pub token: u64,
+}
+
+/// The rejection of a write whose fencing token was superseded
+/// (FAILED_PRECONDITION, reason `STALE_FENCE`).
+pub fn stale_fence(highest: u64) -> crate::domain::Rejection {
+    crate::domain::Rejection::new(
+        crate::domain::RejectCode::StaleFence,
+        format!("stale fencing token: this lock has already seen token {highest}"),
+    )
+}
+
+impl Fence {
+    /// `cmd` guarded by this fence.
+    pub fn guard(&self, cmd: Command) -> Command {
+        Command::Fenced {
+            lock_name: self.lock_name.clone(),
+            token: self.token,
+            cmd: Box::new(cmd),
+        }
+    }
 }
 
 impl Command {
@@ -73,7 +106,8 @@ impl Command {
             Command::Put { .. }
             | Command::Delete { .. }
             | Command::CompareAndSwap { .. }
-            | Command::Commerce(_) => group != META_GROUP,
+            | Command::Commerce(_)
+            | Command::Noop => group != META_GROUP,
         }
     }
 }
@@ -100,6 +134,7 @@ impl std::fmt::Display for Command {
                 token,
                 cmd,
             } => write!(f, "Fenced({lock_name}@{token}, {cmd})"),
+            Command::Noop => write!(f, "Noop"),
         }
     }
 }
@@ -271,6 +306,7 @@ pub fn apply(
             }
             apply(state, group, index, term, cmd)
         }
+        Command::Noop => Ok(Response::Empty),
     }
 }
 

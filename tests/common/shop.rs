@@ -49,7 +49,10 @@ pub fn product(sku: &str, price_minor: i64, currency: &str) -> proto::Product {
 impl Shop {
     pub async fn put(&mut self, p: proto::Product) -> Result<proto::Product, tonic::Status> {
         self.catalog
-            .put(proto::PutProductRequest { product: Some(p) })
+            .put(proto::PutProductRequest {
+                product: Some(p),
+                fence: None,
+            })
             .await
             .map(|r| r.into_inner())
     }
@@ -72,6 +75,7 @@ impl Shop {
     ) -> Result<proto::StockLevel, tonic::Status> {
         self.inventory
             .set_stock(proto::SetStockRequest {
+                fence: None,
                 sku: sku.into(),
                 on_hand,
             })
@@ -87,6 +91,7 @@ impl Shop {
     ) -> Result<proto::Order, tonic::Status> {
         self.orders
             .place(proto::PlaceOrderRequest {
+                fence: None,
                 order_id: order_id.into(),
                 customer_id: customer.into(),
                 lines: lines
@@ -115,6 +120,7 @@ impl Shop {
     pub async fn pay(&mut self, order_id: &str, card: &str) -> Result<proto::Order, tonic::Status> {
         self.orders
             .pay(proto::PayOrderRequest {
+                fence: None,
                 order_id: order_id.into(),
                 card_number: card.into(),
             })
@@ -130,6 +136,7 @@ impl Shop {
     ) -> Result<proto::CartView, tonic::Status> {
         self.cart
             .add_item(proto::AddCartItemRequest {
+                fence: None,
                 customer_id: customer.into(),
                 sku: sku.into(),
                 quantity,

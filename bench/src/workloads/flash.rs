@@ -96,12 +96,14 @@ impl Workload for Flash {
                 };
                 c.catalog
                     .put(request(proto::PutProductRequest {
+                        fence: None,
                         product: Some(product),
                     }))
                     .await
                     .map_err(|s| check(&s.to_string()))?;
                 c.inventory
                     .set_stock(request(proto::SetStockRequest {
+                        fence: None,
                         sku: SKU.into(),
                         on_hand: stock,
                     }))
@@ -123,6 +125,7 @@ impl Workload for Flash {
         match conn {
             Conn::Shopkv(c) => {
                 let req = proto::PlaceOrderRequest {
+                    fence: None,
                     order_id: String::new(),
                     customer_id: customer(worker.id),
                     lines: vec![proto::CartLine {

@@ -92,12 +92,14 @@ impl Workload for Order {
                             };
                             c.catalog
                                 .put(request(proto::PutProductRequest {
+                                    fence: None,
                                     product: Some(product),
                                 }))
                                 .await
                                 .map_err(rpc_error)?;
                             c.inventory
                                 .set_stock(request(proto::SetStockRequest {
+                                    fence: None,
                                     sku,
                                     on_hand: STOCK_PER_SKU,
                                 }))
@@ -133,6 +135,7 @@ impl Workload for Order {
         match conn {
             Conn::Shopkv(c) => {
                 let req = proto::PlaceOrderRequest {
+                    fence: None,
                     order_id: format!("w4-{:x}-{}-{}", self.nonce, worker.id, worker.seq),
                     customer_id: customer(worker.id),
                     lines: picked
