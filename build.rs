@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shopkv/v1/session.proto",
         "proto/shopkv/v1/lock.proto",
         "proto/shopkv/v1/watch.proto",
+        "proto/shopkv/v1/election.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

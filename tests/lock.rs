@@ -460,3 +460,103 @@ async fn commerce_writes_and_cross_shard_orders_with_a_superseded_token_are_refu
         .into_inner();
     assert_eq!(cancelled.status_name, "cancelled");
 }
+
+/// A holder process paused with SIGSTOP (a GC pause, a stalled VM) past its
+/// session's TTL loses the lock; the next holder writes; when the paused
+/// holder resumes, its write under the old token is refused by the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigstopped_holder_resumed_after_expiry_has_its_fenced_write_refused() {
+    use std::os::unix::process::CommandExt;
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let eps = c.endpoints().join(",");
+    let (mut s, mut l) = clients(&c, 3).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    // The holder writes once it holds, then waits for "go" and writes again.
+    let script = format!(
+        "shopkv_put() {{ {bin} kv put fenced/report \"$1\" --fence reports:$SHOPKV_FENCING_TOKEN; }}; \
+         shopkv_put first || exit 9; echo $SHOPKV_FENCING_TOKEN > {d}/token; \
+         while [ ! -f {d}/go ]; do sleep 0.05; done; \
+         shopkv_put late 2> {d}/err; echo $? > {d}/rc",
+        bin = binary()
+    );
+    let mut holder = Command::new(binary())
+        .args([
+            "lock", "acquire", "reports", "--ttl-ms", "2000", "--", "sh", "-c",
+        ])
+        .arg(&script)
+        .env("SHOPKV_ENDPOINTS", &eps)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("spawn holder");
+    let token_file = dir.path().join("token");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token_file.exists() {
+        assert!(Instant::now() < deadline, "holder never wrote");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ta: u64 = std::fs::read_to_string(&token_file)
+        .expect("token")
+        .trim()
+        .parse()
+        .expect("token number");
+    let pgid = holder.id() as i32;
+    // SAFETY: signals to the process group of a child we spawned.
+    unsafe {
+        libc::kill(-pgid, libc::SIGSTOP);
+    }
+    let b = session(&mut s, 10_000).await;
+    let started = Instant::now();
+    let tb = l
+        .acquire(acquire_req("reports", b, false, 15_000))
+        .await
+        .expect("B gets the lock once A's session expires")
+        .into_inner()
+        .fencing_token;
+    assert!(tb > ta, "{ta} then {tb}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not before A's TTL"
+    );
+    let mut kv = c.kv(1).await;
+    kv.put(proto::PutRequest {
+        key: b"fenced/report".to_vec(),
+        value: b"by B".to_vec(),
+        fence: Some(proto::Fence {
+            lock_name: "reports".into(),
+            token: tb,
+        }),
+    })
+    .await
+    .expect("B writes");
+    std::fs::write(dir.path().join("go"), b"").expect("go");
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(-pgid, libc::SIGCONT);
+    }
+    let rc_file = dir.path().join("rc");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !rc_file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "resumed holder never finished its write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rc = std::fs::read_to_string(&rc_file).expect("rc");
+    let err = std::fs::read_to_string(dir.path().join("err")).unwrap_or_default();
+    assert_eq!(rc.trim(), "1", "the late write fails: {err}");
+    assert!(err.contains("stale fencing token"), "{err}");
+    assert_eq!(
+        common::get(&mut kv, "fenced/report", false)
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("by B")
+    );
+    let _ = holder.wait();
+}

@@ -65,6 +65,8 @@ pub enum RejectCode {
     TooManyLocks = 22,
     /// The write's fencing token was superseded by a newer lock holder.
     StaleFence = 23,
+    /// An election request from a session that does not lead it (any more).
+    NotLeader = 24,
 }
 
 /// The gRPC class of a [`RejectCode`] (the server maps it to a status code).
@@ -109,6 +111,7 @@ impl RejectCode {
             RejectCode::UnknownSession => "UNKNOWN_SESSION",
             RejectCode::TooManyLocks => "TOO_MANY_LOCKS",
             RejectCode::StaleFence => "STALE_FENCE",
+            RejectCode::NotLeader => "NOT_LEADER",
         }
     }
 
@@ -135,7 +138,8 @@ impl RejectCode {
             | RejectCode::PaymentDeclined
             | RejectCode::OrderAborted
             | RejectCode::TooManyLocks
-            | RejectCode::StaleFence => RejectKind::FailedPrecondition,
+            | RejectCode::StaleFence
+            | RejectCode::NotLeader => RejectKind::FailedPrecondition,
             RejectCode::CartChanged => RejectKind::Aborted,
             RejectCode::Inconsistent => RejectKind::Internal,
         }

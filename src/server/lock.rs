@@ -40,36 +40,121 @@ impl LockService {
     fn default_timeout(&self) -> Duration {
         Duration::from_millis(self.node.config.request_timeout_ms)
     }
+}
 
-    async fn propose(&self, cmd: LockCommand, deadline: Instant) -> Result<LockResponse, Status> {
-        match self
-            .node
-            .propose(META_GROUP, Command::Lock(cmd), deadline, MAX_FORWARD_HOPS)
-            .await
-            .map_err(to_status)?
-        {
-            SmResponse::Lock(LockResponse::Rejected(r)) => Err(rejection_status(r)),
-            SmResponse::Lock(r) => Ok(r),
-            other => Err(to_status(NodeError::Internal(format!(
-                "unexpected result {other:?}"
-            )))),
+/// Proposes a lock command to the meta group; a rejection becomes its status.
+pub async fn propose_lock(
+    node: &Node,
+    cmd: LockCommand,
+    deadline: Instant,
+) -> Result<LockResponse, Status> {
+    match node
+        .propose(META_GROUP, Command::Lock(cmd), deadline, MAX_FORWARD_HOPS)
+        .await
+        .map_err(to_status)?
+    {
+        SmResponse::Lock(LockResponse::Rejected(r)) => Err(rejection_status(r)),
+        SmResponse::Lock(r) => Ok(r),
+        other => Err(to_status(NodeError::Internal(format!(
+            "unexpected result {other:?}"
+        )))),
+    }
+}
+
+/// Reads lock `name` linearizably.
+pub async fn read_lock(node: &Node, name: &str, deadline: Instant) -> Result<LockRecord, Status> {
+    let op = ReadOp::Lock {
+        name: name.to_string(),
+    };
+    match node
+        .read(META_GROUP, op, true, deadline, MAX_FORWARD_HOPS)
+        .await
+        .map_err(to_status)?
+    {
+        ReadResult::Lock(r) => Ok(r),
+        _ => Err(to_status(NodeError::Internal("wrong read result".into()))),
+    }
+}
+
+/// Proposes `join` (an Acquire or Campaign of `session` on `name`) and waits
+/// up to `wait_ms` until the session holds: its token. Out of time, the
+/// session leaves the queue: FAILED_PRECONDITION when `wait_ms` is 0 (a
+/// try-lock), DEADLINE_EXCEEDED otherwise.
+pub async fn acquire_or_leave(
+    node: &Node,
+    name: &str,
+    session: u64,
+    join: LockCommand,
+    deadline: Instant,
+    wait_ms: u64,
+) -> Result<u64, Status> {
+    let wait_until = Instant::now() + Duration::from_millis(wait_ms);
+    let timeout = Duration::from_millis(node.config.request_timeout_ms);
+    // Follow the lock's changes from before the proposal so no grant is missed.
+    let mut cursor = node.watches.cursor(META_GROUP, 0);
+    if let LockResponse::Held { token } = propose_lock(node, join, deadline).await? {
+        return Ok(token);
+    }
+    // Waiting: woken by the lock's changes as this node applies them; a
+    // linearizable look now and then covers a node that falls behind.
+    let key = keys::lock_key(name);
+    let mut next_check = Instant::now() + RECHECK_EVERY;
+    loop {
+        let now = Instant::now();
+        if now >= wait_until {
+            break;
+        }
+        let mut seen: Option<LockRecord> = None;
+        if now >= next_check {
+            seen = Some(read_lock(node, name, now + timeout).await?);
+            next_check = Instant::now() + RECHECK_EVERY;
+        } else {
+            let wake = wait_until.min(next_check);
+            match tokio::time::timeout_at(wake.into(), cursor.next_batch()).await {
+                Err(_) => continue,
+                Ok(Err(_compacted)) => {
+                    cursor = node.watches.cursor(META_GROUP, 0);
+                    next_check = Instant::now();
+                    continue;
+                }
+                Ok(Ok(batch)) => {
+                    for change in batch.iter().flat_map(|e| &e.changes) {
+                        if change.record_key == key {
+                            seen = Some(match &change.value {
+                                Some(b) => codec::decode(b)
+                                    .map_err(|e| to_status(NodeError::Internal(e.to_string())))?,
+                                None => LockRecord::default(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let Some(rec) = seen else { continue };
+        match rec.queue.iter().find(|e| e.session == session) {
+            Some(e) if e.token != 0 => return Ok(e.token),
+            Some(_) => {}
+            None => {
+                return Err(Status::not_found(format!(
+                    "session {session} left the queue of {name} (closed or expired)"
+                )));
+            }
         }
     }
-
-    async fn inspect_record(&self, name: &str, deadline: Instant) -> Result<LockRecord, Status> {
-        let op = ReadOp::Lock {
-            name: name.to_string(),
-        };
-        match self
-            .node
-            .read(META_GROUP, op, true, deadline, MAX_FORWARD_HOPS)
-            .await
-            .map_err(to_status)?
-        {
-            ReadResult::Lock(r) => Ok(r),
-            _ => Err(to_status(NodeError::Internal("wrong read result".into()))),
-        }
+    // Out of time: leave the queue (if it came to hold meanwhile, that is released too).
+    let leave = LockCommand::Release {
+        name: name.to_string(),
+        session,
+    };
+    propose_lock(node, leave, Instant::now() + timeout).await?;
+    if wait_ms == 0 {
+        return Err(Status::failed_precondition(format!(
+            "lock {name} is held by another session"
+        )));
     }
+    Err(Status::deadline_exceeded(format!(
+        "lock {name} not acquired within {wait_ms} ms"
+    )))
 }
 
 /// INVALID_ARGUMENT unless `name` is a valid lock name.
@@ -128,91 +213,23 @@ impl Lock for LockService {
                 "wait_timeout_ms must be at most {MAX_LOCK_WAIT_MS}"
             )));
         }
-        let wait_until = Instant::now() + Duration::from_millis(r.wait_timeout_ms);
-        // Follow the lock's changes from before the proposal so no grant is missed.
-        let mut cursor = self.node.watches.cursor(META_GROUP, 0);
-        let cmd = LockCommand::Acquire {
+        let join = LockCommand::Acquire {
             name: r.name.clone(),
             session: r.session_id,
             mode,
         };
-        if let LockResponse::Held { token } = self.propose(cmd, deadline).await? {
-            return Ok(Response::new(proto::AcquireResponse {
-                fencing_token: token,
-            }));
-        }
-        // Waiting: woken by the lock's changes as this node applies them; a
-        // linearizable look now and then covers a node that falls behind.
-        let key = keys::lock_key(&r.name);
-        let mut next_check = Instant::now() + RECHECK_EVERY;
-        loop {
-            let now = Instant::now();
-            if now >= wait_until {
-                break;
-            }
-            let mut seen: Option<LockRecord> = None;
-            if now >= next_check {
-                seen = Some(
-                    self.inspect_record(&r.name, now + self.default_timeout())
-                        .await?,
-                );
-                next_check = Instant::now() + RECHECK_EVERY;
-            } else {
-                let wake = wait_until.min(next_check);
-                match tokio::time::timeout_at(wake.into(), cursor.next_batch()).await {
-                    Err(_) => continue,
-                    Ok(Err(_compacted)) => {
-                        cursor = self.node.watches.cursor(META_GROUP, 0);
-                        next_check = Instant::now();
-                        continue;
-                    }
-                    Ok(Ok(batch)) => {
-                        for change in batch.iter().flat_map(|e| &e.changes) {
-                            if change.record_key == key {
-                                seen = Some(match &change.value {
-                                    Some(b) => codec::decode(b).map_err(|e| {
-                                        to_status(NodeError::Internal(e.to_string()))
-                                    })?,
-                                    None => LockRecord::default(),
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            let Some(rec) = seen else { continue };
-            match rec.queue.iter().find(|e| e.session == r.session_id) {
-                Some(e) if e.token != 0 => {
-                    return Ok(Response::new(proto::AcquireResponse {
-                        fencing_token: e.token,
-                    }));
-                }
-                Some(_) => {}
-                None => {
-                    return Err(Status::not_found(format!(
-                        "session {} left the queue of {} (closed or expired)",
-                        r.session_id, r.name
-                    )));
-                }
-            }
-        }
-        // Out of time: leave the queue (if it came to hold meanwhile, that is released too).
-        let cmd = LockCommand::Release {
-            name: r.name.clone(),
-            session: r.session_id,
-        };
-        self.propose(cmd, Instant::now() + self.default_timeout())
-            .await?;
-        if r.wait_timeout_ms == 0 {
-            return Err(Status::failed_precondition(format!(
-                "lock {} is held by another session",
-                r.name
-            )));
-        }
-        Err(Status::deadline_exceeded(format!(
-            "lock {} not acquired within {} ms",
-            r.name, r.wait_timeout_ms
-        )))
+        let token = acquire_or_leave(
+            &self.node,
+            &r.name,
+            r.session_id,
+            join,
+            deadline,
+            r.wait_timeout_ms,
+        )
+        .await?;
+        Ok(Response::new(proto::AcquireResponse {
+            fencing_token: token,
+        }))
     }
 
     #[tracing::instrument(name = "lock.release", skip_all, fields(name = %req.get_ref().name, session = req.get_ref().session_id))]
@@ -227,7 +244,7 @@ impl Lock for LockService {
             name: r.name.clone(),
             session: r.session_id,
         };
-        match self.propose(cmd, deadline).await? {
+        match propose_lock(&self.node, cmd, deadline).await? {
             LockResponse::Released { existed: true } => {
                 Ok(Response::new(proto::ReleaseResponse {}))
             }
@@ -246,7 +263,7 @@ impl Lock for LockService {
         let deadline = deadline_of(&req, self.default_timeout());
         let r = req.into_inner();
         check_name(&r.name)?;
-        let rec = self.inspect_record(&r.name, deadline).await?;
+        let rec = read_lock(&self.node, &r.name, deadline).await?;
         Ok(Response::new(lock_state_msg(r.name, &rec)))
     }
 }

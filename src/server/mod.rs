@@ -5,6 +5,7 @@
 pub mod cart;
 pub mod catalog;
 pub mod cluster;
+pub mod election;
 pub mod error;
 pub mod inventory;
 pub mod kv;
@@ -25,6 +26,7 @@ use crate::node::Node;
 use crate::proto::cart_server::CartServer;
 use crate::proto::catalog_server::CatalogServer;
 use crate::proto::cluster_server::ClusterServer;
+use crate::proto::election_server::ElectionServer;
 use crate::proto::inventory_server::InventoryServer;
 use crate::proto::kv_server::KvServer;
 use crate::proto::lock_server::LockServer;
@@ -97,6 +99,9 @@ pub async fn serve(
         )))
         .add_service(LockServer::new(lock::LockService::new(node.clone())))
         .add_service(WatchServer::new(watch::WatchService::new(node.clone())))
+        .add_service(ElectionServer::new(election::ElectionService::new(
+            node.clone(),
+        )))
         .add_service(reflection)
         .serve_with_incoming(no_delay(client_listener));
     tokio::try_join!(peer, client)?;

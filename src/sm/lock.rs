@@ -35,6 +35,8 @@ pub struct LockEntry {
     pub mode: LockMode,
     /// Fencing token once it holds (0 while waiting).
     pub token: u64,
+    /// An election candidate's proclaimed value (empty for a plain lock).
+    pub value: Vec<u8>,
 }
 
 /// A lock: its queue in arrival order, holders first.
@@ -64,6 +66,37 @@ pub enum LockCommand {
         name: String,
         /// Owner session.
         session: u64,
+    },
+    /// Election: joins the queue exclusively with a value (the leader is
+    /// the holder).
+    Campaign {
+        /// Election (lock) name.
+        name: String,
+        /// Candidate session (must exist).
+        session: u64,
+        /// The candidate's value.
+        value: Vec<u8>,
+    },
+    /// Election: the leader replaces its value.
+    Proclaim {
+        /// Election (lock) name.
+        name: String,
+        /// Leader session.
+        session: u64,
+        /// The leadership's token (must still hold).
+        token: u64,
+        /// New value.
+        value: Vec<u8>,
+    },
+    /// Election: the leader of `token` steps down (nothing if that
+    /// leadership is over).
+    Resign {
+        /// Election (lock) name.
+        name: String,
+        /// Leader session.
+        session: u64,
+        /// The leadership's token.
+        token: u64,
     },
 }
 
@@ -149,38 +182,99 @@ pub fn apply(
             name,
             session,
             mode,
+        } => join(state, index, name, *session, *mode, Vec::new()),
+        LockCommand::Campaign {
+            name,
+            session,
+            value,
+        } => join(
+            state,
+            index,
+            name,
+            *session,
+            LockMode::Exclusive,
+            value.clone(),
+        ),
+        LockCommand::Proclaim {
+            name,
+            session,
+            token,
+            value,
         } => {
-            let Some(mut owner) = session::load_record(state, *session)? else {
-                return Ok(LockResponse::Rejected(Rejection::new(
-                    RejectCode::UnknownSession,
-                    format!("no session {session} (closed or expired)"),
-                )));
-            };
             let mut rec = load(state, name)?;
-            if position(&rec, *session).is_none() {
-                if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
-                    return Ok(LockResponse::Rejected(Rejection::new(
-                        RejectCode::TooManyLocks,
-                        format!("session {session} already has {MAX_LOCKS_PER_SESSION} locks"),
-                    )));
-                }
-                rec.queue.push(LockEntry {
-                    session: *session,
-                    mode: *mode,
-                    token: 0,
-                });
-                grant(&mut rec, index);
-                store(state, name, &rec)?;
-                owner.locks.push(name.clone());
-                session::save_record(state, *session, &owner)?;
-            }
-            Ok(answer(&rec, *session))
+            let Some(e) = rec
+                .queue
+                .iter_mut()
+                .find(|e| e.session == *session && e.token == *token && *token != 0)
+            else {
+                return Ok(not_leader(name, *session));
+            };
+            e.value = value.clone();
+            store(state, name, &rec)?;
+            Ok(LockResponse::Held { token: *token })
+        }
+        LockCommand::Resign {
+            name,
+            session,
+            token,
+        } => {
+            let rec = load(state, name)?;
+            let leads = rec
+                .queue
+                .iter()
+                .any(|e| e.session == *session && e.token == *token && *token != 0);
+            let existed = leads && release(state, index, name, *session)?;
+            Ok(LockResponse::Released { existed })
         }
         LockCommand::Release { name, session } => {
             let existed = release(state, index, name, *session)?;
             Ok(LockResponse::Released { existed })
         }
     }
+}
+
+fn not_leader(name: &str, session: u64) -> LockResponse {
+    LockResponse::Rejected(Rejection::new(
+        RejectCode::NotLeader,
+        format!("session {session} does not hold that leadership of {name}"),
+    ))
+}
+
+/// Adds `session` to `name`'s queue (once) and answers where it stands.
+fn join(
+    state: &mut dyn StateAccess,
+    index: u64,
+    name: &str,
+    session: u64,
+    mode: LockMode,
+    value: Vec<u8>,
+) -> Result<LockResponse, SmError> {
+    let Some(mut owner) = session::load_record(state, session)? else {
+        return Ok(LockResponse::Rejected(Rejection::new(
+            RejectCode::UnknownSession,
+            format!("no session {session} (closed or expired)"),
+        )));
+    };
+    let mut rec = load(state, name)?;
+    if position(&rec, session).is_none() {
+        if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
+            return Ok(LockResponse::Rejected(Rejection::new(
+                RejectCode::TooManyLocks,
+                format!("session {session} already has {MAX_LOCKS_PER_SESSION} locks"),
+            )));
+        }
+        rec.queue.push(LockEntry {
+            session,
+            mode,
+            token: 0,
+            value,
+        });
+        grant(&mut rec, index);
+        store(state, name, &rec)?;
+        owner.locks.push(name.to_string());
+        session::save_record(state, session, &owner)?;
+    }
+    Ok(answer(&rec, session))
 }
 
 /// Removes `session` from lock `name` and promotes the next entries.
@@ -330,5 +424,58 @@ mod tests {
             acquire(&mut m, 9, 2, LockMode::Exclusive),
             LockResponse::Held { token: 8 }
         );
+    }
+
+    #[test]
+    fn only_the_current_leadership_proclaims_or_resigns() {
+        let mut m = with_sessions(&[1, 2]);
+        let campaign = |session, v: &str| LockCommand::Campaign {
+            name: "l".into(),
+            session,
+            value: v.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            apply(&mut m, 10, &campaign(1, "a")).unwrap(),
+            LockResponse::Held { token: 10 }
+        );
+        assert_eq!(
+            apply(&mut m, 11, &campaign(2, "b")).unwrap(),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        let proclaim = |session, token| LockCommand::Proclaim {
+            name: "l".into(),
+            session,
+            token,
+            value: b"a2".to_vec(),
+        };
+        assert_eq!(
+            apply(&mut m, 12, &proclaim(1, 10)).unwrap(),
+            LockResponse::Held { token: 10 }
+        );
+        assert!(
+            matches!(apply(&mut m, 13, &proclaim(2, 10)).unwrap(), LockResponse::Rejected(r) if r.code == RejectCode::NotLeader)
+        );
+        assert!(matches!(
+            apply(&mut m, 14, &proclaim(1, 9)).unwrap(),
+            LockResponse::Rejected(_)
+        ));
+        assert_eq!(load(&mut m, "l").unwrap().queue[0].value, b"a2");
+        let resign = |session, token| LockCommand::Resign {
+            name: "l".into(),
+            session,
+            token,
+        };
+        // A stale token resigns nothing; the right one hands over.
+        assert_eq!(
+            apply(&mut m, 15, &resign(1, 7)).unwrap(),
+            LockResponse::Released { existed: false }
+        );
+        assert_eq!(
+            apply(&mut m, 16, &resign(1, 10)).unwrap(),
+            LockResponse::Released { existed: true }
+        );
+        let rec = load(&mut m, "l").unwrap();
+        assert_eq!((rec.queue[0].session, rec.queue[0].token), (2, 16));
+        assert_eq!(rec.queue[0].value, b"b");
     }
 }
