@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../proto/shopkv/v1/kv.proto",
         "../proto/shopkv/v1/cluster.proto",
         "../proto/shopkv/v1/commerce.proto",
+        "../proto/shopkv/v1/session.proto",
+        "../proto/shopkv/v1/lock.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -7,7 +7,7 @@
 # Debian if missing (as root), builds shopkv and shopkv-bench, then one system at a
 # time on fresh data under bench/data/: a 3-member etcd on loopback (default flags,
 # fsync on), a 3-node shopkv via cluster/bootstrap.sh (its default: 3 shards); runs every
-# workload against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
+# workload (W1 put, W2 get, W3 lock cycles, W4 orders, W5 flash sale) against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
 # one RESULT line per compared row, and appends the tables with the date, machine
 # and commit to bench/RESULTS.md. The compared rows run twice (each system on a fresh
 # cluster each round; the report averages them and shows the spread): single runs on
@@ -81,6 +81,8 @@ compare_set() { # system endpoints nodes shards
   for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
   bench "$1" "$2" get-lin 64 "$3" "$4" compare
   bench "$1" "$2" get-ser 64 "$3" "$4" compare
+  # W3: lock cycles on 16 names; its HANDOFF line (stderr) goes to the notes.
+  bench "$1" "$2" lock 64 "$3" "$4" compare 2> >(tee -a "$WORK/handoff.log" >&2)
   # W4: 5-line orders over $KEYS SKUs.
   bench "$1" "$2" order 64 "$3" "$4" compare
   # W5: flash sale of FLASH_STOCK units, 64 buyers, until sold out (<= 120 s).
@@ -159,5 +161,6 @@ echo
   --heading "$(date -u '+%Y-%m-%d %H:%M UTC') — $MODE run, commit $commit" \
   --note "command: \`bench/run.sh${1:+ $1}\` (${ROUNDS} round(s) of ${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
+  --note "W3 hand-off latency (release → next waiter holds), per round: $(grep -h '^HANDOFF' "$WORK/handoff.log" | sed 's/^HANDOFF workload=lock //' | paste -sd ';' -)" \
   --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default)"
 echo "run.sh: appended to bench/RESULTS.md"

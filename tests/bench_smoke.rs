@@ -143,3 +143,48 @@ async fn order_and_flash_workloads_verify_their_stock() {
     assert_eq!(report.summary.ops, stock, "exactly the stock is sold");
     assert!(report.summary.ops_per_s > 0.0);
 }
+
+/// W3: lock cycles (session, acquire, release, close) on 16 names: every
+/// cycle succeeds, and afterwards no name is held or waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_workload_cycles_and_leaves_every_lock_free() {
+    let cluster = TestCluster::start_initialised(3, 1, &[]).await;
+    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
+        .await
+        .expect("connect");
+    let spec = RunSpec {
+        clients: CLIENTS,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(2),
+        progress: false,
+        seed: SEED,
+    };
+    let space = KeySpace {
+        keys: 0,
+        value_bytes: 0,
+    };
+    let report = workloads::build("lock", space)
+        .expect("lock workload")
+        .setup_and_run(&conns, &spec)
+        .await
+        .expect("lock run");
+    assert!(report.summary.ops >= 20, "{:?}", report.summary);
+    assert_eq!(report.summary.errors, 0, "{:?}", report.summary);
+    let ch = common::channel(&cluster.node(2).client)
+        .await
+        .expect("connect");
+    let mut locks = shopkv::proto::lock_client::LockClient::new(ch);
+    for i in 0..16 {
+        let st = locks
+            .inspect(shopkv::proto::InspectRequest {
+                name: format!("w3/lock-{i:02}"),
+            })
+            .await
+            .expect("inspect")
+            .into_inner();
+        assert!(
+            st.holders.is_empty() && st.waiters.is_empty(),
+            "lock {i} left held: {st:?}"
+        );
+    }
+}

@@ -11,7 +11,9 @@ use crate::BenchError;
 use crate::proto::catalog_client::CatalogClient;
 use crate::proto::inventory_client::InventoryClient;
 use crate::proto::kv_client::KvClient;
+use crate::proto::lock_client::LockClient;
 use crate::proto::orders_client::OrdersClient;
+use crate::proto::session_client::SessionClient;
 use crate::proto::{GetRequest, PutRequest};
 
 /// Deadline of one operation; a slower answer counts as an error.
@@ -56,6 +58,8 @@ pub struct ShopkvConn {
     pub catalog: CatalogClient<Channel>,
     pub inventory: InventoryClient<Channel>,
     pub orders: OrdersClient<Channel>,
+    pub sessions: SessionClient<Channel>,
+    pub locks: LockClient<Channel>,
 }
 
 /// A cloneable handle on one connection.
@@ -63,7 +67,7 @@ pub struct ShopkvConn {
 pub enum Conn {
     Shopkv(Box<ShopkvConn>),
     #[cfg(feature = "etcd")]
-    Etcd(Box<etcd_client::KvClient>),
+    Etcd(Box<etcd_client::Client>),
 }
 
 /// Opens `conns` connections to `system`, endpoint `i % endpoints.len()` for the i-th.
@@ -102,7 +106,9 @@ async fn connect_one(system: System, endpoint: &str) -> Result<Conn, BenchError>
                 kv: KvClient::new(channel.clone()),
                 catalog: CatalogClient::new(channel.clone()),
                 inventory: InventoryClient::new(channel.clone()),
-                orders: OrdersClient::new(channel),
+                orders: OrdersClient::new(channel.clone()),
+                sessions: SessionClient::new(channel.clone()),
+                locks: LockClient::new(channel),
             })))
         }
         #[cfg(feature = "etcd")]
@@ -113,7 +119,7 @@ async fn connect_one(system: System, endpoint: &str) -> Result<Conn, BenchError>
             let client = etcd_client::Client::connect([url], Some(options))
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            Ok(Conn::Etcd(Box::new(client.kv_client())))
+            Ok(Conn::Etcd(Box::new(client)))
         }
         #[cfg(not(feature = "etcd"))]
         System::Etcd => Err(BenchError::NotCompiled("etcd")),

@@ -15,6 +15,8 @@ use crate::client::{Conn, OpError};
 use crate::stats::{Recorder, Summary};
 use crate::workloads::Workload;
 
+/// Failed operations whose error is printed (the rest are only counted).
+const FAILURES_SHOWN: u64 = 5;
 /// Pause after a failed operation, so a down endpoint is not spun on.
 const ERROR_PAUSE: Duration = Duration::from_millis(5);
 
@@ -101,8 +103,11 @@ pub async fn run<W: Workload>(
                         over_at_ns.fetch_min(at, Ordering::Relaxed);
                         break;
                     }
-                    Err(_) => {
-                        done_err.fetch_add(1, Ordering::Relaxed);
+                    Err(e) => {
+                        // The first few failures say what went wrong.
+                        if done_err.fetch_add(1, Ordering::Relaxed) < FAILURES_SHOWN {
+                            eprintln!("  client {}: {e}", worker.id);
+                        }
                         if measured {
                             recorder.error();
                         }

@@ -130,7 +130,12 @@ pub async fn acquire_or_leave(
                 }
             }
         }
-        let Some(rec) = seen else { continue };
+        let Some(mut rec) = seen else { continue };
+        if !rec.queue.iter().any(|e| e.session == session) {
+            // The cursor also shows changes applied before this session joined:
+            // only a read after the join can say it left.
+            rec = read_lock(node, name, Instant::now() + timeout).await?;
+        }
         match rec.queue.iter().find(|e| e.session == session) {
             Some(e) if e.token != 0 => return Ok(e.token),
             Some(_) => {}

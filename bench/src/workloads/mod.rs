@@ -11,11 +11,12 @@ use crate::runner::Worker;
 
 pub mod flash;
 pub mod get;
+pub mod lock;
 pub mod order;
 pub mod put;
 
 /// Workload names `--workload` accepts.
-pub const NAMES: &[&str] = &["put", "get-lin", "get-ser", "order", "flash"];
+pub const NAMES: &[&str] = &["put", "get-lin", "get-ser", "order", "flash", "lock"];
 
 /// Sizes shared by the workloads: `keys` is the key count (put, get), the SKU
 /// count (order) or the flash-sale stock (flash).
@@ -56,6 +57,7 @@ pub enum Named {
     Get(get::Get),
     Order(order::Order),
     Flash(flash::Flash),
+    Lock(lock::Lock),
 }
 
 /// Builds the workload `name` over `space`.
@@ -72,12 +74,17 @@ pub fn build(name: &str, space: KeySpace) -> Result<Named, BenchError> {
         })),
         "order" => Ok(Named::Order(order::Order::new(space.keys))),
         "flash" => Ok(Named::Flash(flash::Flash::new(space.keys))),
+        // W3 is defined on 16 lock names, whatever --keys says.
+        "lock" => Ok(Named::Lock(lock::Lock::new(LOCK_NAMES))),
         other => Err(BenchError::UnknownWorkload(
             other.to_string(),
             NAMES.join(", "),
         )),
     }
 }
+
+/// Lock names of W3.
+const LOCK_NAMES: u64 = 16;
 
 /// The key of index `i`.
 pub fn key(i: u64) -> Vec<u8> {
@@ -108,6 +115,7 @@ impl Named {
             Named::Get(w) => go(w, conns, spec).await,
             Named::Order(w) => go(w, conns, spec).await,
             Named::Flash(w) => go(w, conns, spec).await,
+            Named::Lock(w) => go(w, conns, spec).await,
         }
     }
 }
