@@ -1,7 +1,8 @@
 //! Sessions on a real 3-node cluster: kept alive they live past their TTL,
 //! left alone they expire within it (plus a bound), closing ends them, TTLs
 //! outside the bounds are refused, and killing the meta group's leader neither
-//! expires a session that keeps alive nor keeps a dead one alive.
+//! expires a session that keeps alive (nor releases its lock) nor keeps a dead
+//! one alive (its lock is released).
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestCluster, channel};
 use shopkv::proto;
+use shopkv::proto::lock_client::LockClient;
 use shopkv::proto::session_client::SessionClient;
 use shopkv::router::META_GROUP;
 use tonic::Code;
@@ -131,6 +133,27 @@ async fn killing_the_meta_leader_neither_expires_a_live_session_nor_saves_a_dead
     let mut s = client(&c, others[0]).await;
     let live = create(&mut s, 3000).await;
     let dead = create(&mut s, 3000).await;
+    // Each holds a lock: the live one's must stay held (same token), the
+    // dead one's must be released by its expiry.
+    let mut locks = LockClient::new(channel(&c.node(others[0]).client).await.expect("connect"));
+    let hold = |name: &str, session| {
+        let req = proto::AcquireRequest {
+            name: name.into(),
+            session_id: session,
+            mode: proto::LockMode::Exclusive as i32,
+            wait_timeout_ms: 0,
+        };
+        let mut l = locks.clone();
+        async move {
+            l.acquire(req)
+                .await
+                .expect("acquire")
+                .into_inner()
+                .fencing_token
+        }
+    };
+    let kept_token = hold("kept", live).await;
+    hold("freed", dead).await;
     c.kill(leader);
     let killed_at = Instant::now();
     // Keep `live` alive every 700 ms through the survivors while the group
@@ -162,5 +185,29 @@ async fn killing_the_meta_leader_neither_expires_a_live_session_nor_saves_a_dead
             .expect_err("dead session")
             .code(),
         Code::NotFound
+    );
+    let kept = locks
+        .inspect(proto::InspectRequest {
+            name: "kept".into(),
+        })
+        .await
+        .expect("inspect")
+        .into_inner();
+    assert_eq!(kept.holders.len(), 1, "{kept:?}");
+    assert_eq!(
+        (kept.holders[0].session_id, kept.holders[0].fencing_token),
+        (live, kept_token),
+        "the live session's lock survived the leader change unchanged"
+    );
+    let freed = locks
+        .inspect(proto::InspectRequest {
+            name: "freed".into(),
+        })
+        .await
+        .expect("inspect")
+        .into_inner();
+    assert!(
+        freed.holders.is_empty(),
+        "the dead session's lock was released: {freed:?}"
     );
 }
