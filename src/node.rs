@@ -33,8 +33,6 @@ use crate::watch::WatchHub;
 /// Most forwarding hops a request may take (a non-replica forwards to a
 /// replica, which forwards to the leader).
 pub const MAX_FORWARD_HOPS: u32 = 3;
-/// Most sessions the meta leader tracks (the service refuses more).
-pub const MAX_SESSIONS: usize = 100_000;
 /// Most in-flight 2PC records of each kind one status report counts.
 const MAX_IN_FLIGHT_REPORTED: u32 = 10_000;
 /// How long a forwarded or local request waits between leader look-ups.
@@ -401,9 +399,11 @@ impl Node {
 
     /// Every session in this node's replica of the meta group.
     pub fn all_sessions(&self) -> Result<Vec<(u64, SessionRecord)>, NodeError> {
-        let rows = self
-            .store
-            .scan_records(META_GROUP, &keys::session_prefix(), MAX_SESSIONS)?;
+        let rows = self.store.scan_records(
+            META_GROUP,
+            &keys::session_prefix(),
+            sm::session::MAX_SESSIONS as usize,
+        )?;
         rows.into_iter()
             .filter_map(|(k, v)| {
                 let id = keys::session_id_of(&k)?;

@@ -67,6 +67,8 @@ pub enum RejectCode {
     StaleFence = 23,
     /// An election request from a session that does not lead it (any more).
     NotLeader = 24,
+    /// The cluster has as many sessions as it may.
+    TooManySessions = 25,
 }
 
 /// The gRPC class of a [`RejectCode`] (the server maps it to a status code).
@@ -112,6 +114,7 @@ impl RejectCode {
             RejectCode::TooManyLocks => "TOO_MANY_LOCKS",
             RejectCode::StaleFence => "STALE_FENCE",
             RejectCode::NotLeader => "NOT_LEADER",
+            RejectCode::TooManySessions => "TOO_MANY_SESSIONS",
         }
     }
 
@@ -139,7 +142,8 @@ impl RejectCode {
             | RejectCode::OrderAborted
             | RejectCode::TooManyLocks
             | RejectCode::StaleFence
-            | RejectCode::NotLeader => RejectKind::FailedPrecondition,
+            | RejectCode::NotLeader
+            | RejectCode::TooManySessions => RejectKind::FailedPrecondition,
             RejectCode::CartChanged => RejectKind::Aborted,
             RejectCode::Inconsistent => RejectKind::Internal,
         }

@@ -12,6 +12,10 @@ use crate::codec;
 use crate::domain::{RejectCode, Rejection};
 use crate::storage::keys;
 
+/// Most live sessions a cluster keeps (each costs the meta leader a deadline
+/// and a checkpoint slot); a Grant beyond it is refused.
+pub const MAX_SESSIONS: u64 = 100_000;
+
 /// A session as replicated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -91,6 +95,17 @@ fn load(state: &mut dyn StateAccess, id: u64) -> Result<Option<SessionRecord>, S
     }
 }
 
+fn count(state: &mut dyn StateAccess) -> Result<u64, SmError> {
+    match state.get(&keys::session_count_key())? {
+        Some(b) => Ok(codec::decode(&b)?),
+        None => Ok(0),
+    }
+}
+
+fn set_count(state: &mut dyn StateAccess, n: u64) -> Result<(), SmError> {
+    state.put(keys::session_count_key(), codec::encode(&n)?)
+}
+
 fn stale(what: &str, got: u64, want: u64) -> SessionResponse {
     SessionResponse::Rejected(Rejection::new(
         RejectCode::IllegalTransition,
@@ -107,6 +122,8 @@ fn end(
     rec: &SessionRecord,
 ) -> Result<(), SmError> {
     super::lock::release_all(state, index, id, &rec.locks)?;
+    let n = count(state)?;
+    set_count(state, n.saturating_sub(1))?;
     state.delete(keys::session_key(id))
 }
 
@@ -133,6 +150,14 @@ pub fn apply(
 ) -> Result<SessionResponse, SmError> {
     match cmd {
         SessionCommand::Grant { ttl_ms, now_ms } => {
+            let n = count(state)?;
+            if n >= MAX_SESSIONS {
+                return Ok(SessionResponse::Rejected(Rejection::new(
+                    RejectCode::TooManySessions,
+                    format!("the cluster already has {MAX_SESSIONS} sessions"),
+                )));
+            }
+            set_count(state, n + 1)?;
             let rec = SessionRecord {
                 ttl_ms: *ttl_ms,
                 granted_ms: *now_ms,
@@ -251,5 +276,32 @@ mod tests {
             apply(&mut m, 12, 3, &SessionCommand::Close { id: 7 }).unwrap(),
             SessionResponse::Ended { ended: false }
         );
+    }
+
+    #[test]
+    fn grants_stop_at_the_session_limit_and_ends_make_room() {
+        let mut m = Mem::default();
+        let grant = SessionCommand::Grant {
+            ttl_ms: 3000,
+            now_ms: 1,
+        };
+        assert!(matches!(
+            apply(&mut m, 5, 1, &grant).unwrap(),
+            SessionResponse::Granted { id: 5, .. }
+        ));
+        // As if the cluster were full: the next grant is refused.
+        set_count(&mut m, MAX_SESSIONS).unwrap();
+        assert!(matches!(
+            apply(&mut m, 6, 1, &grant).unwrap(),
+            SessionResponse::Rejected(r) if r.code == RejectCode::TooManySessions
+        ));
+        assert_eq!(load(&mut m, 6).unwrap(), None);
+        // Closing one makes room for one.
+        apply(&mut m, 7, 1, &SessionCommand::Close { id: 5 }).unwrap();
+        assert_eq!(count(&mut m).unwrap(), MAX_SESSIONS - 1);
+        assert!(matches!(
+            apply(&mut m, 8, 1, &grant).unwrap(),
+            SessionResponse::Granted { id: 8, .. }
+        ));
     }
 }

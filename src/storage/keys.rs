@@ -225,6 +225,13 @@ pub fn cluster_map_key() -> Vec<u8> {
     k
 }
 
+/// Record key of the live session count in the meta group.
+pub fn session_count_key() -> Vec<u8> {
+    let mut k = vec![NS_META];
+    k.extend_from_slice(b"sessions");
+    k
+}
+
 fn ns_id(ns: u8, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(ns);
