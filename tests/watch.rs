@@ -32,6 +32,7 @@ async fn open(
         .watch(proto::WatchRequest {
             target: Some(target),
             start_revisions: start,
+            groups: Vec::new(),
         })
         .await?
         .into_inner();
@@ -268,6 +269,7 @@ async fn old_revisions_on_a_restarted_node_are_out_of_range_and_bad_requests_are
         .watch(proto::WatchRequest {
             target: None,
             start_revisions: HashMap::new(),
+            groups: Vec::new(),
         })
         .await
         .expect_err("no target");
@@ -276,6 +278,7 @@ async fn old_revisions_on_a_restarted_node_are_out_of_range_and_bad_requests_are
         .watch(proto::WatchRequest {
             target: Some(Target::Sku("SKU-1".into())),
             start_revisions: HashMap::from([(0, 1)]),
+            groups: Vec::new(),
         })
         .await
         .expect_err("the meta group is not a stock watch's group");
@@ -284,8 +287,68 @@ async fn old_revisions_on_a_restarted_node_are_out_of_range_and_bad_requests_are
         .watch(proto::WatchRequest {
             target: Some(Target::Sku(String::new())),
             start_revisions: HashMap::new(),
+            groups: Vec::new(),
         })
         .await
         .expect_err("empty SKU");
     assert_eq!(bad_sku.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_relays_the_shards_it_has_no_replica_of_and_survives_a_replica_kill() {
+    let mut c = TestCluster::start_initialised(5, 5, &[]).await;
+    let status = c.status(1).await.expect("status");
+    let remote: Vec<(u64, Vec<u64>)> = status
+        .groups
+        .iter()
+        .filter(|g| g.group_id != 0 && !g.members.contains(&1))
+        .map(|g| (g.group_id, g.members.clone()))
+        .collect();
+    assert!(!remote.is_empty(), "node 1 holds every shard: {status:?}");
+    let mut w1 = watcher(&c, 1).await;
+    let mut s = open(&mut w1, Target::KvPrefix(b"r/".to_vec()), HashMap::new())
+        .await
+        .expect("watch through node 1");
+    let mut client = c.kv(2).await;
+    for i in 0..40 {
+        put(&mut client, &format!("r/{i}"), "a").await.expect("put");
+    }
+    let got = events(&mut s, 40).await;
+    assert_eq!(got.len(), 40, "every shard's changes, relayed or local");
+    let shards: std::collections::BTreeSet<u64> = got.iter().map(|e| e.group).collect();
+    assert!(
+        remote.iter().all(|(g, _)| shards.contains(g)),
+        "events of the shards node 1 lacks ({remote:?}) came through: {shards:?}"
+    );
+    // Kill a replica of a relayed shard (maybe the one relayed from): the
+    // relay moves on and loses nothing.
+    let (_, members) = &remote[0];
+    c.kill(members[0]);
+    let mut client = c.kv(if members[0] == 2 { 3 } else { 2 }).await;
+    for i in 40..80 {
+        let key = format!("r/{i}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while put(&mut client, &key, "b").await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never written"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let more = events(&mut s, 40).await;
+    // A retried put may write a key twice (two events); none may be missing,
+    // and no event may come twice (revisions increase per shard).
+    let mut keys: Vec<String> = more.iter().map(|e| kv(e).0).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 40, "every later write arrived: {keys:?}");
+    let mut last: HashMap<u64, u64> = got.iter().map(|e| (e.group, e.revision)).collect();
+    for e in &more {
+        let prev = last.insert(e.group, e.revision).unwrap_or(0);
+        assert!(
+            e.revision > prev,
+            "event delivered twice or out of order: {more:?}"
+        );
+    }
 }

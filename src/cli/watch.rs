@@ -119,6 +119,7 @@ pub async fn watch(g: &GlobalArgs, a: WatchArgs) -> Result<(), CliError> {
         .watch(proto::WatchRequest {
             target: Some(target),
             start_revisions: start,
+            groups: Vec::new(),
         })
         .await?
         .into_inner();
