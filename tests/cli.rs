@@ -390,6 +390,46 @@ async fn a_command_under_a_lock_writes_with_its_fencing_token_and_a_stale_one_fa
             .contains("stale fencing token")
     );
     assert_eq!(ok(&eps, &["kv", "get", "report/owner"]), "second\n");
+    // Commerce writes take the same --fence.
+    ok(
+        &eps,
+        &[
+            "product",
+            "put",
+            "FEN-1",
+            "--title",
+            "Fenced",
+            "--price",
+            "100",
+            "--currency",
+            "EUR",
+        ],
+    );
+    let script = format!(
+        "{} stock set FEN-1 10 --fence jobs/report:$SHOPKV_FENCING_TOKEN --endpoints {eps}",
+        binary()
+    );
+    ok(
+        &eps,
+        &["lock", "acquire", "jobs/report", "--", "sh", "-c", &script],
+    );
+    let err = fails(&eps, &["stock", "adjust", "FEN-1", "-3", "--fence", &fence]);
+    assert!(
+        err.starts_with("error: STALE_FENCE: stale fencing token"),
+        "{err}"
+    );
+    assert!(
+        fails(
+            &eps,
+            &["order", "place", "cust-1", "FEN-1:1", "--fence", &fence]
+        )
+        .contains("STALE_FENCE")
+    );
+    assert_eq!(
+        ok_json(&eps, &["stock", "get", "FEN-1"])["on_hand"],
+        10,
+        "the stale adjustment changed nothing"
+    );
     // A malformed fence is a usage error (clap's exit code 2), naming the format.
     let (code, _, err) = cli(&[
         "kv",

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{CliError, Format, GlobalArgs, connect};
+use super::{CliError, Format, GlobalArgs, connect, parse_fence};
 use crate::domain::money::Currency;
 use crate::payment::CARD_APPROVE;
 use crate::proto;
@@ -43,6 +43,9 @@ pub enum ProductCmd {
         /// Create it inactive.
         #[arg(long)]
         inactive: bool,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Show a product.
     Get {
@@ -62,6 +65,9 @@ pub enum ProductCmd {
     Deactivate {
         /// SKU.
         sku: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
 }
 
@@ -75,6 +81,9 @@ pub enum StockCmd {
         /// Units on hand.
         #[arg(allow_negative_numbers = true)]
         on_hand: i64,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Add (+N) or remove (-N) on-hand stock.
     Adjust {
@@ -83,6 +92,9 @@ pub enum StockCmd {
         /// Change, e.g. +5 or -3.
         #[arg(allow_negative_numbers = true, value_parser = parse_delta)]
         delta: i64,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Show on_hand, reserved and available.
     Get {
@@ -103,6 +115,9 @@ pub enum CartCmd {
         /// Units.
         #[arg(allow_negative_numbers = true)]
         qty: i64,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Set a line's quantity.
     Update {
@@ -113,6 +128,9 @@ pub enum CartCmd {
         /// Units.
         #[arg(allow_negative_numbers = true)]
         qty: i64,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Remove a SKU from the cart.
     Rm {
@@ -120,6 +138,9 @@ pub enum CartCmd {
         customer: String,
         /// SKU.
         sku: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Show the cart.
     Show {
@@ -130,6 +151,9 @@ pub enum CartCmd {
     Clear {
         /// Customer id.
         customer: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
 }
 
@@ -149,6 +173,9 @@ pub enum OrderCmd {
         /// Lines as SKU:QTY.
         #[arg(value_parser = parse_line)]
         lines: Vec<(String, u32)>,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Show an order.
     Get {
@@ -163,21 +190,33 @@ pub enum OrderCmd {
         /// 4000000000000119 fails with a provider error.
         #[arg(long, default_value = CARD_APPROVE)]
         card: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Mark a paid order shipped (its stock leaves on_hand).
     Ship {
         /// Order id.
         order_id: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Mark a shipped order delivered.
     Deliver {
         /// Order id.
         order_id: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// Cancel an unpaid or paid order (stock released, payment refunded).
     Cancel {
         /// Order id.
         order_id: String,
+        /// Refuse the write unless LOCK's fencing token TOKEN is still current (`--fence LOCK:TOKEN`).
+        #[arg(long, value_parser = parse_fence)]
+        fence: Option<proto::Fence>,
     },
     /// A customer's orders.
     List {
@@ -310,6 +349,7 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
             max_per_order,
             attrs,
             inactive,
+            fence,
         } => {
             let product = proto::Product {
                 sku,
@@ -324,7 +364,7 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
             };
             let p = c
                 .put(proto::PutProductRequest {
-                    fence: None,
+                    fence,
                     product: Some(product),
                 })
                 .await?
@@ -372,9 +412,9 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
                 },
             );
         }
-        ProductCmd::Deactivate { sku } => {
+        ProductCmd::Deactivate { sku, fence } => {
             let p = c
-                .deactivate(proto::DeactivateProductRequest { sku, fence: None })
+                .deactivate(proto::DeactivateProductRequest { sku, fence })
                 .await?
                 .into_inner();
             out(g, product_json(&p), || println!("OK {} inactive", p.sku));
@@ -387,21 +427,21 @@ pub async fn product(g: &GlobalArgs, cmd: ProductCmd) -> Result<(), CliError> {
 pub async fn stock(g: &GlobalArgs, cmd: StockCmd) -> Result<(), CliError> {
     let mut c = InventoryClient::new(connect(g).await?);
     let s = match cmd {
-        StockCmd::Set { sku, on_hand } => {
+        StockCmd::Set {
+            sku,
+            on_hand,
+            fence,
+        } => {
             c.set_stock(proto::SetStockRequest {
                 sku,
                 on_hand,
-                fence: None,
+                fence,
             })
             .await?
         }
-        StockCmd::Adjust { sku, delta } => {
-            c.adjust_stock(proto::AdjustStockRequest {
-                sku,
-                delta,
-                fence: None,
-            })
-            .await?
+        StockCmd::Adjust { sku, delta, fence } => {
+            c.adjust_stock(proto::AdjustStockRequest { sku, delta, fence })
+                .await?
         }
         StockCmd::Get { sku } => {
             c.get(proto::GetStockRequest {
@@ -425,27 +465,41 @@ pub async fn stock(g: &GlobalArgs, cmd: StockCmd) -> Result<(), CliError> {
 pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
     let mut c = CartClient::new(connect(g).await?);
     let view = match cmd {
-        CartCmd::Add { customer, sku, qty } => {
+        CartCmd::Add {
+            customer,
+            sku,
+            qty,
+            fence,
+        } => {
             c.add_item(proto::AddCartItemRequest {
-                fence: None,
+                fence,
                 customer_id: customer,
                 sku,
                 quantity: qty,
             })
             .await?
         }
-        CartCmd::Update { customer, sku, qty } => {
+        CartCmd::Update {
+            customer,
+            sku,
+            qty,
+            fence,
+        } => {
             c.update_quantity(proto::UpdateCartItemRequest {
-                fence: None,
+                fence,
                 customer_id: customer,
                 sku,
                 quantity: qty,
             })
             .await?
         }
-        CartCmd::Rm { customer, sku } => {
+        CartCmd::Rm {
+            customer,
+            sku,
+            fence,
+        } => {
             c.remove_item(proto::RemoveCartItemRequest {
-                fence: None,
+                fence,
                 customer_id: customer,
                 sku,
             })
@@ -457,9 +511,9 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
             })
             .await?
         }
-        CartCmd::Clear { customer } => {
+        CartCmd::Clear { customer, fence } => {
             c.clear(proto::ClearCartRequest {
-                fence: None,
+                fence,
                 customer_id: customer,
             })
             .await?
@@ -480,22 +534,21 @@ pub async fn cart(g: &GlobalArgs, cmd: CartCmd) -> Result<(), CliError> {
 /// Runs `shopkv order ...`.
 pub async fn order(g: &GlobalArgs, cmd: OrderCmd) -> Result<(), CliError> {
     let mut c = OrdersClient::new(connect(g).await?);
-    let id = |order_id: String| proto::OrderIdRequest {
-        order_id,
-        fence: None,
-    };
+    let id =
+        |order_id: String, fence: Option<proto::Fence>| proto::OrderIdRequest { order_id, fence };
     let o = match cmd {
         OrderCmd::Place {
             customer,
             order_id,
             from_cart,
             lines,
+            fence,
         } => {
             if !from_cart && lines.is_empty() {
                 return Err(CliError("give SKU:QTY lines or --from-cart".into()));
             }
             c.place(proto::PlaceOrderRequest {
-                fence: None,
+                fence,
                 order_id: order_id.unwrap_or_default(),
                 customer_id: customer,
                 lines: lines
@@ -513,17 +566,21 @@ pub async fn order(g: &GlobalArgs, cmd: OrderCmd) -> Result<(), CliError> {
             })
             .await?
         }
-        OrderCmd::Pay { order_id, card } => {
+        OrderCmd::Pay {
+            order_id,
+            card,
+            fence,
+        } => {
             c.pay(proto::PayOrderRequest {
-                fence: None,
+                fence,
                 order_id,
                 card_number: card,
             })
             .await?
         }
-        OrderCmd::Ship { order_id } => c.ship(id(order_id)).await?,
-        OrderCmd::Deliver { order_id } => c.deliver(id(order_id)).await?,
-        OrderCmd::Cancel { order_id } => c.cancel(id(order_id)).await?,
+        OrderCmd::Ship { order_id, fence } => c.ship(id(order_id, fence)).await?,
+        OrderCmd::Deliver { order_id, fence } => c.deliver(id(order_id, fence)).await?,
+        OrderCmd::Cancel { order_id, fence } => c.cancel(id(order_id, fence)).await?,
         OrderCmd::List { customer, limit } => {
             let mut token = String::new();
             let mut all = Vec::new();
