@@ -162,7 +162,12 @@ pub async fn run(node: Weak<Node>) {
             let Some(&epoch) = epochs.get(&id) else {
                 continue;
             };
-            let cmd = Command::Session(SessionCommand::Expire { id, term, epoch });
+            let cmd = Command::Session(SessionCommand::Expire {
+                id,
+                term,
+                epoch,
+                now_ms: crate::commerce::now_ms(),
+            });
             match node
                 .propose(META_GROUP, cmd, deadline, MAX_FORWARD_HOPS)
                 .await

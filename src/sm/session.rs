@@ -54,6 +54,8 @@ pub enum SessionCommand {
         term: u64,
         /// The session's epoch the leader's deadline was based on.
         epoch: u64,
+        /// The proposing leader's wall clock.
+        now_ms: u64,
     },
     /// Records every live session's remaining time (the leader, periodically).
     Checkpoint {
@@ -182,6 +184,7 @@ pub fn apply(
             id,
             term: proposed_in,
             epoch,
+            now_ms,
         } => {
             // A proposal forwarded from a deposed leader lands in a later term.
             if *proposed_in != term {
@@ -192,6 +195,20 @@ pub fn apply(
             };
             if rec.epoch != *epoch {
                 return Ok(stale("epoch", *epoch, rec.epoch));
+            }
+            // No session ends before its first TTL has passed (keep-alives and
+            // leader changes only ever move a deadline later). A leader whose
+            // deadlines say otherwise is wrong, or its wall clock is behind the
+            // granting leader's: either way the session lives on, and the
+            // expiry is retried on the next tick.
+            if *now_ms < rec.granted_ms.saturating_add(rec.ttl_ms) {
+                return Ok(SessionResponse::Rejected(Rejection::new(
+                    RejectCode::IllegalTransition,
+                    format!(
+                        "session {id} cannot expire before {} (granted + TTL), now {now_ms}",
+                        rec.granted_ms.saturating_add(rec.ttl_ms)
+                    ),
+                )));
             }
             end(state, index, *id, &rec)?;
             Ok(SessionResponse::Ended { ended: true })
@@ -245,7 +262,12 @@ mod tests {
             }
         );
         // Proposed by the leader of term 2, appended in term 3: refused.
-        let expire = |term, epoch| SessionCommand::Expire { id: 7, term, epoch };
+        let expire = |term, epoch| SessionCommand::Expire {
+            id: 7,
+            term,
+            epoch,
+            now_ms: 5000,
+        };
         assert!(matches!(
             apply(&mut m, 8, 3, &expire(2, 0)).unwrap(),
             SessionResponse::Rejected(_)
@@ -268,6 +290,18 @@ mod tests {
             1200,
             "the checkpoint recorded the remaining time"
         );
+        // Stamped before granted (1) + TTL (3000): refused, the session lives on.
+        let early = SessionCommand::Expire {
+            id: 7,
+            term: 3,
+            epoch: 1,
+            now_ms: 2999,
+        };
+        assert!(matches!(
+            apply(&mut m, 11, 3, &early).unwrap(),
+            SessionResponse::Rejected(_)
+        ));
+        assert!(load(&mut m, 7).unwrap().is_some());
         assert_eq!(
             apply(&mut m, 11, 3, &expire(3, 1)).unwrap(),
             SessionResponse::Ended { ended: true }
