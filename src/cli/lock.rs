@@ -20,7 +20,11 @@ pub enum LockCmd {
     Acquire {
         /// Lock name.
         name: String,
-        /// Session TTL in ms: if this process dies, the lock passes on after it.
+        /// Session TTL in seconds (etcdctl's `--ttl`): if this process dies,
+        /// the lock passes on after it. Default 10.
+        #[arg(long, conflicts_with = "ttl_ms")]
+        ttl: Option<u64>,
+        /// Session TTL in ms, for TTLs that are not whole seconds.
         #[arg(long, default_value_t = 10_000)]
         ttl_ms: u64,
         /// Take it shared (read lock) instead of exclusive.
@@ -71,11 +75,13 @@ pub async fn lock(g: &GlobalArgs, cmd: LockCmd) -> Result<(), CliError> {
         }
         LockCmd::Acquire {
             name,
+            ttl,
             ttl_ms,
             shared,
             wait_ms,
             command,
         } => {
+            let ttl_ms = ttl.map_or(ttl_ms, |secs| secs.saturating_mul(1000));
             let mut sessions = SessionClient::new(channel.clone());
             let session_id = sessions
                 .create(proto::CreateSessionRequest { ttl_ms })
