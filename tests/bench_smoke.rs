@@ -18,12 +18,28 @@ const KEYS: u64 = 300;
 const CLIENTS: usize = 8;
 const SEED: u64 = 77;
 
+/// Three connections to `cluster`.
+async fn connect(cluster: &TestCluster) -> Vec<client::Conn> {
+    client::connect(System::Shopkv, &cluster.endpoints(), 3)
+        .await
+        .expect("connect")
+}
+
+/// CLIENTS clients for 2 s, no warm-up.
+fn two_seconds() -> RunSpec {
+    RunSpec {
+        clients: CLIENTS,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(2),
+        progress: false,
+        seed: SEED,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_counts_operations_and_the_writes_read_back() {
     let cluster = TestCluster::start_initialised(3, 4, &[]).await;
-    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
-        .await
-        .expect("connect");
+    let conns = connect(&cluster).await;
     let space = KeySpace {
         keys: KEYS,
         value_bytes: 256,
@@ -101,16 +117,8 @@ async fn harness_counts_operations_and_the_writes_read_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_and_flash_workloads_verify_their_stock() {
     let cluster = TestCluster::start_initialised(3, 3, &[]).await;
-    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
-        .await
-        .expect("connect");
-    let spec = RunSpec {
-        clients: CLIENTS,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(2),
-        progress: false,
-        seed: SEED,
-    };
+    let conns = connect(&cluster).await;
+    let spec = two_seconds();
     let space = KeySpace {
         keys: 200,
         value_bytes: 0,
@@ -149,16 +157,8 @@ async fn order_and_flash_workloads_verify_their_stock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_workload_cycles_and_leaves_every_lock_free() {
     let cluster = TestCluster::start_initialised(3, 1, &[]).await;
-    let conns = client::connect(System::Shopkv, &cluster.endpoints(), 3)
-        .await
-        .expect("connect");
-    let spec = RunSpec {
-        clients: CLIENTS,
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(2),
-        progress: false,
-        seed: SEED,
-    };
+    let conns = connect(&cluster).await;
+    let spec = two_seconds();
     let space = KeySpace {
         keys: 0,
         value_bytes: 0,

@@ -223,12 +223,7 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
             Duration::from_millis(rng.random_range(1500..3000)).min(end - Instant::now()),
         )
         .await;
-        for id in 1..=3 {
-            c.resume(id);
-            if !c.node(id).is_up() {
-                c.restart(id);
-            }
-        }
+        c.revive_all();
         if Instant::now() >= end {
             break;
         }
@@ -249,12 +244,7 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
             }
         }
     }
-    for id in 1..=3 {
-        c.resume(id);
-        if !c.node(id).is_up() {
-            c.restart(id);
-        }
-    }
+    c.revive_all();
     run.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;

@@ -416,12 +416,7 @@ async fn chaos_orders() {
         )
         .await;
         c.heal_links();
-        for id in 1..=3 {
-            c.resume(id);
-            if !c.node(id).is_up() {
-                c.restart(id);
-            }
-        }
+        c.revive_all();
         if Instant::now() >= end {
             break;
         }
@@ -455,12 +450,7 @@ async fn chaos_orders() {
     for t in tasks {
         let _ = t.await;
     }
-    for id in 1..=3 {
-        c.resume(id);
-        if !c.node(id).is_up() {
-            c.restart(id);
-        }
-    }
+    c.revive_all();
     c.wait_ready(SETTLE).await;
 
     // Settle: unpaid orders expire (6 s) and owed refunds are paid back; wait

@@ -379,6 +379,16 @@ impl TestCluster {
         self.node(id).signal(libc::SIGCONT);
     }
 
+    /// SIGCONTs every node and restarts the ones that are down.
+    pub fn revive_all(&mut self) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.resume(id);
+            if !self.node(id).is_up() {
+                self.restart(id);
+            }
+        }
+    }
+
     /// Starts node `id` again on the same data dir and ports.
     pub fn restart(&mut self, id: u64) {
         self.kill(id);
