@@ -24,12 +24,23 @@ pub fn binary() -> String {
     std::env::var("SHOPKV_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shopkv").to_string())
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago and that no other call in this
+/// process has returned: the OS hands a just-released ephemeral port out
+/// again, and two nodes of one cluster (or of two tests running in parallel)
+/// given the same port made one of them fail to start ("cluster init failed").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// One node process.
