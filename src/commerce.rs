@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::clock::now_ms;
 use crate::domain::order::{OrderEvent, OrderStatus, transition};
 use crate::domain::{RejectCode, Rejection};
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
@@ -29,15 +30,6 @@ pub enum CommerceError {
     /// The payment provider refused or failed.
     #[error(transparent)]
     Payment(#[from] PaymentError),
-}
-
-/// Wall-clock milliseconds since the Unix epoch (stamped into commands by
-/// the proposing node; apply never reads a clock).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Proposes `cmd` to `shard`; a rejection becomes `Err(Rejected)`.

@@ -6,6 +6,7 @@
 //! `codec` (value encoding). `cli` is the client side of the same binary.
 
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod commerce;
 pub mod config;

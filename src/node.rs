@@ -974,7 +974,7 @@ impl Node {
         }
         let age = match oldest {
             u64::MAX => 0,
-            since => crate::commerce::now_ms().saturating_sub(since),
+            since => crate::clock::now_ms().saturating_sub(since),
         };
         (u32::try_from(ids.len()).unwrap_or(u32::MAX), age)
     }

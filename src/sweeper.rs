@@ -7,7 +7,8 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use crate::commerce::{self, now_ms};
+use crate::clock::now_ms;
+use crate::commerce;
 use crate::node::{Node, ReadOp, ReadResult};
 use crate::sm::commerce::{CommerceCommand, CommerceRead, CommerceReadResult, MAX_EXPIRE_BATCH};
 use crate::storage::keys::GroupId;

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::commerce::{self, CommerceError, now_ms};
+use crate::clock::now_ms;
+use crate::commerce::{self, CommerceError};
 use crate::domain::order::price_lines;
 use crate::domain::{RejectCode, Rejection};
 use crate::node::{Node, NodeError, ReadOp, ReadResult};

@@ -288,7 +288,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     }
     let m = map();
     let shard = |sku: &str| m.shard_of_sku(sku);
-    let now = shopkv::commerce::now_ms();
+    let now = shopkv::clock::now_ms();
 
     // A coordinator began and prepared, then vanished before deciding.
     let id = order_id_on("o-lost", 1);
@@ -388,7 +388,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     let late = CommerceCommand::PrepareTxn {
         order_id: id.clone(),
         lines: vec![(skus[1].clone(), 2)],
-        now_ms: shopkv::commerce::now_ms(),
+        now_ms: shopkv::clock::now_ms(),
         begin: None,
     };
     match propose_raw(&c, 1, shard(&skus[1]), late).await {

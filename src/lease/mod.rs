@@ -166,7 +166,7 @@ pub async fn run(node: Weak<Node>) {
                 id,
                 term,
                 epoch,
-                now_ms: crate::commerce::now_ms(),
+                now_ms: crate::clock::now_ms(),
             });
             match node
                 .propose(META_GROUP, cmd, deadline, MAX_FORWARD_HOPS)

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::deadline_of;
 use super::error::to_status;
-use crate::commerce::now_ms;
+use crate::clock::now_ms;
 use crate::node::{
     MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult, SessionRead, SessionReadResult,
 };

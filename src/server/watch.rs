@@ -43,18 +43,19 @@ const RELAYED_HEADER: &str = "x-shopkv-relayed";
 #[derive(Clone, Debug)]
 enum Subject {
     KvPrefix(Vec<u8>),
-    Order(String),
-    Stock(String),
-    Lock(String),
+    /// One record: what it is, and its record key (built once, compared per change).
+    Order(String, Vec<u8>),
+    Stock(String, Vec<u8>),
+    Lock(String, Vec<u8>),
 }
 
 impl Subject {
     fn matches(&self, record_key: &[u8]) -> bool {
         match self {
             Subject::KvPrefix(p) => keys::kv_user_key(record_key).is_some_and(|k| k.starts_with(p)),
-            Subject::Order(id) => record_key == keys::order_key(id).as_slice(),
-            Subject::Stock(sku) => record_key == keys::inventory_key(sku).as_slice(),
-            Subject::Lock(name) => record_key == keys::lock_key(name).as_slice(),
+            Subject::Order(_, key) | Subject::Stock(_, key) | Subject::Lock(_, key) => {
+                record_key == key.as_slice()
+            }
         }
     }
 
@@ -84,7 +85,7 @@ impl Subject {
                     shard: group,
                 })
             }
-            (Subject::Order(id), Some(b)) => {
+            (Subject::Order(id, _), Some(b)) => {
                 let o: Stored<Order> = codec::decode(b).ok()?;
                 Record::Order(proto::OrderChange {
                     order_id: id.clone(),
@@ -93,25 +94,25 @@ impl Subject {
                     version: o.version,
                 })
             }
-            (Subject::Order(id), None) => Record::Order(proto::OrderChange {
+            (Subject::Order(id, _), None) => Record::Order(proto::OrderChange {
                 order_id: id.clone(),
                 version: revision,
                 ..Default::default()
             }),
-            (Subject::Stock(sku), Some(b)) => {
+            (Subject::Stock(sku, _), Some(b)) => {
                 let l: Stored<InventoryLevel> = codec::decode(b).ok()?;
                 Record::Stock(stock_msg(sku.clone(), l))
             }
-            (Subject::Stock(sku), None) => Record::Stock(proto::StockLevel {
+            (Subject::Stock(sku, _), None) => Record::Stock(proto::StockLevel {
                 sku: sku.clone(),
                 version: revision,
                 ..Default::default()
             }),
-            (Subject::Lock(name), Some(b)) => {
+            (Subject::Lock(name, _), Some(b)) => {
                 let rec: LockRecord = codec::decode(b).ok()?;
                 Record::Lock(lock_state_msg(name.clone(), &rec))
             }
-            (Subject::Lock(name), None) => {
+            (Subject::Lock(name, _), None) => {
                 Record::Lock(lock_state_msg(name.clone(), &LockRecord::default()))
             }
         };
@@ -179,16 +180,22 @@ impl WatchService {
             Some(Target::OrderId(id)) => {
                 check_id("order id", &id)?;
                 let g = map.shard_of_order(&id);
-                (Subject::Order(id), vec![g])
+                (Subject::Order(id.clone(), keys::order_key(&id)), vec![g])
             }
             Some(Target::Sku(sku)) => {
                 check_id("SKU", &sku)?;
                 let g = map.shard_of_sku(&sku);
-                (Subject::Stock(sku), vec![g])
+                (
+                    Subject::Stock(sku.clone(), keys::inventory_key(&sku)),
+                    vec![g],
+                )
             }
             Some(Target::LockName(name)) => {
                 super::lock::check_name(&name)?;
-                (Subject::Lock(name), vec![META_GROUP])
+                (
+                    Subject::Lock(name.clone(), keys::lock_key(&name)),
+                    vec![META_GROUP],
+                )
             }
         };
         Ok((subject, groups, map))

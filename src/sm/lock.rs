@@ -202,11 +202,7 @@ pub fn apply(
             value,
         } => {
             let mut rec = load(state, name)?;
-            let Some(e) = rec
-                .queue
-                .iter_mut()
-                .find(|e| e.session == *session && e.token == *token && *token != 0)
-            else {
+            let Some(e) = rec.queue.iter_mut().find(|e| holds_as(e, *session, *token)) else {
                 return Ok(not_leader(name, *session));
             };
             e.value = value.clone();
@@ -219,10 +215,7 @@ pub fn apply(
             token,
         } => {
             let rec = load(state, name)?;
-            let leads = rec
-                .queue
-                .iter()
-                .any(|e| e.session == *session && e.token == *token && *token != 0);
+            let leads = rec.queue.iter().any(|e| holds_as(e, *session, *token));
             let existed = leads && release(state, index, name, *session)?;
             Ok(LockResponse::Released { existed })
         }
@@ -231,6 +224,11 @@ pub fn apply(
             Ok(LockResponse::Released { existed })
         }
     }
+}
+
+/// Whether `e` is `session` holding with fencing token `token` (one leadership).
+fn holds_as(e: &LockEntry, session: u64, token: u64) -> bool {
+    token != 0 && e.session == session && e.token == token
 }
 
 fn not_leader(name: &str, session: u64) -> LockResponse {
