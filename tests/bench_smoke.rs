@@ -20,9 +20,14 @@ const SEED: u64 = 77;
 
 /// Three connections to `cluster`.
 async fn connect(cluster: &TestCluster) -> Vec<client::Conn> {
-    client::connect(System::Shopkv, &cluster.endpoints(), 3)
-        .await
-        .expect("connect")
+    client::connect(
+        System::Shopkv,
+        &cluster.endpoints(),
+        3,
+        client::Routing::Leader,
+    )
+    .await
+    .expect("connect")
 }
 
 /// CLIENTS clients for 2 s, no warm-up.
@@ -34,6 +39,50 @@ fn two_seconds() -> RunSpec {
         progress: false,
         seed: SEED,
     }
+}
+
+/// The driver's routing hash is the server's, and its leader table names, for
+/// every shard, the leader the cluster reports (a node it has a connection to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_routes_each_shard_to_its_leader() {
+    for shards in [1, 3, 8] {
+        for i in 0..2_000u32 {
+            let key = format!("key-{i}");
+            assert_eq!(
+                shopkv_bench::route::shard_for(key.as_bytes(), shards),
+                shopkv::router::shard_for(key.as_bytes(), shards),
+                "{key} with {shards} shards"
+            );
+        }
+    }
+    let map = shopkv::router::ClusterMap {
+        shards: 5,
+        ..Default::default()
+    };
+    assert_eq!(
+        shopkv_bench::route::shard_of_order("ord-17", 5),
+        map.shard_of_order("ord-17")
+    );
+
+    let cluster = TestCluster::start_initialised(3, 3, &[]).await;
+    let conns = connect(&cluster).await;
+    let c = conns[0].shopkv().expect("a shopkv connection");
+    let routes = c.routes().expect("routing is on by default");
+    for shard in 1..=3 {
+        let leader = cluster.leader_of(shard, 1).await;
+        assert!(leader.is_some(), "shard {shard} has no leader");
+        assert_eq!(routes.leader_of(shard), leader, "shard {shard}");
+    }
+    let unrouted = client::connect(
+        System::Shopkv,
+        &cluster.endpoints(),
+        3,
+        client::Routing::Any,
+    )
+    .await
+    .expect("connect");
+    let c = unrouted[0].shopkv().expect("a shopkv connection");
+    assert!(c.routes().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

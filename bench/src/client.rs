@@ -1,7 +1,11 @@
 //! One connection to the system under test. Both drivers connect the same way:
 //! `conns` HTTP/2 connections spread round-robin over the given endpoints, clients
 //! spread round-robin over the connections, a 10 s deadline on every request.
+//! The shopkv driver, unless told `--route any`, then sends each KV request and
+//! order to a connection to its shard's leader ([`crate::route`]), as a client
+//! of a multi-Raft store does; etcd has one leader and its client does not route.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +19,7 @@ use crate::proto::lock_client::LockClient;
 use crate::proto::orders_client::OrdersClient;
 use crate::proto::session_client::SessionClient;
 use crate::proto::{GetRequest, PutRequest};
+use crate::route::{self, Routes};
 
 /// Deadline of one operation; a slower answer counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +65,43 @@ pub struct ShopkvConn {
     pub orders: OrdersClient<Channel>,
     pub sessions: SessionClient<Channel>,
     pub locks: LockClient<Channel>,
+    /// Shard leaders, when routing; `slot` picks among the connections to one node.
+    routes: Option<Arc<Routes>>,
+    slot: usize,
+}
+
+impl ShopkvConn {
+    /// The KV service on the leader of `key`'s shard (this connection if unknown).
+    pub fn kv_for(&self, key: &[u8]) -> KvClient<Channel> {
+        self.routed(|shards| route::shard_for(key, shards))
+            .map(KvClient::new)
+            .unwrap_or_else(|| self.kv.clone())
+    }
+
+    /// The Orders service on the leader of the order's (anchor) shard.
+    pub fn orders_for(&self, order_id: &str) -> OrdersClient<Channel> {
+        self.routed(|shards| route::shard_of_order(order_id, shards))
+            .map(OrdersClient::new)
+            .unwrap_or_else(|| self.orders.clone())
+    }
+
+    /// The leader table, when routing.
+    pub fn routes(&self) -> Option<&Arc<Routes>> {
+        self.routes.as_ref()
+    }
+
+    fn routed(&self, shard_of: impl Fn(u32) -> u64) -> Option<Channel> {
+        self.routes.as_ref()?.leader_channel(shard_of, self.slot)
+    }
+}
+
+/// Where the shopkv driver sends a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// To the leader of the record's shard (the default).
+    Leader,
+    /// To the client's own connection; the cluster forwards to the leader.
+    Any,
 }
 
 /// A cloneable handle on one connection.
@@ -71,59 +113,91 @@ pub enum Conn {
 }
 
 /// Opens `conns` connections to `system`, endpoint `i % endpoints.len()` for the i-th.
+/// `routing` matters to shopkv only.
 pub async fn connect(
     system: System,
     endpoints: &[String],
     conns: usize,
+    routing: Routing,
 ) -> Result<Vec<Conn>, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::Setup("no endpoints".into()));
     }
-    let mut out = Vec::with_capacity(conns);
-    for i in 0..conns.max(1) {
-        let endpoint = &endpoints[i % endpoints.len()];
-        out.push(connect_one(system, endpoint).await?);
+    let pick = |i: usize| &endpoints[i % endpoints.len()];
+    if system == System::Shopkv {
+        let mut channels = Vec::with_capacity(conns);
+        for i in 0..conns.max(1) {
+            let endpoint = pick(i);
+            channels.push((endpoint.clone(), shopkv_channel(endpoint).await?));
+        }
+        let routes = match (routing, channels.first()) {
+            (Routing::Leader, Some((endpoint, via))) => Some(
+                Routes::start(via.clone(), channels.clone())
+                    .await
+                    .map_err(|s| BenchError::Connect {
+                        endpoint: endpoint.clone(),
+                        reason: format!("cluster status: {}", s.message()),
+                    })?,
+            ),
+            _ => None,
+        };
+        return Ok(channels
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (_, channel))| {
+                Conn::Shopkv(Box::new(ShopkvConn {
+                    kv: KvClient::new(channel.clone()),
+                    catalog: CatalogClient::new(channel.clone()),
+                    inventory: InventoryClient::new(channel.clone()),
+                    orders: OrdersClient::new(channel.clone()),
+                    sessions: SessionClient::new(channel.clone()),
+                    locks: LockClient::new(channel),
+                    routes: routes.clone(),
+                    // Connections to one node are every len-th; spread over them.
+                    slot: slot / endpoints.len(),
+                }))
+            })
+            .collect());
     }
-    Ok(out)
+    #[cfg(feature = "etcd")]
+    {
+        let mut out = Vec::with_capacity(conns);
+        for i in 0..conns.max(1) {
+            out.push(etcd_conn(pick(i)).await?);
+        }
+        Ok(out)
+    }
+    #[cfg(not(feature = "etcd"))]
+    Err(BenchError::NotCompiled("etcd"))
 }
 
-async fn connect_one(system: System, endpoint: &str) -> Result<Conn, BenchError> {
-    let url = format!("http://{endpoint}");
+async fn shopkv_channel(endpoint: &str) -> Result<Channel, BenchError> {
     let fail = |reason: String| BenchError::Connect {
         endpoint: endpoint.to_string(),
         reason,
     };
-    match system {
-        System::Shopkv => {
-            let channel = Endpoint::from_shared(url)
-                .map_err(|e| fail(e.to_string()))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            Ok(Conn::Shopkv(Box::new(ShopkvConn {
-                kv: KvClient::new(channel.clone()),
-                catalog: CatalogClient::new(channel.clone()),
-                inventory: InventoryClient::new(channel.clone()),
-                orders: OrdersClient::new(channel.clone()),
-                sessions: SessionClient::new(channel.clone()),
-                locks: LockClient::new(channel),
-            })))
-        }
-        #[cfg(feature = "etcd")]
-        System::Etcd => {
-            let options = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(CONNECT_TIMEOUT)
-                .with_timeout(REQUEST_TIMEOUT);
-            let client = etcd_client::Client::connect([url], Some(options))
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            Ok(Conn::Etcd(Box::new(client)))
-        }
-        #[cfg(not(feature = "etcd"))]
-        System::Etcd => Err(BenchError::NotCompiled("etcd")),
-    }
+    Endpoint::from_shared(format!("http://{endpoint}"))
+        .map_err(|e| fail(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// One etcd client on one endpoint (the etcd driver's connection).
+#[cfg(feature = "etcd")]
+async fn etcd_conn(endpoint: &str) -> Result<Conn, BenchError> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT);
+    let client = etcd_client::Client::connect([format!("http://{endpoint}")], Some(options))
+        .await
+        .map_err(|e| BenchError::Connect {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(Conn::Etcd(Box::new(client)))
 }
 
 /// A request with the operation deadline.
@@ -134,19 +208,28 @@ pub fn request<T>(message: T) -> tonic::Request<T> {
 }
 
 impl Conn {
+    /// The shopkv connection, if this is one.
+    pub fn shopkv(&self) -> Option<&ShopkvConn> {
+        match self {
+            Conn::Shopkv(c) => Some(c),
+            #[cfg(feature = "etcd")]
+            Conn::Etcd(_) => None,
+        }
+    }
+
     /// Blind write of one key.
     pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), OpError> {
         match self {
-            Conn::Shopkv(c) => {
-                c.kv.put(request(PutRequest {
+            Conn::Shopkv(c) => c
+                .kv_for(&key)
+                .put(request(PutRequest {
                     key,
                     value,
                     fence: None,
                 }))
                 .await
                 .map(|_| ())
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
-            }
+                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => kv
                 .put(key, value, None)
@@ -163,15 +246,15 @@ impl Conn {
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, OpError> {
         match self {
-            Conn::Shopkv(c) => {
-                c.kv.get(request(GetRequest {
+            Conn::Shopkv(c) => c
+                .kv_for(&key)
+                .get(request(GetRequest {
                     key,
                     serializable: !linearizable,
                 }))
                 .await
                 .map(|r| r.into_inner().record.map(|rec| rec.value))
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message())))
-            }
+                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => {
                 let options =

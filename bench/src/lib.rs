@@ -2,12 +2,14 @@
 //! same workloads, the same client machinery and the same statistics, so that the
 //! two can be compared side by side in one run (`bench/run.sh`).
 //!
-//! Layout: [`client`] holds one connection per driver, [`runner`] the closed loop
+//! Layout: [`client`] holds one connection per driver ([`route`]: shopkv's leader
+//! table), [`runner`] the closed loop
 //! (warm-up, measured window, progress line), [`stats`] the latency histograms,
 //! [`workloads`] one file per workload, [`report`] the side-by-side table.
 
 pub mod client;
 pub mod report;
+pub mod route;
 pub mod runner;
 pub mod stats;
 pub mod workloads;

@@ -59,6 +59,9 @@ struct RunArgs {
     workload: String,
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// shopkv only: send each request to its shard's leader, or to any node.
+    #[arg(long, value_enum, default_value = "leader")]
+    route: client::Routing,
     /// HTTP/2 connections (default: min(clients, 16)).
     #[arg(long)]
     conns: Option<usize>,
@@ -138,7 +141,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let workload = workloads::build(&args.workload, space)?;
     let conns = args.conns.unwrap_or(args.clients.min(16)).max(1);
-    let connections = client::connect(args.system, &args.endpoints, conns).await?;
+    let connections = client::connect(args.system, &args.endpoints, conns, args.route).await?;
     // A flash sale runs from the first order until sold out: no warm-up (it
     // would sell stock unmeasured), --duration-secs only caps it.
     let flash = args.workload == "flash";

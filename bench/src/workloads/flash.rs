@@ -134,7 +134,7 @@ impl Workload for Flash {
                     }],
                     from_cart: false,
                 };
-                match c.orders.place(request(req)).await {
+                match c.orders_for(&req.order_id).place(request(req)).await {
                     Ok(_) => Ok(OpDone::default()),
                     Err(s)
                         if s.metadata()

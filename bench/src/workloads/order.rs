@@ -144,7 +144,10 @@ impl Workload for Order {
                         .collect(),
                     from_cart: false,
                 };
-                c.orders.place(request(req)).await.map_err(rpc_error)?;
+                c.orders_for(&req.order_id)
+                    .place(request(req))
+                    .await
+                    .map_err(rpc_error)?;
                 Ok(OpDone::default())
             }
             #[cfg(feature = "etcd")]
