@@ -23,6 +23,10 @@ pub const DEFAULT_ORDER_PAYMENT_TIMEOUT_MS: u64 = 15 * 60_000;
 /// aborts a transaction after 5 missed 1 s heartbeats; TiKV's lock TTL is 3–20 s).
 pub const DEFAULT_TXN_TIMEOUT_MS: u64 = 10_000;
 
+/// Default wait of the WAL sync thread for more appends under concurrent load
+/// (see [`crate::storage::StoreOptions`]): about one fsync on the bench machine.
+pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 500;
+
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -101,6 +105,10 @@ pub struct ServeArgs {
     /// by anyone (its held stock is then released).
     #[arg(long, env = "SHOPKV_TXN_TIMEOUT_MS")]
     pub txn_timeout_ms: Option<u64>,
+    /// Under concurrent writes, how long the WAL sync waits for more appends
+    /// (0: never waits).
+    #[arg(long, env = "SHOPKV_GROUP_COMMIT_DELAY_US")]
+    pub group_commit_delay_us: Option<u64>,
     /// Dial node ID at HOST:PORT instead of its advertised peer address
     /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
     #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
@@ -124,6 +132,7 @@ struct FileConfig {
     request_timeout_ms: Option<u64>,
     order_payment_timeout_ms: Option<u64>,
     txn_timeout_ms: Option<u64>,
+    group_commit_delay_us: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
 
@@ -156,6 +165,8 @@ pub struct Config {
     pub order_payment_timeout_ms: u64,
     /// How long a cross-shard order may stay undecided.
     pub txn_timeout_ms: u64,
+    /// WAL group-commit wait under concurrent load.
+    pub group_commit_delay_us: u64,
     /// Node id -> address to dial instead of the advertised one.
     pub peer_routes: BTreeMap<u64, String>,
 }
@@ -172,6 +183,8 @@ mod limits {
     pub const ORDER_PAYMENT_TIMEOUT_MS: (u64, u64) = (1_000, 7 * 24 * 3_600_000);
     /// From one second to ten minutes.
     pub const TXN_TIMEOUT_MS: (u64, u64) = (1_000, 600_000);
+    /// Up to 10 ms: every write under load waits this much longer.
+    pub const GROUP_COMMIT_DELAY_US: (u64, u64) = (0, 10_000);
 }
 
 impl Config {
@@ -235,6 +248,10 @@ impl Config {
                 .txn_timeout_ms
                 .or(file.txn_timeout_ms)
                 .unwrap_or(DEFAULT_TXN_TIMEOUT_MS),
+            group_commit_delay_us: args
+                .group_commit_delay_us
+                .or(file.group_commit_delay_us)
+                .unwrap_or(DEFAULT_GROUP_COMMIT_DELAY_US),
             peer_routes: parse_routes(if args.peer_routes.is_empty() {
                 file.peer_routes.as_deref().unwrap_or_default()
             } else {
@@ -334,7 +351,19 @@ impl Config {
             self.txn_timeout_ms,
             limits::TXN_TIMEOUT_MS,
         )?;
+        in_range(
+            "group_commit_delay_us",
+            self.group_commit_delay_us,
+            limits::GROUP_COMMIT_DELAY_US,
+        )?;
         Ok(())
+    }
+
+    /// The storage tuning this configuration asks for.
+    pub fn store_options(&self) -> crate::storage::StoreOptions {
+        crate::storage::StoreOptions {
+            group_commit_delay: std::time::Duration::from_micros(self.group_commit_delay_us),
+        }
     }
 
     /// The openraft configuration of every group on this node.

@@ -271,9 +271,11 @@ impl Node {
             source: StorageError::Io(e),
         })?;
         let store =
-            Store::open(&config.data_dir.join("db")).map_err(|source| StartError::Open {
-                dir: dir.clone(),
-                source,
+            Store::open(&config.data_dir.join("db"), config.store_options()).map_err(|source| {
+                StartError::Open {
+                    dir: dir.clone(),
+                    source,
+                }
             })?;
         let identity = match store.node_identity().map_err(|source| StartError::Open {
             dir: dir.clone(),

@@ -7,7 +7,10 @@ use openraft::{ErrorSubject, ErrorVerb};
 use shopkv::raft::TypeConfig;
 use shopkv::raft::log_store::LogStore;
 use shopkv::raft::state_machine::StateMachine;
-use shopkv::storage::Store;
+use std::time::Duration;
+
+use shopkv::config::DEFAULT_GROUP_COMMIT_DELAY_US;
+use shopkv::storage::{Store, StoreOptions};
 
 struct RocksBuilder {
     group: u64,
@@ -21,7 +24,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
             StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Read, e)
         };
         let dir = tempfile::tempdir().map_err(io_err)?;
-        let store = Store::open(dir.path()).map_err(|e| io_err(e.into()))?;
+        // With the node's default group-commit wait, so the suite covers it.
+        let options = StoreOptions {
+            group_commit_delay: Duration::from_micros(DEFAULT_GROUP_COMMIT_DELAY_US),
+        };
+        let store = Store::open(dir.path(), options).map_err(|e| io_err(e.into()))?;
         Ok((
             dir,
             LogStore::new(self.group, store.clone()),
