@@ -162,5 +162,5 @@ echo
   --note "command: \`bench/run.sh${1:+ $1}\` (${ROUNDS} round(s) of ${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
   --note "W3 hand-off latency (release → next waiter holds), per round: $(grep -h '^HANDOFF' "$WORK/handoff.log" | sed 's/^HANDOFF workload=lock //' | paste -sd ';' -)" \
-  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default)"
+  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default), driver sends to shard leaders (--route leader)"
 echo "run.sh: appended to bench/RESULTS.md"
