@@ -2,30 +2,38 @@
 //! the request path every service uses — propose a command to a group or read
 //! from it, forwarding to the group's leader (over the peer port) when this
 //! node is not it, retrying with backoff while a group has no leader.
+//!
+//! Layout: this file starts the node and keeps its groups and cluster map;
+//! `request` is the propose/read path (routing, forwarding, lease reads),
+//! `ops` the reads a group serves, `status` what `Cluster.Status` reports.
+
+mod ops;
+mod request;
+mod status;
+
+pub use ops::{ReadOp, ReadResult, SessionRead, SessionReadResult};
+pub use status::ReplicaInfo;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use openraft::{LinearizerOption, RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::codec;
 use crate::config::Config;
-use crate::forward::{Forwarded, Forwarder};
+use crate::forward::Forwarder;
 use crate::payment::{PaymentProvider, SimulatedProvider};
-use crate::proto::GroupMessage;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{GroupNetworkFactory, PeerRouter};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{GroupRaft, TypeConfig};
 use crate::router::{ClusterMap, META_GROUP, NodeAddr};
-use crate::sm::commerce::{CommerceRead, CommerceReadResult, RecordReader};
 use crate::sm::session::SessionRecord;
-use crate::sm::{self, Command, Response, StoredRecord};
+use crate::sm::{self, Command, Response};
 use crate::storage::keys::{self, GroupId};
 use crate::storage::{StorageError, Store};
 use crate::watch::WatchHub;
@@ -33,10 +41,6 @@ use crate::watch::WatchHub;
 /// Most forwarding hops a request may take (a non-replica forwards to a
 /// replica, which forwards to the leader).
 pub const MAX_FORWARD_HOPS: u32 = 3;
-/// Most in-flight 2PC records of each kind one status report counts.
-const MAX_IN_FLIGHT_REPORTED: u32 = 10_000;
-/// How long a forwarded or local request waits between leader look-ups.
-const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
 /// Errors of the request path, with the gRPC meaning the server maps them to.
 /// Serializable: a forwarded request returns the leader's error as is.
@@ -74,108 +78,6 @@ impl From<codec::CodecError> for NodeError {
     }
 }
 
-/// A read served by one group.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ReadOp {
-    /// One KV record.
-    Get {
-        /// User key.
-        key: Vec<u8>,
-    },
-    /// KV records by prefix.
-    Scan {
-        /// User key prefix.
-        prefix: Vec<u8>,
-        /// At most this many.
-        limit: usize,
-    },
-    /// Catalog, inventory, cart or order records.
-    Commerce(CommerceRead),
-    /// A session, on the meta leader (`KeepAlive` renews it there).
-    Session(SessionRead),
-    /// A lock's queue (meta group).
-    Lock {
-        /// Lock name.
-        name: String,
-    },
-}
-
-/// A session read (meta group, served by its leader).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum SessionRead {
-    /// Renew the session for its TTL.
-    KeepAlive {
-        /// Session.
-        id: u64,
-    },
-    /// The session and its remaining time.
-    Get {
-        /// Session.
-        id: u64,
-    },
-}
-
-/// Result of a [`SessionRead`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum SessionReadResult {
-    /// The session is live.
-    Alive {
-        /// Its TTL.
-        ttl_ms: u64,
-        /// Time left before the leader expires it.
-        remaining_ms: u64,
-        /// Locks it holds or waits for.
-        locks: Vec<String>,
-    },
-    /// No such session (never granted, closed or expired).
-    Missing,
-}
-
-/// Result of a [`ReadOp`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ReadResult {
-    /// `Get`.
-    Record(Option<StoredRecord>),
-    /// `Scan`: (user key, record) pairs in key order; `more` if truncated.
-    Records {
-        /// Matches.
-        records: Vec<(Vec<u8>, StoredRecord)>,
-        /// More matched than the limit.
-        more: bool,
-    },
-    /// `Commerce`.
-    Commerce(CommerceReadResult),
-    /// `Session`.
-    Session(SessionReadResult),
-    /// `Lock` (an unknown lock is an empty one).
-    Lock(crate::sm::lock::LockRecord),
-}
-
-/// One group's records on this node, for `sm::commerce::read`.
-struct GroupReader<'a> {
-    store: &'a Store,
-    group: GroupId,
-}
-
-impl RecordReader for GroupReader<'_> {
-    fn get(&self, record_key: &[u8]) -> Result<Option<Vec<u8>>, sm::SmError> {
-        self.store
-            .get_record(self.group, record_key)
-            .map_err(|e| sm::SmError::Storage(e.to_string()))
-    }
-
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sm::SmError> {
-        self.store
-            .scan_records_after(self.group, prefix, after, limit)
-            .map_err(|e| sm::SmError::Storage(e.to_string()))
-    }
-}
-
 /// What this data dir belongs to (stored in the default column family).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Identity {
@@ -207,36 +109,6 @@ pub enum StartError {
     /// Anything else.
     #[error("{0}")]
     Other(String),
-}
-
-/// One replica's view of a group, for `Cluster.Status`.
-#[derive(Debug, Clone, Default)]
-pub struct ReplicaInfo {
-    /// Group id.
-    pub group: GroupId,
-    /// Voter ids in the replica's membership.
-    pub members: Vec<u64>,
-    /// Leader/Follower/Candidate/Learner.
-    pub state: String,
-    /// Current term.
-    pub term: u64,
-    /// Known leader (0 = none).
-    pub leader: u64,
-    /// Last log index.
-    pub last_log_index: u64,
-    /// Committed index.
-    pub commit_index: u64,
-    /// Applied index.
-    pub applied_index: u64,
-    /// Last snapshot index.
-    pub snapshot_index: u64,
-    /// Last purged index.
-    pub purged_index: u64,
-    /// Cross-shard order work in flight here (undecided transactions,
-    /// settlements owed, orders holding stock), data shards only.
-    pub txns_in_flight: u32,
-    /// Age of the oldest of those, in ms (0 if none).
-    pub oldest_txn_age_ms: u64,
 }
 
 /// A running node.
@@ -703,334 +575,6 @@ impl Node {
             ))),
         }
     }
-
-    /// Where a request for `group` goes from here.
-    fn route(&self, group: GroupId, attempt: usize) -> Result<Route, NodeError> {
-        if let Some(raft) = self.group(group) {
-            return Ok(Route::Local(raft));
-        }
-        let Some(map) = self.cluster_map() else {
-            return Err(NodeError::FailedPrecondition(
-                "cluster is not initialised".into(),
-            ));
-        };
-        let replicas = map.replicas(group);
-        if replicas.is_empty() {
-            return Err(NodeError::NotFound(format!("no such group {group}")));
-        }
-        Ok(Route::Remote(replicas[attempt % replicas.len()]))
-    }
-
-    /// Proposes `cmd` to `group` and returns its replicated result, from
-    /// wherever the group's leader is.
-    pub async fn propose(
-        &self,
-        group: GroupId,
-        cmd: Command,
-        deadline: Instant,
-        hops_left: u32,
-    ) -> Result<Response, NodeError> {
-        let mut backoff = Duration::from_millis(10);
-        let mut attempt = 0usize;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(NodeError::Unavailable(format!(
-                    "group {group} had no reachable leader before the deadline"
-                )));
-            }
-            let leader = match self.route(group, attempt)? {
-                Route::Local(raft) => {
-                    match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
-                        Err(_) => {
-                            return Err(NodeError::OutcomeUnknown(format!(
-                                "deadline passed after the write was proposed to group {group}"
-                            )));
-                        }
-                        Ok(Ok(resp)) => return Ok(resp.data),
-                        Ok(Err(e)) => match write_failure(group, e) {
-                            WriteFailure::NotLeader(f) => self.leader_hint(f),
-                            WriteFailure::Fail(e) => return Err(e),
-                        },
-                    }
-                }
-                Route::Remote(node) => Some(node),
-            };
-            attempt += 1;
-            if let Some(node) = leader {
-                if hops_left == 0 {
-                    return Err(NodeError::Unavailable(format!(
-                        "group {group}: too many forwarding hops"
-                    )));
-                }
-                let payload = codec::to_wire(&cmd)?;
-                match self
-                    .forward(node, group, payload, remaining, hops_left - 1, true)
-                    .await
-                {
-                    Forwarded::Reply(bytes) => {
-                        return codec::from_wire::<Result<Response, NodeError>>(&bytes)?;
-                    }
-                    Forwarded::NotSent(_) => {}
-                    Forwarded::Unknown(why) => return Err(NodeError::OutcomeUnknown(why)),
-                }
-            }
-            tokio::time::sleep(backoff.min(remaining)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    /// Serves `op` from `group`: linearizable (on the leader, see [`lease_or_quorum_read`]) or
-    /// serializable (this node's replica, or any replica if none here).
-    pub async fn read(
-        &self,
-        group: GroupId,
-        op: ReadOp,
-        linearizable: bool,
-        deadline: Instant,
-        hops_left: u32,
-    ) -> Result<ReadResult, NodeError> {
-        let mut backoff = Duration::from_millis(10);
-        let mut attempt = 0usize;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(NodeError::Unavailable(format!(
-                    "group {group}: no linearizable read possible before the deadline"
-                )));
-            }
-            let target = match self.route(group, attempt)? {
-                Route::Local(_) if !linearizable => return self.read_local(group, &op),
-                Route::Local(raft) => {
-                    match tokio::time::timeout(
-                        remaining,
-                        raft.ensure_linearizable(lease_or_quorum_read()),
-                    )
-                    .await
-                    {
-                        Err(_) => None,
-                        Ok(Ok(_)) => return self.read_local(group, &op),
-                        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                            self.leader_hint(f)
-                        }
-                        Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
-                            None
-                        }
-                        Ok(Err(RaftError::Fatal(e))) => {
-                            return Err(NodeError::Unavailable(e.to_string()));
-                        }
-                    }
-                }
-                Route::Remote(node) => Some(node),
-            };
-            attempt += 1;
-            if let Some(node) = target {
-                if hops_left == 0 {
-                    return Err(NodeError::Unavailable(format!(
-                        "group {group}: too many forwarding hops"
-                    )));
-                }
-                let payload = codec::to_wire(&(op.clone(), linearizable))?;
-                // Reads are safe to retry whatever happened to the request.
-                if let Forwarded::Reply(bytes) = self
-                    .forward(node, group, payload, remaining, hops_left - 1, false)
-                    .await
-                {
-                    return codec::from_wire::<Result<ReadResult, NodeError>>(&bytes)?;
-                }
-            }
-            tokio::time::sleep(backoff.min(remaining)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    /// Reads this node's replica of `group`.
-    pub fn read_local(&self, group: GroupId, op: &ReadOp) -> Result<ReadResult, NodeError> {
-        match op {
-            ReadOp::Get { key } => {
-                let rec = match self.store.get_record(group, &keys::kv_record_key(key))? {
-                    Some(bytes) => Some(codec::decode::<StoredRecord>(&bytes)?),
-                    None => None,
-                };
-                Ok(ReadResult::Record(rec))
-            }
-            ReadOp::Scan { prefix, limit } => {
-                let rows = self.store.scan_records(
-                    group,
-                    &keys::kv_record_key(prefix),
-                    limit.saturating_add(1),
-                )?;
-                let more = rows.len() > *limit;
-                let records = rows
-                    .into_iter()
-                    .take(*limit)
-                    .filter_map(|(rk, v)| {
-                        let key = keys::kv_user_key(&rk)?.to_vec();
-                        Some(codec::decode::<StoredRecord>(&v).map(|r| (key, r)))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(ReadResult::Records { records, more })
-            }
-            ReadOp::Session(op) => self.read_session(group, op).map(ReadResult::Session),
-            ReadOp::Lock { name } => {
-                let rec = match self.store.get_record(group, &keys::lock_key(name))? {
-                    Some(b) => codec::decode(&b)?,
-                    None => crate::sm::lock::LockRecord::default(),
-                };
-                Ok(ReadResult::Lock(rec))
-            }
-            ReadOp::Commerce(op) => {
-                let reader = GroupReader {
-                    store: &self.store,
-                    group,
-                };
-                sm::commerce::read(&reader, op)
-                    .map(ReadResult::Commerce)
-                    .map_err(|e| NodeError::Internal(e.to_string()))
-            }
-        }
-    }
-
-    /// The node to forward to after a `ForwardToLeader` (none if no leader
-    /// is known or it names this node); learns the leader's address.
-    fn leader_hint(&self, f: ForwardToLeader<TypeConfig>) -> Option<u64> {
-        let leader = f.leader_id.filter(|id| *id != self.id)?;
-        if let Some(n) = f.leader_node {
-            self.router.set_addr(leader, &n.peer_addr);
-        }
-        Some(leader)
-    }
-
-    async fn forward(
-        &self,
-        node: u64,
-        group: GroupId,
-        payload: Vec<u8>,
-        remaining: Duration,
-        hops_left: u32,
-        is_write: bool,
-    ) -> Forwarded {
-        let message = GroupMessage {
-            group_id: group,
-            payload,
-            hops_left,
-        };
-        self.forwarder
-            .forward(node, message, is_write, remaining)
-            .await
-    }
-
-    /// A hash of `group`'s records on this replica and the applied index it
-    /// reflects, both from one RocksDB point-in-time view.
-    pub fn group_digest(&self, group: GroupId) -> Result<(u64, u64), NodeError> {
-        let image = self.store.read_group_snapshot(group)?;
-        let applied = match &image.last_applied {
-            Some(b) => codec::decode::<openraft::type_config::alias::LogIdOf<TypeConfig>>(b)?.index,
-            None => 0,
-        };
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for (k, v) in &image.records {
-            h.update(&(k.len() as u64).to_be_bytes());
-            h.update(k);
-            h.update(&(v.len() as u64).to_be_bytes());
-            h.update(v);
-        }
-        Ok((applied, h.digest()))
-    }
-
-    /// This node's view of every group it hosts.
-    pub fn local_status(&self) -> Vec<ReplicaInfo> {
-        self.local_groups()
-            .into_iter()
-            .map(|(group, raft)| {
-                let mut info = replica_info(group, &raft.metrics().borrow_watched());
-                if group != META_GROUP {
-                    (info.txns_in_flight, info.oldest_txn_age_ms) = self.txns_in_flight(group);
-                }
-                info
-            })
-            .collect()
-    }
-
-    /// (count, oldest age in ms) of the 2PC work in flight in this replica's
-    /// state; a read failure shows as none (status must not fail on it).
-    fn txns_in_flight(&self, group: GroupId) -> (u32, u64) {
-        let op = ReadOp::Commerce(CommerceRead::InFlight {
-            limit: MAX_IN_FLIGHT_REPORTED,
-        });
-        let Ok(ReadResult::Commerce(CommerceReadResult::InFlight(f))) = self.read_local(group, &op)
-        else {
-            return (0, 0);
-        };
-        let mut ids = std::collections::BTreeSet::new();
-        let mut oldest = u64::MAX;
-        for (id, since) in f
-            .pending
-            .iter()
-            .map(|(id, r)| (id, r.created_ms))
-            .chain(f.settlements.iter().map(|(id, e)| (id, e.since_ms)))
-            .chain(f.held.iter().map(|(id, h)| (id, h.prepared_ms)))
-        {
-            ids.insert(id.as_str());
-            oldest = oldest.min(since);
-        }
-        let age = match oldest {
-            u64::MAX => 0,
-            since => crate::clock::now_ms().saturating_sub(since),
-        };
-        (u32::try_from(ids.len()).unwrap_or(u32::MAX), age)
-    }
-}
-
-/// What a failed local `client_write` means for the request.
-#[derive(Debug)]
-enum WriteFailure {
-    /// Not appended here: safe to send to the leader.
-    NotLeader(ForwardToLeader<TypeConfig>),
-    /// Give up with this error.
-    Fail(NodeError),
-}
-
-fn write_failure(
-    group: GroupId,
-    e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
-) -> WriteFailure {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteFailure::NotLeader(f),
-        // Appended, then dropped from this node's log on a leader change:
-        // another node may still commit it, so it must not be re-sent.
-        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
-            WriteFailure::Fail(NodeError::OutcomeUnknown(format!(
-                "group {group}: the write was discarded by a leader change ({f})"
-            )))
-        }
-        RaftError::APIError(e) => WriteFailure::Fail(NodeError::Internal(e.to_string())),
-        // The entry may already be in the log and commit later.
-        RaftError::Fatal(e) => WriteFailure::Fail(NodeError::OutcomeUnknown(e.to_string())),
-    }
-}
-
-enum Route {
-    Local(GroupRaft),
-    /// Another node that hosts the group (or, failing that, knows who does).
-    Remote(u64),
-}
-
-fn replica_info(group: GroupId, m: &RaftMetrics<TypeConfig>) -> ReplicaInfo {
-    ReplicaInfo {
-        group,
-        members: m.membership_config.membership().voter_ids().collect(),
-        state: format!("{:?}", m.state),
-        term: m.current_term,
-        leader: m.current_leader.unwrap_or(0),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
-        applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
-        snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
-        purged_index: m.purged.as_ref().map_or(0, |l| l.index),
-        txns_in_flight: 0,
-        oldest_txn_age_ms: 0,
-    }
 }
 
 /// A random 64-bit value from the std hasher's per-process random keys.
@@ -1047,36 +591,3 @@ fn random_u64() -> u64 {
 
 /// How long a starting group may take to report its loaded state (see `start_group`).
 const FIRST_METRICS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How the leader confirms a linearizable read: with its lease while a quorum
-/// acknowledged it within the last election_timeout_max (no network round), else
-/// by a heartbeat round it starts at once (ReadIndex), waiting up to one lease.
-/// Lease safety rests on followers not voting within the lease (openraft) and on
-/// [`Node::in_vote_hold_off`] after a restart.
-fn lease_or_quorum_read() -> LinearizerOption {
-    LinearizerOption::new(None, true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_write_discarded_by_a_leader_change_is_outcome_unknown_not_retried() {
-        let discarded =
-            RaftError::APIError(ClientWriteError::LogEntryDiscarded(ForwardToLeader::<
-                TypeConfig,
-            >::empty()));
-        assert!(matches!(
-            write_failure(1, discarded),
-            WriteFailure::Fail(NodeError::OutcomeUnknown(_))
-        ));
-        let not_leader = RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader::<
-            TypeConfig,
-        >::empty()));
-        assert!(matches!(
-            write_failure(1, not_leader),
-            WriteFailure::NotLeader(_)
-        ));
-    }
-}
