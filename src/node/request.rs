@@ -21,6 +21,38 @@ use super::{Node, NodeError, ReadOp, ReadResult};
 /// How long a forwarded or local request waits between leader look-ups.
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
+/// The retries of one request until its deadline: which replica to try next
+/// and how long to wait before the next leader look-up.
+struct Retry {
+    deadline: Instant,
+    attempt: usize,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new(deadline: Instant) -> Retry {
+        Retry {
+            deadline,
+            attempt: 0,
+            backoff: Duration::from_millis(10),
+        }
+    }
+
+    /// Time left before the deadline; `None` once it has passed.
+    fn remaining(&self) -> Option<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Waits before the next attempt (doubling up to [`MAX_BACKOFF`], never
+    /// past the deadline) and counts it.
+    async fn pause(&mut self) {
+        self.attempt += 1;
+        tokio::time::sleep(self.backoff.min(self.remaining().unwrap_or_default())).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
 impl Node {
     /// Where a request for `group` goes from here.
     fn route(&self, group: GroupId, attempt: usize) -> Result<Route, NodeError> {
@@ -48,16 +80,14 @@ impl Node {
         deadline: Instant,
         hops_left: u32,
     ) -> Result<Response, NodeError> {
-        let mut backoff = Duration::from_millis(10);
-        let mut attempt = 0usize;
+        let mut retry = Retry::new(deadline);
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            let Some(remaining) = retry.remaining() else {
                 return Err(NodeError::Unavailable(format!(
                     "group {group} had no reachable leader before the deadline"
                 )));
-            }
-            let leader = match self.route(group, attempt)? {
+            };
+            let leader = match self.route(group, retry.attempt)? {
                 Route::Local(raft) => {
                     match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
                         Err(_) => {
@@ -74,17 +104,11 @@ impl Node {
                 }
                 Route::Remote(node) => Some(node),
             };
-            attempt += 1;
             if let Some(node) = leader {
-                if hops_left == 0 {
-                    return Err(NodeError::Unavailable(format!(
-                        "group {group}: too many forwarding hops"
-                    )));
-                }
                 let payload = codec::to_wire(&cmd)?;
                 match self
-                    .forward(node, group, payload, remaining, hops_left - 1, true)
-                    .await
+                    .forward(node, group, payload, remaining, hops_left, true)
+                    .await?
                 {
                     Forwarded::Reply(bytes) => {
                         return codec::from_wire::<Result<Response, NodeError>>(&bytes)?;
@@ -93,8 +117,7 @@ impl Node {
                     Forwarded::Unknown(why) => return Err(NodeError::OutcomeUnknown(why)),
                 }
             }
-            tokio::time::sleep(backoff.min(remaining)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            retry.pause().await;
         }
     }
 
@@ -108,16 +131,14 @@ impl Node {
         deadline: Instant,
         hops_left: u32,
     ) -> Result<ReadResult, NodeError> {
-        let mut backoff = Duration::from_millis(10);
-        let mut attempt = 0usize;
+        let mut retry = Retry::new(deadline);
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            let Some(remaining) = retry.remaining() else {
                 return Err(NodeError::Unavailable(format!(
                     "group {group}: no linearizable read possible before the deadline"
                 )));
-            }
-            let target = match self.route(group, attempt)? {
+            };
+            let target = match self.route(group, retry.attempt)? {
                 Route::Local(_) if !linearizable => return self.read_local(group, &op),
                 Route::Local(raft) => {
                     match tokio::time::timeout(
@@ -141,24 +162,17 @@ impl Node {
                 }
                 Route::Remote(node) => Some(node),
             };
-            attempt += 1;
             if let Some(node) = target {
-                if hops_left == 0 {
-                    return Err(NodeError::Unavailable(format!(
-                        "group {group}: too many forwarding hops"
-                    )));
-                }
                 let payload = codec::to_wire(&(op.clone(), linearizable))?;
                 // Reads are safe to retry whatever happened to the request.
                 if let Forwarded::Reply(bytes) = self
-                    .forward(node, group, payload, remaining, hops_left - 1, false)
-                    .await
+                    .forward(node, group, payload, remaining, hops_left, false)
+                    .await?
                 {
                     return codec::from_wire::<Result<ReadResult, NodeError>>(&bytes)?;
                 }
             }
-            tokio::time::sleep(backoff.min(remaining)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            retry.pause().await;
         }
     }
 
@@ -219,6 +233,7 @@ impl Node {
         Some(leader)
     }
 
+    /// Sends a request for `group` to `node`, if it may take another hop.
     async fn forward(
         &self,
         node: u64,
@@ -227,15 +242,21 @@ impl Node {
         remaining: Duration,
         hops_left: u32,
         is_write: bool,
-    ) -> Forwarded {
+    ) -> Result<Forwarded, NodeError> {
+        let Some(hops_left) = hops_left.checked_sub(1) else {
+            return Err(NodeError::Unavailable(format!(
+                "group {group}: too many forwarding hops"
+            )));
+        };
         let message = GroupMessage {
             group_id: group,
             payload,
             hops_left,
         };
-        self.forwarder
+        Ok(self
+            .forwarder
             .forward(node, message, is_write, remaining)
-            .await
+            .await)
     }
 }
 
