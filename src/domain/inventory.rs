@@ -100,13 +100,16 @@ impl InventoryLevel {
 }
 
 /// Where one order's reservation of one SKU stands.
+///
+/// Whether the shard has learned a cross-shard order's decision is not a
+/// state of each reservation but of the order's one `H` entry on the shard
+/// (present until the decision is applied here): a commit then writes one
+/// delete instead of rewriting every line's reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReservationState {
-    /// Prepared for a cross-shard order whose outcome is not known here yet;
-    /// counted in `reserved`.
-    Held,
-    /// The order exists; counted in `reserved` until shipped or released.
-    Committed,
+    /// Counted in `reserved`: prepared for a cross-shard order, or part of an
+    /// order that exists, until it is shipped or released.
+    Reserved,
     /// Given back (order aborted, cancelled or expired). Kept as a tombstone
     /// so that a late prepare of the same order fails.
     Released,
@@ -126,10 +129,7 @@ pub struct Reservation {
 impl Reservation {
     /// Whether its units are still counted in `reserved`.
     pub fn is_live(&self) -> bool {
-        matches!(
-            self.state,
-            ReservationState::Held | ReservationState::Committed
-        )
+        self.state == ReservationState::Reserved
     }
 }
 

@@ -678,7 +678,7 @@ fn place_order(
         save(state, keys::inventory_key(sku), index, level)?;
         let r = Reservation {
             qty: *qty,
-            state: ReservationState::Committed,
+            state: ReservationState::Reserved,
         };
         save(state, keys::reservation_key(sku, a.order_id), index, &r)?;
     }
@@ -1485,6 +1485,67 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_commit_settlement_only_drops_the_held_entry_and_a_retried_prepare_reserves_nothing_more() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 3), ("B".to_string(), 1)];
+        let prepare = CommerceCommand::PrepareTxn {
+            order_id: "t3".into(),
+            lines: lines.clone(),
+            now_ms: 1,
+            begin: None,
+        };
+        assert!(matches!(
+            apply(&mut m, i, &prepare).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        let resolve = |outcome| CommerceCommand::ResolveTxn {
+            items: vec![ResolveItem {
+                order_id: "t3".into(),
+                skus: vec!["A".into(), "B".into()],
+                outcome,
+            }],
+        };
+        // Twice: the same outcome again changes nothing.
+        for at in [i + 1, i + 2] {
+            apply(&mut m, at, &resolve(Settlement::Commit)).unwrap();
+        }
+        assert_eq!(level(&m, "A").reserved, 3);
+        assert_eq!(level(&m, "B").reserved, 1);
+        match read(&m, &CommerceRead::InFlight { limit: 10 }).unwrap() {
+            CommerceReadResult::InFlight(f) => assert!(f.held.is_empty(), "{f:?}"),
+            other => panic!("{other:?}"),
+        }
+        // The coordinator retrying its prepare after the commit was applied
+        // here: the vote stands and nothing is reserved twice.
+        assert!(matches!(
+            apply(&mut m, i + 3, &prepare).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        assert_eq!(level(&m, "A").reserved, 3);
+        // Ship later consumes exactly what the commit left reserved.
+        apply(&mut m, i + 4, &resolve(Settlement::Consume)).unwrap();
+        assert_eq!(
+            level(&m, "A"),
+            InventoryLevel {
+                on_hand: 7,
+                reserved: 0
+            }
+        );
+        assert_eq!(
+            level(&m, "B"),
+            InventoryLevel {
+                on_hand: 2,
+                reserved: 0
+            }
+        );
+        // Consumed reservations are tombstones: a late prepare votes NO.
+        assert_eq!(
+            rejected(apply(&mut m, i + 5, &prepare).unwrap()),
+            RejectCode::OrderAborted
+        );
     }
 
     #[test]
