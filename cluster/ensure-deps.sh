@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Sourced by bootstrap.sh and test.sh: makes sure RocksDB's build prerequisites
-# (clang, libclang-dev) are installed, installing them as root on Debian.
+# Sourced by bootstrap.sh and test.sh: makes sure the native build prerequisites
+# (clang and libclang-dev for RocksDB, make for jemalloc) are installed,
+# installing them as root on Debian.
 have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; }
-if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
+if ! command -v clang >/dev/null 2>&1 || ! have_libclang || ! command -v make >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    echo "installing clang and libclang-dev (RocksDB's build needs them)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
+    echo "installing clang, libclang-dev and make (the RocksDB and jemalloc builds need them)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev make >/dev/null
   else
-    echo "clang and libclang-dev are missing: sudo apt-get install -y clang libclang-dev" >&2
+    echo "clang, libclang-dev or make is missing: sudo apt-get install -y clang libclang-dev make" >&2
     exit 1
   fi
 fi

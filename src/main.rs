@@ -67,6 +67,14 @@ enum DemoCmd {
     },
 }
 
+/// jemalloc (TiKV's allocator) instead of glibc's: glibc malloc/free were
+/// ~8 % of a node's CPU under load, with many threads handing buffers to
+/// each other; jemalloc placed 8 % more orders and 4 % more puts in A/B runs
+/// (bench/RESULTS.md, 2026-11-26). Only the server: the load generator keeps
+/// the system allocator for both systems it drives.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
