@@ -285,10 +285,9 @@ pub async fn settle_many(
 ) -> Vec<Result<(), String>> {
     let mut per_shard: BTreeMap<GroupId, Vec<ResolveItem>> = BTreeMap::new();
     for job in jobs {
-        for (shard, skus) in by_shard(map, job.skus.iter()) {
+        for shard in by_shard(map, job.skus.iter()).into_keys() {
             per_shard.entry(shard).or_default().push(ResolveItem {
                 order_id: job.order_id.clone(),
-                skus,
                 outcome: job.outcome,
             });
         }
@@ -526,7 +525,6 @@ pub async fn recover(
         };
         items.push(ResolveItem {
             order_id: order_id.clone(),
-            skus: held.skus.clone(),
             outcome,
         });
     }

@@ -117,11 +117,14 @@ pub enum ReservationState {
     Consumed,
 }
 
-/// Stock one order reserves of one SKU (on the SKU's shard).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Stock one order reserves on one shard: its lines whose SKUs live there,
+/// in one record (one read and one write per order and shard, whatever the
+/// number of lines).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
-    /// Units.
-    pub qty: u32,
+    /// (SKU, units) of this shard's lines; empty in a tombstone a release
+    /// wrote because nothing was held.
+    pub lines: Vec<(String, u32)>,
     /// Where it stands.
     pub state: ReservationState,
 }

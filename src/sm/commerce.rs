@@ -674,14 +674,14 @@ fn place_order(
         state.delete(keys::cart_key(a.customer))?;
     }
     // Every check passed: write.
-    for ((sku, qty), level) in lines.iter().zip(&levels) {
+    for ((sku, _), level) in lines.iter().zip(&levels) {
         save(state, keys::inventory_key(sku), index, level)?;
-        let r = Reservation {
-            qty: *qty,
-            state: ReservationState::Reserved,
-        };
-        save(state, keys::reservation_key(sku, a.order_id), index, &r)?;
     }
+    let r = Reservation {
+        lines: lines.clone(),
+        state: ReservationState::Reserved,
+    };
+    save(state, keys::reservation_key(a.order_id), index, &r)?;
     let order = Order {
         order_id: a.order_id.to_string(),
         customer: a.customer.to_string(),
@@ -852,10 +852,12 @@ fn apply_transition(
             levels.push((line, next));
         }
     }
+    if !levels.is_empty() {
+        state.delete(keys::reservation_key(order_id))?;
+    }
     for (line, level) in levels {
         let OrderLine { sku, .. } = line;
         save(state, keys::inventory_key(sku), index, &level)?;
-        state.delete(keys::reservation_key(sku, order_id))?;
     }
     if from == OrderStatus::PendingPayment {
         state.delete(keys::order_deadline_key(
@@ -1369,7 +1371,6 @@ mod tests {
         let release = CommerceCommand::ResolveTxn {
             items: vec![ResolveItem {
                 order_id: "t1".into(),
-                skus: vec!["A".into(), "B".into()],
                 outcome: Settlement::Release,
             }],
         };
@@ -1458,7 +1459,6 @@ mod tests {
                 &CommerceCommand::ResolveTxn {
                     items: vec![ResolveItem {
                         order_id: "t2".into(),
-                        skus: vec!["A".into()],
                         outcome,
                     }],
                 },
@@ -1504,7 +1504,6 @@ mod tests {
         let resolve = |outcome| CommerceCommand::ResolveTxn {
             items: vec![ResolveItem {
                 order_id: "t3".into(),
-                skus: vec!["A".into(), "B".into()],
                 outcome,
             }],
         };
@@ -1524,6 +1523,18 @@ mod tests {
             apply(&mut m, i + 3, &prepare).unwrap(),
             CommerceResponse::Prepared(_)
         ));
+        assert_eq!(level(&m, "A").reserved, 3);
+        // The same order id preparing other lines here is refused.
+        let other = CommerceCommand::PrepareTxn {
+            order_id: "t3".into(),
+            lines: vec![("A".to_string(), 1)],
+            now_ms: 1,
+            begin: None,
+        };
+        assert_eq!(
+            rejected(apply(&mut m, i + 3, &other).unwrap()),
+            RejectCode::Inconsistent
+        );
         assert_eq!(level(&m, "A").reserved, 3);
         // Ship later consumes exactly what the commit left reserved.
         apply(&mut m, i + 4, &resolve(Settlement::Consume)).unwrap();

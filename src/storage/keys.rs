@@ -19,7 +19,7 @@
 //! |------------------------------------------|---------------------------------|
 //! | `P` · sku                                | product                         |
 //! | `I` · sku                                | inventory level                 |
-//! | `R` · len · sku · order id               | stock reserved by an order      |
+//! | `R` · order id                           | stock an order reserves here    |
 //! | `C` · customer                           | cart                            |
 //! | `O` · order id                           | order                           |
 //! | `Q` · order id                           | payment of the order            |
@@ -273,16 +273,10 @@ pub fn inventory_key(sku: &str) -> Vec<u8> {
     ns_id(NS_INVENTORY, sku)
 }
 
-/// Record key of the stock `order_id` holds reserved of `sku`.
-pub fn reservation_key(sku: &str, order_id: &str) -> Vec<u8> {
-    let mut k = ns_len_id(NS_RESERVATION, sku);
-    k.extend_from_slice(order_id.as_bytes());
-    k
-}
-
-/// Prefix of every reservation of `sku`.
-pub fn reservation_prefix(sku: &str) -> Vec<u8> {
-    ns_len_id(NS_RESERVATION, sku)
+/// Record key of the stock `order_id` holds reserved on this shard (all of
+/// its lines here).
+pub fn reservation_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_RESERVATION, order_id)
 }
 
 /// Record key of a customer's cart.
@@ -443,7 +437,6 @@ mod tests {
             order_id_after(&a, &customer_order_key("a", "o1")),
             Some("o1")
         );
-        assert!(!reservation_key("ab", "o").starts_with(&reservation_prefix("a")));
         assert_eq!(sku_of_product_key(&product_key("sku-1")), Some("sku-1"));
         assert!(order_deadline_key(5, "z") < order_deadline_key(6, "a"));
         assert_eq!(

@@ -95,10 +95,8 @@ pub struct TxnBegin {
 /// One order's settlement on one participant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolveItem {
-    /// Order id.
+    /// Order id (the shard knows which of its lines the order holds).
     pub order_id: String,
-    /// The order's SKUs on this shard.
-    pub skus: Vec<String>,
     /// Commit, release or consume.
     pub outcome: Settlement,
 }
@@ -249,40 +247,35 @@ pub(super) fn prepare(
     lines: &[(String, u32)],
     now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
-    let mut products = Vec::with_capacity(lines.len());
-    let mut live = 0;
-    for (sku, _) in lines {
-        if let Some(r) = load::<Reservation>(state, &keys::reservation_key(sku, order_id))? {
-            if !r.record.is_live() {
-                return Ok(reject(
-                    RejectCode::OrderAborted,
-                    format!("order {order_id} was already aborted or settled"),
-                ));
-            }
-            live += 1;
+    let held = load::<Reservation>(state, &keys::reservation_key(order_id))?.map(|s| s.record);
+    match &held {
+        Some(r) if !r.is_live() => {
+            return Ok(reject(
+                RejectCode::OrderAborted,
+                format!("order {order_id} was already aborted or settled"),
+            ));
         }
+        Some(r) if r.lines != lines => {
+            return Ok(reject(
+                RejectCode::Inconsistent,
+                format!("order {order_id} already holds other lines on this shard"),
+            ));
+        }
+        _ => {}
     }
+    let mut products = Vec::with_capacity(lines.len());
     for (sku, qty) in lines {
         let Some(p) = load::<Product>(state, &keys::product_key(sku))? else {
             return Ok(unknown_sku(sku));
         };
-        if live == 0 {
+        if held.is_none() {
             check!(p.record.check_orderable(*qty));
         }
         products.push(p.record);
     }
-    if live == lines.len() {
+    if held.is_some() {
         // A retried prepare: the vote stands.
         return Ok(CommerceResponse::Prepared(products));
-    }
-    if live > 0 {
-        return Ok(reject(
-            RejectCode::Inconsistent,
-            format!(
-                "order {order_id}: {live} of {} lines already held",
-                lines.len()
-            ),
-        ));
     }
     let mut levels = Vec::with_capacity(lines.len());
     for (sku, qty) in lines {
@@ -291,14 +284,14 @@ pub(super) fn prepare(
             .unwrap_or_default();
         levels.push(check!(level.reserve(sku, *qty)));
     }
-    for ((sku, qty), level) in lines.iter().zip(&levels) {
+    for ((sku, _), level) in lines.iter().zip(&levels) {
         save(state, keys::inventory_key(sku), index, level)?;
-        let r = Reservation {
-            qty: *qty,
-            state: ReservationState::Reserved,
-        };
-        save(state, keys::reservation_key(sku, order_id), index, &r)?;
     }
+    let r = Reservation {
+        lines: lines.to_vec(),
+        state: ReservationState::Reserved,
+    };
+    save(state, keys::reservation_key(order_id), index, &r)?;
     let held = HeldEntry {
         skus: lines.iter().map(|(s, _)| s.clone()).collect(),
         prepared_ms: now_ms,
@@ -438,8 +431,7 @@ pub(super) fn resolve_all(
 ) -> Result<CommerceResponse, SmError> {
     let mut failed = Vec::new();
     for item in items {
-        if let CommerceResponse::Rejected(r) =
-            resolve(state, index, &item.order_id, &item.skus, item.outcome)?
+        if let CommerceResponse::Rejected(r) = resolve(state, index, &item.order_id, item.outcome)?
         {
             failed.push((item.order_id.clone(), r));
         }
@@ -452,61 +444,52 @@ fn resolve(
     state: &mut dyn StateAccess,
     index: u64,
     order_id: &str,
-    skus: &[String],
     outcome: Settlement,
 ) -> Result<CommerceResponse, SmError> {
     if outcome == Settlement::Commit {
-        // The reservations already count in `reserved` and stay there until
+        // The reservation already counts in `reserved` and stays there until
         // ship or release; this shard only records that it knows the outcome.
-        // Reading and rewriting every line here cost 2 memtable operations
-        // per line per replica for no change in what any reader can see.
         state.delete(keys::held_key(order_id))?;
         return Ok(CommerceResponse::Settled { failed: Vec::new() });
     }
-    // Release or consume. Compute every change first: a rejection must write
-    // nothing.
-    let mut writes: Vec<(&String, Reservation, Option<InventoryLevel>)> = Vec::new();
-    for sku in skus {
-        let current =
-            load::<Reservation>(state, &keys::reservation_key(sku, order_id))?.map(|s| s.record);
-        let tombstone = |state: ReservationState| Reservation { qty: 0, state };
-        let next = match current {
-            // Nothing held here: remember the outcome so a late prepare fails.
-            None => Some((tombstone(ReservationState::Released), None)),
-            Some(r) if !r.is_live() => None,
-            Some(r) => {
+    let key = keys::reservation_key(order_id);
+    let end = if outcome == Settlement::Consume {
+        ReservationState::Consumed
+    } else {
+        ReservationState::Released
+    };
+    match load::<Reservation>(state, &key)?.map(|s| s.record) {
+        // Nothing held here: remember the outcome so a late prepare fails.
+        None => {
+            let tombstone = Reservation {
+                lines: Vec::new(),
+                state: ReservationState::Released,
+            };
+            save(state, key, index, &tombstone)?;
+        }
+        Some(r) if !r.is_live() => {}
+        Some(r) => {
+            // Compute every change first: a rejection must write nothing.
+            let mut levels = Vec::with_capacity(r.lines.len());
+            for (sku, qty) in &r.lines {
                 let level = load::<InventoryLevel>(state, &keys::inventory_key(sku))?
                     .map(|s| s.record)
                     .unwrap_or_default();
-                let (level, end) = if outcome == Settlement::Consume {
-                    (
-                        check!(level.consume(sku, r.qty)),
-                        ReservationState::Consumed,
-                    )
+                levels.push(if end == ReservationState::Consumed {
+                    check!(level.consume(sku, *qty))
                 } else {
-                    (
-                        check!(level.release(sku, r.qty)),
-                        ReservationState::Released,
-                    )
-                };
-                Some((
-                    Reservation {
-                        qty: r.qty,
-                        state: end,
-                    },
-                    Some(level),
-                ))
+                    check!(level.release(sku, *qty))
+                });
             }
-        };
-        if let Some((r, level)) = next {
-            writes.push((sku, r, level));
+            for ((sku, _), level) in r.lines.iter().zip(&levels) {
+                save(state, keys::inventory_key(sku), index, level)?;
+            }
+            let done = Reservation {
+                lines: r.lines,
+                state: end,
+            };
+            save(state, key, index, &done)?;
         }
-    }
-    for (sku, r, level) in writes {
-        if let Some(level) = level {
-            save(state, keys::inventory_key(sku), index, &level)?;
-        }
-        save(state, keys::reservation_key(sku, order_id), index, &r)?;
     }
     state.delete(keys::held_key(order_id))?;
     Ok(CommerceResponse::Settled { failed: Vec::new() })
