@@ -695,12 +695,8 @@ fn place_order(
         two_phase: false,
     };
     save(state, keys::order_key(a.order_id), index, &order)?;
-    save(
-        state,
-        keys::payment_key(a.order_id),
-        index,
-        &Payment::default(),
-    )?;
+    // No payment record yet: an absent one reads as nothing paid (every
+    // reader defaults it), and the first payment event writes it.
     state.put(keys::customer_order_key(a.customer, a.order_id), Vec::new())?;
     state.put(
         keys::order_deadline_key(a.expires_at_ms, a.order_id),

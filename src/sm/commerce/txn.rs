@@ -342,13 +342,9 @@ pub(super) fn decide(
                 updated_at_ms: now_ms,
                 two_phase: true,
             };
+            // The payment record appears with the first payment event (as
+            // for a 1PC order).
             save(state, keys::order_key(order_id), index, &order)?;
-            save(
-                state,
-                keys::payment_key(order_id),
-                index,
-                &Payment::default(),
-            )?;
             state.put(
                 keys::customer_order_key(&order.customer, order_id),
                 Vec::new(),
