@@ -164,6 +164,38 @@ async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
         "cancel releases on every shard",
     )
     .await;
+
+    // Catalog changes reach the prepares that follow (each participant's
+    // apply caches the products it read for the orders above).
+    s.put(common::shop::product(&skus[0], 150, "EUR"))
+        .await
+        .expect("new price");
+    let id3 = order_id_on("o-repriced", 2);
+    let o3 = s
+        .place(
+            "cust",
+            &id3,
+            &[(skus[0].as_str(), 1), (skus[1].as_str(), 1)],
+        )
+        .await
+        .expect("order at the new price");
+    assert_eq!(o3.total_minor, 150 + 200, "the new price, not a cached one");
+    s.catalog
+        .deactivate(proto::DeactivateProductRequest {
+            fence: None,
+            sku: skus[2].clone(),
+        })
+        .await
+        .expect("deactivate");
+    let err = s
+        .place("cust", &order_id_on("o-inactive", 1), &lines)
+        .await
+        .expect_err("an inactive line");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "INACTIVE_PRODUCT"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

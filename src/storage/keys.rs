@@ -98,6 +98,12 @@ const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
 const NS_TXN_PENDING: u8 = b'W';
 
+/// Whether this is a product record (read-mostly: catalog edits are rare,
+/// every order line reads one).
+pub fn is_product_key(record_key: &[u8]) -> bool {
+    record_key.first() == Some(&NS_PRODUCT)
+}
+
 /// Whether changes to this record are kept for watchers (`crate::watch`):
 /// KV records, stock levels, orders and locks.
 pub fn is_watchable(record_key: &[u8]) -> bool {
