@@ -75,9 +75,8 @@ pub struct SettleEntry {
 /// Reservations an order holds on a participant, until resolved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldEntry {
-    /// SKUs held on this shard.
-    pub skus: Vec<String>,
-    /// When they were prepared.
+    /// When they were prepared (what they are is the order's reservation
+    /// record `R` on this shard).
     pub prepared_ms: u64,
 }
 
@@ -293,7 +292,6 @@ pub(super) fn prepare(
     };
     save(state, keys::reservation_key(order_id), index, &r)?;
     let held = HeldEntry {
-        skus: lines.iter().map(|(s, _)| s.clone()).collect(),
         prepared_ms: now_ms,
     };
     save(state, keys::held_key(order_id), index, &held)?;
