@@ -99,7 +99,7 @@ impl InventoryLevel {
     }
 }
 
-/// Where one order's reservation of one SKU stands.
+/// Where an order's reservation on one shard stands.
 ///
 /// Whether the shard has learned a cross-shard order's decision is not a
 /// state of each reservation but of the order's one `H` entry on the shard

@@ -29,9 +29,10 @@ pub const MAX_CACHED_PRODUCTS: usize = 100_000;
 /// are read by every order line (a prepare reads each line's product) and
 /// written rarely; a RocksDB point get of one costs two memtable searches,
 /// bloom probes and a block-cache lookup (≈ 6 % of a node's CPU under W4).
-/// Only apply fills and updates it, after its batch is committed, and apply
-/// is the only writer of the group's records, so it never holds a stale
-/// value; installing a snapshot empties it.
+/// Only apply touches it: a miss is filled from the committed record it
+/// reads, and the batch's own writes update it once the batch is committed.
+/// Apply is the only writer of the group's records, so it never holds a
+/// stale value; installing a snapshot empties it.
 #[derive(Default)]
 struct ProductCache {
     records: HashMap<Vec<u8>, Vec<u8>>,
@@ -67,8 +68,8 @@ impl StateMachine {
     }
 
     fn products(&self) -> MutexGuard<'_, ProductCache> {
-        // Only this group's apply uses it: never contended, never poisoned
-        // by a panic that matters (a poisoned one is emptied below).
+        // Locked only to take the cache out or put it back (never
+        // contended); should a panic ever poison it, start cold.
         self.products.lock().unwrap_or_else(|p| {
             let mut g = p.into_inner();
             g.records.clear();
