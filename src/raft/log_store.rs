@@ -1,15 +1,18 @@
 //! The Raft log of one group, stored in the node's RocksDB (`raft_log` and
 //! `raft_state` column families). Appends are acknowledged by the node's
-//! group-commit flusher after the WAL fsync.
+//! group-commit flusher after the WAL fsync. Reads of recent entries are
+//! answered from a [`LogCache`] of the log's tail.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 
 use super::TypeConfig;
+use super::log_cache::LogCache;
 use crate::codec;
 use crate::storage::Store;
 use crate::storage::keys::{GroupId, RaftStateTag};
@@ -22,6 +25,9 @@ pub struct LogStore {
     /// The latest committed log id openraft saved, encoded, not yet written: it
     /// rides in the next append's batch instead of costing a write per commit.
     unsaved_committed: Option<Vec<u8>>,
+    /// The log's tail in memory, shared with every reader clone. Each change
+    /// to the log is written to RocksDB first, then mirrored here.
+    cache: Arc<Mutex<LogCache>>,
 }
 
 impl LogStore {
@@ -31,7 +37,19 @@ impl LogStore {
             group,
             store,
             unsaved_committed: None,
+            cache: Arc::new(Mutex::new(LogCache::default())),
         }
+    }
+
+    /// Runs `f` on the cache. A poisoned lock (a panic while it was held)
+    /// empties the cache, which is always safe: reads then go to RocksDB.
+    fn with_cache<T>(&self, f: impl FnOnce(&mut LogCache) -> T) -> T {
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| {
+            let mut c = poisoned.into_inner();
+            *c = LogCache::default();
+            c
+        });
+        f(&mut cache)
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(
@@ -65,6 +83,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> io::Result<Vec<EntryOf<TypeConfig>>> {
         let (start, end) = index_range(&range);
+        if let Some(entries) = self.with_cache(|c| c.get(start, end)) {
+            return Ok(entries);
+        }
         self.store
             .read_log(self.group, start, end)?
             .into_iter()
@@ -127,15 +148,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = EntryOf<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<EntryOf<TypeConfig>> = entries.into_iter().collect();
         let encoded = entries
-            .into_iter()
-            .map(|e| Ok((e.log_id.index, codec::encode(&e)?)))
+            .iter()
+            .map(|e| Ok((e.log_id.index, codec::encode(e)?)))
             .collect::<io::Result<Vec<_>>>()?;
         // Readable as soon as written; durable (and acknowledged) after the
         // flusher's next WAL sync, which covers every append queued before it.
         let committed = self.unsaved_committed.take();
         self.store
             .append_log(self.group, &encoded, committed.as_deref())?;
+        let sized = entries
+            .into_iter()
+            .zip(encoded.iter().map(|(_, bytes)| bytes.len()))
+            .collect();
+        self.with_cache(|c| c.append(sized));
         self.store
             .flush_then(Box::new(move |res| callback.io_completed(res)))?;
         Ok(())
@@ -144,12 +171,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |l| l.index.saturating_add(1));
         self.store.truncate_log_from(self.group, from)?;
+        self.with_cache(|c| c.truncate_from(from));
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> io::Result<()> {
         self.store
             .purge_log_upto(self.group, log_id.index, &codec::encode(&log_id)?)?;
+        self.with_cache(|c| c.purge_upto(log_id.index));
         Ok(())
     }
 }

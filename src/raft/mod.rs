@@ -1,6 +1,7 @@
 //! openraft glue: the type config, per-group log store and state machine,
 //! and the peer transport shared by every group.
 
+pub mod log_cache;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
