@@ -3,8 +3,8 @@
 //! can follow a key or prefix from a revision (the group's log index) without
 //! polling.
 //!
-//! The state machine publishes, after each applied batch is durable, the
-//! changed records of every entry whose keys are watchable
+//! The state machine publishes, after each applied batch is written (its
+//! entries are committed, so durable in the log), the changed records of every entry whose keys are watchable
 //! ([`keys::is_watchable`]). The history is kept in memory and bounded in
 //! bytes per group, like etcd's compaction: a watcher asking for a revision
 //! older than what this node still holds gets [`Compacted`] and must re-read
