@@ -31,7 +31,8 @@ while [ $# -gt 0 ]; do
 done
 [ "$SECS" -ge 3 ] || { echo "duel.sh: --secs must be at least 3" >&2; exit 1; }
 [ "$BIN_A" != "$BIN_B" ] || { echo "duel.sh: copy the binary to compare a build with itself" >&2; exit 1; }
-BENCH="${CARGO_TARGET_DIR:-$ROOT/target}/release/shopkv-bench"
+# The same default build directory as cluster/ensure-deps.sh.
+BENCH="${CARGO_TARGET_DIR:-$HOME/.cache/shopkv/target}/release/shopkv-bench"
 [ -x "$BENCH" ] || { echo "duel.sh: no $BENCH; build it with cargo build --release -p shopkv-bench" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/shopkv-duel.XXXXXX)
 cleanup() {
