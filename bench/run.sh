@@ -72,10 +72,12 @@ mkdir -p "$WORK"
 FSYNC=$("$BENCH" fsync-probe "$WORK")
 echo "run.sh: $FSYNC"
 
+# SERVER_PIDS (comma separated) names the running cluster's processes: each row
+# reports their CPU time per operation beside the load generator's.
 bench() { # system endpoints workload clients nodes shards label
   "$BENCH" run --system "$1" --endpoints "$2" --workload "$3" --clients "$4" --nodes "$5" \
     --shards "$6" --label "$7" --keys "$KEYS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" \
-    --out "$RESULTS"
+    --server-pids "$SERVER_PIDS" --out "$RESULTS"
 }
 compare_set() { # system endpoints nodes shards
   for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
@@ -87,7 +89,8 @@ compare_set() { # system endpoints nodes shards
   bench "$1" "$2" order 64 "$3" "$4" compare
   # W5: flash sale of FLASH_STOCK units, 64 buyers, until sold out (<= 120 s).
   "$BENCH" run --system "$1" --endpoints "$2" --workload flash --clients 64 --nodes "$3" \
-    --shards "$4" --label compare --keys "$FLASH_STOCK" --duration-secs 120 --out "$RESULTS"
+    --shards "$4" --label compare --keys "$FLASH_STOCK" --duration-secs 120 \
+    --server-pids "$SERVER_PIDS" --out "$RESULTS"
 }
 
 # --- etcd: 3 members on loopback, default flags (fsync on) ---
@@ -126,16 +129,19 @@ shopkv_cluster() { # name nodes shards -> prints endpoints
   cat "$dir/endpoints"
 }
 stop_shopkv() { "$ROOT/cluster/stop.sh" --data-dir "$WORK/$1" >/dev/null; }
+shopkv_pids() { cat "$WORK/$1"/n*/shopkv.pid | paste -sd , -; } # name -> pids, comma separated
 
 # The compared rows, ROUNDS times, each system on a fresh cluster every round;
 # the report averages the rounds and shows their spread.
 for round in $(seq 1 "$ROUNDS"); do
   start_etcd "$WORK/etcd-r$round"
+  SERVER_PIDS=$(IFS=,; echo "${ETCD_PIDS[*]}")
   compare_set etcd "$etcd_endpoints" 3 1
   stop_etcd
   # 3 nodes with bootstrap's default shards (one per node).
   ep=$(shopkv_cluster "shopkv-3n-r$round" 3 3)
   echo "run.sh: shopkv up at $ep (round $round of $ROUNDS)"
+  SERVER_PIDS=$(shopkv_pids "shopkv-3n-r$round")
   compare_set shopkv "$ep" 3 3
   stop_shopkv "shopkv-3n-r$round"
 done
@@ -144,10 +150,12 @@ done
 EXTRA_CLIENTS="64 256"
 [ "$QUICK" = 1 ] && EXTRA_CLIENTS=64
 ep=$(shopkv_cluster shopkv-5n 5 5)
+SERVER_PIDS=$(shopkv_pids shopkv-5n)
 for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 5 5 5-nodes; done
 stop_shopkv shopkv-5n
 for shards in 1 8; do
   ep=$(shopkv_cluster "shopkv-3n-${shards}s" 3 "$shards")
+  SERVER_PIDS=$(shopkv_pids "shopkv-3n-${shards}s")
   for c in $EXTRA_CLIENTS; do bench shopkv "$ep" put "$c" 3 "$shards" "3-nodes-${shards}-shards"; done
   stop_shopkv "shopkv-3n-${shards}s"
 done

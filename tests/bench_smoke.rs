@@ -38,6 +38,7 @@ fn two_seconds() -> RunSpec {
         duration: Duration::from_secs(2),
         progress: false,
         seed: SEED,
+        server_pids: Vec::new(),
     }
 }
 
@@ -115,6 +116,7 @@ async fn harness_counts_operations_and_the_writes_read_back() {
         duration: Duration::from_secs(2),
         progress: false,
         seed: SEED,
+        server_pids: cluster.nodes.iter().filter_map(|n| n.pid()).collect(),
     };
     let workload = Arc::new(put::Put { space });
     let report = runner::run(Arc::clone(&workload), &conns, &spec)
@@ -132,6 +134,13 @@ async fn harness_counts_operations_and_the_writes_read_back() {
     assert!(
         s.ops_per_s > 0.0 && s.p50_ms > 0.0 && s.p50_ms <= s.p99_ms,
         "{s:?}"
+    );
+    // The nodes' CPU time over the window is read from /proc and divided by the
+    // operations measured (ticks are 10 ms; the nodes use far more than that).
+    let cpu = report.cpu.expect("the nodes' CPU time is measured");
+    assert!(
+        cpu.servers_us > 0.0 && cpu.servers_us * (s.ops as f64) < 60e6,
+        "{cpu:?}"
     );
 
     // Replay every client's random stream: the keys it chose are the keys written.

@@ -5,9 +5,11 @@
 //! Layout: [`client`] holds one connection per driver ([`route`]: shopkv's leader
 //! table), [`runner`] the closed loop
 //! (warm-up, measured window, progress line), [`stats`] the latency histograms,
-//! [`workloads`] one file per workload, [`report`] the side-by-side table.
+//! [`workloads`] one file per workload, [`report`] the side-by-side table,
+//! [`cpu`] the CPU time servers and load generator spend per operation.
 
 pub mod client;
+pub mod cpu;
 pub mod report;
 pub mod route;
 pub mod runner;

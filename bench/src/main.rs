@@ -84,6 +84,10 @@ struct RunArgs {
     label: String,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Server process ids, comma separated: their CPU time per operation is
+    /// reported with the result.
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -155,6 +159,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.duration_secs),
         progress: true,
         seed: args.seed,
+        server_pids: args.server_pids.clone(),
     };
     eprintln!(
         "{} {} clients={} conns={} for {}s (+{}s warm-up)",
@@ -173,8 +178,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         s.ops,
         args.keys
     );
+    let cpu = match report.cpu {
+        Some(c) => format!(
+            " cpu_us/op: servers={:.0} load_generator={:.0}",
+            c.servers_us, c.bench_us
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "  => {:.0} ops/s p50={:.2}ms p99={:.2}ms p999={:.2}ms errors={} retries={}",
+        "  => {:.0} ops/s p50={:.2}ms p99={:.2}ms p999={:.2}ms errors={} retries={}{cpu}",
         s.ops_per_s, s.p50_ms, s.p99_ms, s.p999_ms, s.errors, s.retries
     );
     let row = Row {
@@ -191,6 +203,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.duration_secs
         },
         summary: report.summary,
+        // Without server pids only the load generator's own time is known,
+        // which alone says nothing about the comparison.
+        server_cpu_us_per_op: report
+            .cpu
+            .filter(|_| !args.server_pids.is_empty())
+            .map(|c| c.servers_us),
+        bench_cpu_us_per_op: report
+            .cpu
+            .filter(|_| !args.server_pids.is_empty())
+            .map(|c| c.bench_us),
     };
     let mut f = std::fs::OpenOptions::new()
         .create(true)

@@ -27,10 +27,18 @@ pub struct Row {
     pub duration_s: f64,
     #[serde(flatten)]
     pub summary: Summary,
+    /// CPU µs per operation of the cluster's server processes together (absent
+    /// in rows of older runs, or when the processes were not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_op: Option<f64>,
+    /// CPU µs per operation of the load generator itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench_cpu_us_per_op: Option<f64>,
 }
 
 /// The rounds of one row (same system, workload, clients, cluster and label) merged:
-/// means of rate and latencies, sums of counts, and the spread of the rate.
+/// means of rate, latencies and CPU per operation, sums of counts, and the spread
+/// of the rate.
 pub struct Merged {
     pub row: Row,
     pub rounds: usize,
@@ -41,33 +49,33 @@ pub struct Merged {
 /// Merges repeated rounds of each row, in the order rows first appear.
 pub fn merge_rounds(rows: &[Row]) -> Vec<Merged> {
     let mut out: Vec<Merged> = Vec::new();
+    // CPU figures of each merged row's rounds (server, load generator), averaged
+    // at the end over the rounds that measured them.
+    let mut cpu: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     for r in rows {
-        let same = |m: &&mut Merged| {
-            let k = &m.row;
+        let key = |k: &Row| {
             (
                 k.system,
-                &k.workload,
+                k.workload.clone(),
                 k.clients,
                 k.nodes,
                 k.shards,
-                &k.label,
-            ) == (
-                r.system,
-                &r.workload,
-                r.clients,
-                r.nodes,
-                r.shards,
-                &r.label,
+                k.label.clone(),
             )
         };
-        match out.iter_mut().find(|m| same(m)) {
-            None => out.push(Merged {
-                row: r.clone(),
-                rounds: 1,
-                min_ops_per_s: r.summary.ops_per_s,
-                max_ops_per_s: r.summary.ops_per_s,
-            }),
-            Some(m) => {
+        let at = match out.iter().position(|m| key(&m.row) == key(r)) {
+            None => {
+                out.push(Merged {
+                    row: r.clone(),
+                    rounds: 1,
+                    min_ops_per_s: r.summary.ops_per_s,
+                    max_ops_per_s: r.summary.ops_per_s,
+                });
+                cpu.push((Vec::new(), Vec::new()));
+                out.len() - 1
+            }
+            Some(at) => {
+                let m = &mut out[at];
                 let n = m.rounds as f64;
                 let mean = |a: f64, b: f64| (a * n + b) / (n + 1.0);
                 let (a, b) = (&mut m.row.summary, &r.summary);
@@ -82,8 +90,16 @@ pub fn merge_rounds(rows: &[Row]) -> Vec<Merged> {
                 m.rounds += 1;
                 m.min_ops_per_s = m.min_ops_per_s.min(b.ops_per_s);
                 m.max_ops_per_s = m.max_ops_per_s.max(b.ops_per_s);
+                at
             }
-        }
+        };
+        cpu[at].0.extend(r.server_cpu_us_per_op);
+        cpu[at].1.extend(r.bench_cpu_us_per_op);
+    }
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    for (m, (servers, bench)) in out.iter_mut().zip(&cpu) {
+        m.row.server_cpu_us_per_op = mean(servers);
+        m.row.bench_cpu_us_per_op = mean(bench);
     }
     out
 }
@@ -167,6 +183,16 @@ fn ratio_text(pair: &Pair<'_>) -> String {
     ratio(pair).map_or("-".into(), |r| format!("{r:.2}"))
 }
 
+/// `etcd / shopkv` of a CPU figure (µs per operation), `-` where not measured.
+fn cpu_pair(pair: &Pair<'_>, f: impl Fn(&Row) -> Option<f64>) -> String {
+    let one = |r: Option<&Row>| cpu_one(r.and_then(&f));
+    format!("{} / {}", one(pair.etcd), one(pair.shopkv))
+}
+
+fn cpu_one(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
 fn errors(pair: &Pair<'_>) -> String {
     let e = |r: Option<&Row>| r.map_or(0, |r| r.summary.errors);
     format!("{}/{}", e(pair.etcd), e(pair.shopkv))
@@ -177,7 +203,7 @@ pub fn render_text(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
+        "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9} {:>19}",
         "workload",
         "clients",
         "etcd ops/s",
@@ -185,7 +211,8 @@ pub fn render_text(rows: &[Row]) -> String {
         "ratio",
         "etcd p99 ms",
         "shopkv p99 ms",
-        "errors"
+        "errors",
+        "server cpu us/op"
     );
     let merged = merge_rounds(rows);
     let pairs = pairs(&merged);
@@ -193,7 +220,7 @@ pub fn render_text(rows: &[Row]) -> String {
         let c = p.cells();
         let _ = writeln!(
             out,
-            "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9}",
+            "{:<10} {:>7} {:>11} {:>12} {:>6} {:>11} {:>13} {:>9} {:>19}",
             c[0],
             c[1],
             c[2],
@@ -201,7 +228,8 @@ pub fn render_text(rows: &[Row]) -> String {
             c[4],
             c[5],
             c[6],
-            errors(p)
+            errors(p),
+            cpu_pair(p, |r| r.server_cpu_us_per_op)
         );
     }
     let extras: Vec<&Row> = merged
@@ -213,7 +241,7 @@ pub fn render_text(rows: &[Row]) -> String {
         let _ = writeln!(out, "\nshopkv alone:");
         let _ = writeln!(
             out,
-            "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6}",
+            "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6} {:>16}",
             "setup",
             "nodes",
             "shards",
@@ -222,12 +250,13 @@ pub fn render_text(rows: &[Row]) -> String {
             "ops/s",
             "p50 ms",
             "p99 ms",
-            "errors"
+            "errors",
+            "server cpu us/op"
         );
         for r in extras {
             let _ = writeln!(
                 out,
-                "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6}",
+                "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6} {:>16}",
                 r.label,
                 r.nodes,
                 r.shards,
@@ -236,7 +265,8 @@ pub fn render_text(rows: &[Row]) -> String {
                 r.summary.ops_per_s,
                 r.summary.p50_ms,
                 r.summary.p99_ms,
-                r.summary.errors
+                r.summary.errors,
+                cpu_one(r.server_cpu_us_per_op)
             );
         }
     }
@@ -255,8 +285,8 @@ pub fn render_text(rows: &[Row]) -> String {
 /// The same tables as Markdown (for `bench/RESULTS.md`).
 pub fn render_markdown(rows: &[Row]) -> String {
     let mut out = String::new();
-    out.push_str("| workload | clients | etcd ops/s | shopkv ops/s | ratio | etcd p50/p99/p999 ms | shopkv p50/p99/p999 ms | errors etcd/shopkv |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| workload | clients | etcd ops/s | shopkv ops/s | ratio | etcd p50/p99/p999 ms | shopkv p50/p99/p999 ms | errors etcd/shopkv | server CPU µs/op etcd / shopkv | load generator CPU µs/op etcd / shopkv |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let lat = |r: Option<&Row>| {
         r.map_or("-".into(), |r| {
             format!(
@@ -278,7 +308,7 @@ pub fn render_markdown(rows: &[Row]) -> String {
     for p in pairs(&merged) {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p.workload,
             p.clients,
             spread(p.etcd),
@@ -286,7 +316,9 @@ pub fn render_markdown(rows: &[Row]) -> String {
             ratio_text(&p),
             lat(p.etcd),
             lat(p.shopkv),
-            errors(&p)
+            errors(&p),
+            cpu_pair(&p, |r| r.server_cpu_us_per_op),
+            cpu_pair(&p, |r| r.bench_cpu_us_per_op)
         );
     }
     let extras: Vec<&Row> = merged
@@ -295,12 +327,12 @@ pub fn render_markdown(rows: &[Row]) -> String {
         .filter(|r| r.label != COMPARE)
         .collect();
     if !extras.is_empty() {
-        out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors |\n");
-        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|\n");
+        out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors | server CPU µs/op |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|\n");
         for r in extras {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                 r.label,
                 r.nodes,
                 r.shards,
@@ -308,7 +340,8 @@ pub fn render_markdown(rows: &[Row]) -> String {
                 r.clients,
                 r.summary.ops_per_s,
                 lat(Some(r)),
-                r.summary.errors
+                r.summary.errors,
+                cpu_one(r.server_cpu_us_per_op)
             );
         }
     }
@@ -334,6 +367,8 @@ mod tests {
                 p99_ms: 12.5,
                 ..Summary::default()
             },
+            server_cpu_us_per_op: None,
+            bench_cpu_us_per_op: None,
         }
     }
 
@@ -388,6 +423,32 @@ mod tests {
             md.contains("| put | 64 | 2500 (2000–3000) | 4500 (4000–5000) | 1.80 |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn cpu_per_op_is_averaged_over_the_rounds_that_measured_it() {
+        let with_cpu = |system, ops, servers: Option<f64>| Row {
+            server_cpu_us_per_op: servers,
+            bench_cpu_us_per_op: servers.map(|s| s / 4.0),
+            ..row(system, "order", 64, ops, COMPARE)
+        };
+        let rows = vec![
+            with_cpu(System::Etcd, 1000.0, Some(700.0)),
+            with_cpu(System::Shopkv, 1500.0, Some(500.0)),
+            with_cpu(System::Etcd, 1000.0, Some(800.0)),
+            // A round of an older run, without CPU figures: not averaged in.
+            with_cpu(System::Shopkv, 1500.0, None),
+            row(System::Shopkv, "put", 64, 9000.0, "5-nodes"),
+        ];
+        let merged = merge_rounds(&rows);
+        assert_eq!(merged[0].row.server_cpu_us_per_op, Some(750.0));
+        assert_eq!(merged[1].row.server_cpu_us_per_op, Some(500.0));
+        assert_eq!(merged[1].row.bench_cpu_us_per_op, Some(125.0));
+        let md = render_markdown(&rows);
+        assert!(md.contains("| 0/0 | 750 / 500 | 188 / 125 |"), "{md}");
+        assert!(md.contains("| 0 | - |"), "an extra row without CPU: {md}");
+        let text = render_text(&rows);
+        assert!(text.contains("750 / 500"), "{text}");
     }
 
     #[test]

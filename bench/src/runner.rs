@@ -12,6 +12,7 @@ use rand::rngs::SmallRng;
 
 use crate::BenchError;
 use crate::client::{Conn, OpError};
+use crate::cpu::{CpuPerOp, CpuSample};
 use crate::stats::{Recorder, Summary};
 use crate::workloads::Workload;
 
@@ -30,6 +31,8 @@ pub struct RunSpec {
     pub progress: bool,
     /// Seed of the clients' key choices (client i uses seed + i).
     pub seed: u64,
+    /// Server processes whose CPU time is measured over the window (may be empty).
+    pub server_pids: Vec<u32>,
 }
 
 /// The state one client task carries between its operations.
@@ -49,6 +52,9 @@ pub fn client_rng(seed: u64, id: u64) -> SmallRng {
 pub struct RunReport {
     pub summary: Summary,
     pub issued_per_client: Vec<u64>,
+    /// CPU per measured operation, from the window's start to the last client's
+    /// end (`None` if nothing was measured or a process could not be read).
+    pub cpu: Option<CpuPerOp>,
 }
 
 /// Runs `workload` closed-loop over `conns` (client i uses connection i % len).
@@ -69,6 +75,11 @@ pub async fn run<W: Workload>(
     let done_err = Arc::new(AtomicU64::new(0));
     // Set (ns since start) by the first client whose workload says it is over.
     let over_at_ns = Arc::new(AtomicU64::new(u64::MAX));
+    let pids = spec.server_pids.clone();
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        CpuSample::take(&pids)
+    });
 
     let mut tasks = Vec::with_capacity(spec.clients);
     for id in 0..spec.clients {
@@ -158,13 +169,27 @@ pub async fn run<W: Workload>(
     if let Some(p) = progress {
         p.abort();
     }
+    let cpu_at_end = CpuSample::take(&spec.server_pids);
     // A workload that ended early (sold out) is measured up to that moment.
     let window = match over_at_ns.load(Ordering::Relaxed) {
         u64::MAX => spec.duration,
         at => Duration::from_nanos(at).saturating_sub(spec.warmup),
     };
+    let summary = total.summary(window);
+    let cpu = match (cpu_at_start.await, cpu_at_end) {
+        (Ok(Ok(a)), Ok(b)) => a.per_op(&b, summary.ops),
+        (Ok(Err(e)), _) | (_, Err(e)) => {
+            eprintln!("  cpu time not measured: {e}");
+            None
+        }
+        (Err(e), _) => {
+            eprintln!("  cpu time not measured: {e}");
+            None
+        }
+    };
     Ok(RunReport {
-        summary: total.summary(window),
+        summary,
         issued_per_client,
+        cpu,
     })
 }

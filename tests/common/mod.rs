@@ -91,6 +91,11 @@ impl NodeProc {
         }
     }
 
+    /// The process id while the harness runs the process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process has been started and not killed by the harness.
     pub fn is_up(&self) -> bool {
         self.child.is_some()
