@@ -190,12 +190,6 @@ impl Store {
         self.flusher.syncs.load(Ordering::Relaxed)
     }
 
-    /// Syncs the WAL now.
-    pub fn sync_wal(&self) -> Result<()> {
-        self.db.flush_wal(true)?;
-        Ok(())
-    }
-
     /// Log entries of `group` with index in `start..end`, in order.
     pub fn read_log(&self, group: GroupId, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
         if start >= end {
