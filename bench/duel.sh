@@ -7,7 +7,7 @@
 # Starts two fresh 3-node clusters (cluster/bootstrap.sh, 3 shards each) from the
 # two binaries, loads each with its own shopkv-bench (N clients, default 32) for S
 # seconds (default 10), and reports each cluster's ops/s and the CPU its nodes used
-# per operation (from /proc/<pid>/stat). Every round runs twice with the builds in
+# per operation (shopkv-bench --server-pids). Every round runs twice with the builds in
 # swapped positions (the A/A spread between positions is ~2 %). Alternated single
 # runs on a shared 2-core VM move 15-25 % between minutes; a duel shows 5 %.
 # Absolute numbers are not comparable to bench/run.sh rows (6 nodes and 2 load
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "duel.sh: unknown argument: $1" >&2; usage 1 ;;
   esac
 done
-[ "$SECS" -ge 3 ] || { echo "duel.sh: --secs must be at least 3" >&2; exit 1; }
+[ "$SECS" -ge 1 ] || { echo "duel.sh: --secs must be at least 1" >&2; exit 1; }
 [ "$BIN_A" != "$BIN_B" ] || { echo "duel.sh: copy the binary to compare a build with itself" >&2; exit 1; }
 # The same default build directory as cluster/ensure-deps.sh.
 BENCH="${CARGO_TARGET_DIR:-$HOME/.cache/shopkv/target}/release/shopkv-bench"
@@ -41,20 +41,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# CPU ticks (user + system) of the `serve` processes under data dir $1.
-ticks() {
-  local t=0 pid f
-  for pid in $(pgrep -f -- "serve --id [0-9]+ --data-dir $1/" || true); do
-    read -r -a f < "/proc/$pid/stat" || continue
-    t=$((t + f[13] + f[14]))
-  done
-  echo "$t"
-}
-
 # One duel: $1 in the first position (ports 25500), $2 in the second (25600).
 duel() {
-  local first=$1 second=$2 side bin port ops
-  local -A t0 t1 pid
+  local first=$1 second=$2 side bin port line
+  local -A pid
   for side in a b; do "$ROOT/cluster/stop.sh" --data-dir "$WORK/$side" >/dev/null 2>&1 || true; done
   rm -rf "$WORK/a" "$WORK/b"
   for side in a b; do
@@ -65,19 +55,15 @@ duel() {
   for side in a b; do
     "$BENCH" run --system shopkv --endpoints "$(cat "$WORK/$side/endpoints")" --workload "$WORKLOAD" \
       --clients "$CLIENTS" --duration-secs "$SECS" --warmup-secs 2 --out "$WORK/$side.jsonl" \
-      >"$WORK/$side.out" 2>&1 &
+      --server-pids "$(cat "$WORK/$side"/n*/shopkv.pid | paste -sd , -)" >"$WORK/$side.out" 2>&1 &
     pid[$side]=$!
   done
-  sleep 2.3
-  for side in a b; do t0[$side]=$(ticks "$WORK/$side"); done
-  sleep $((SECS - 1))
-  for side in a b; do t1[$side]=$(ticks "$WORK/$side"); done
   for side in a b; do wait "${pid[$side]}" || { tail -n 5 "$WORK/$side.out" >&2; exit 1; }; done
   for side in a b; do
     if [ "$side" = a ]; then bin=$first; else bin=$second; fi
-    ops=$(grep "=>" "$WORK/$side.out" | tail -n 1 | sed 's/.*=> \([0-9]*\) ops.*/\1/')
-    # ticks are 1/100 s: µs per op = ticks * 10^4 / ops over the measured seconds.
-    echo "  $(basename "$bin") ops/s=$ops cpu_us/op=$(( (t1[$side] - t0[$side]) * 10000 / (ops * (SECS - 1) + 1) ))"
+    # "  => N ops/s ... cpu_us/op: servers=S load_generator=L"
+    line=$(grep "=>" "$WORK/$side.out" | tail -n 1)
+    echo "  $(basename "$bin") ops/s=$(sed 's/.*=> \([0-9]*\) ops.*/\1/' <<<"$line") cpu_us/op=$(sed -n 's/.*servers=\([0-9]*\).*/\1/p' <<<"$line")"
   done
 }
 
