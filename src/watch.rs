@@ -4,8 +4,8 @@
 //! polling.
 //!
 //! The state machine publishes, after each applied batch is written (its
-//! entries are committed, so durable in the log), the changed records of every entry whose keys are watchable
-//! ([`keys::is_watchable`]). The history is kept in memory and bounded in
+//! entries are committed, so durable in the log), the changed records of every
+//! entry whose keys are watchable ([`keys::is_watchable`]). The history is kept in memory and bounded in
 //! bytes per group, like etcd's compaction: a watcher asking for a revision
 //! older than what this node still holds gets [`Compacted`] and must re-read
 //! the current state (or ask another node). A restarted node's history starts

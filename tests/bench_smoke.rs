@@ -224,6 +224,7 @@ async fn order_and_flash_workloads_verify_their_stock() {
         .expect("flash run verifies");
     assert_eq!(report.summary.ops, stock, "exactly the stock is sold");
     assert!(report.summary.ops_per_s > 0.0);
+    assert!(report.cpu.is_none(), "no server pids given: no CPU figure");
 }
 
 /// W3: lock cycles (session, acquire, release, close) on 16 names: every

@@ -203,16 +203,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.duration_secs
         },
         summary: report.summary,
-        // Without server pids only the load generator's own time is known,
-        // which alone says nothing about the comparison.
-        server_cpu_us_per_op: report
-            .cpu
-            .filter(|_| !args.server_pids.is_empty())
-            .map(|c| c.servers_us),
-        bench_cpu_us_per_op: report
-            .cpu
-            .filter(|_| !args.server_pids.is_empty())
-            .map(|c| c.bench_us),
+        server_cpu_us_per_op: report.cpu.map(|c| c.servers_us),
+        bench_cpu_us_per_op: report.cpu.map(|c| c.bench_us),
     };
     let mut f = std::fs::OpenOptions::new()
         .create(true)

@@ -53,7 +53,8 @@ pub struct RunReport {
     pub summary: Summary,
     pub issued_per_client: Vec<u64>,
     /// CPU per measured operation, from the window's start to the last client's
-    /// end (`None` if nothing was measured or a process could not be read).
+    /// end (`None` without server pids, if nothing was measured, or if a process
+    /// could not be read).
     pub cpu: Option<CpuPerOp>,
 }
 
@@ -75,10 +76,13 @@ pub async fn run<W: Workload>(
     let done_err = Arc::new(AtomicU64::new(0));
     // Set (ns since start) by the first client whose workload says it is over.
     let over_at_ns = Arc::new(AtomicU64::new(u64::MAX));
+    // Without server pids there is nothing to compare: no CPU figure at all.
     let pids = spec.server_pids.clone();
-    let cpu_at_start = tokio::spawn(async move {
-        tokio::time::sleep_until(measure_from.into()).await;
-        CpuSample::take(&pids)
+    let cpu_at_start = (!pids.is_empty()).then(|| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            CpuSample::take(&pids)
+        })
     });
 
     let mut tasks = Vec::with_capacity(spec.clients);
@@ -169,22 +173,26 @@ pub async fn run<W: Workload>(
     if let Some(p) = progress {
         p.abort();
     }
-    let cpu_at_end = CpuSample::take(&spec.server_pids);
     // A workload that ended early (sold out) is measured up to that moment.
     let window = match over_at_ns.load(Ordering::Relaxed) {
         u64::MAX => spec.duration,
         at => Duration::from_nanos(at).saturating_sub(spec.warmup),
     };
     let summary = total.summary(window);
-    let cpu = match (cpu_at_start.await, cpu_at_end) {
-        (Ok(Ok(a)), Ok(b)) => a.per_op(&b, summary.ops),
-        (Ok(Err(e)), _) | (_, Err(e)) => {
-            eprintln!("  cpu time not measured: {e}");
-            None
-        }
-        (Err(e), _) => {
-            eprintln!("  cpu time not measured: {e}");
-            None
+    let cpu = match cpu_at_start {
+        None => None,
+        Some(start) => {
+            let start = start
+                .await
+                .map_err(|e| BenchError::Setup(e.to_string()))
+                .and_then(|r| r);
+            match (start, CpuSample::take(&spec.server_pids)) {
+                (Ok(a), Ok(b)) => a.per_op(&b, summary.ops),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("  cpu time not measured: {e}");
+                    None
+                }
+            }
         }
     };
     Ok(RunReport {
