@@ -26,7 +26,7 @@ use crate::router::ClusterMap;
 use crate::sm::Fence;
 use crate::sm::commerce::{
     CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, Decision, OrderView,
-    ResolveItem, Settlement, TxnBegin, TxnStatus, TxnView,
+    ResolveItem, Settlement, TxnBegin, TxnStatus, TxnView, same_request,
 };
 use crate::storage::keys::GroupId;
 
@@ -193,6 +193,13 @@ pub async fn place(
                 TxnStatus::Aborted => return Err(aborted(&view, order_id)),
                 TxnStatus::Pending => {}
             },
+            // The id is another order's (committed, or being placed with
+            // other lines): deciding would abort that one. Stock this attempt's
+            // prepares held under the id is released by recovery, through
+            // that order's decision (`recover`).
+            Err(CommerceError::Rejected(r)) if r.code == RejectCode::OrderIdReused => {
+                return Err(r.into());
+            }
             Err(CommerceError::Rejected(r)) => {
                 no.get_or_insert(r);
             }
@@ -246,6 +253,15 @@ pub async fn place(
             let order = view
                 .order
                 .ok_or_else(|| NodeError::Internal("committed without an order".into()))?;
+            // Our decision lost to another order under this id (a participant
+            // voted no because it holds that order's lines): not ours.
+            if !same_request(&order.order.record, customer, lines) {
+                return Err(Rejection::new(
+                    RejectCode::OrderIdReused,
+                    format!("order id {order_id} is already used by another order"),
+                )
+                .into());
+            }
             // Participants learn the outcome after the client does.
             settler.settle_later(order_id, skus, Settlement::Commit);
             Ok(order)
@@ -456,6 +472,21 @@ pub struct RecoveryStats {
     pub resolved: u32,
 }
 
+/// Whether the committed order `view` holds stock on `group`. A hold of a
+/// committed order on a shard where the order has lines is its own: that
+/// shard voted yes for it, so its reservation has exactly those lines, and a
+/// reservation under an order id is never written twice (settled ones stay
+/// as tombstones). Without an order to look at, keep the hold.
+fn commits_here(view: &TxnView, map: &ClusterMap, group: GroupId) -> bool {
+    view.order.as_ref().is_none_or(|o| {
+        o.order
+            .record
+            .lines
+            .iter()
+            .any(|l| map.shard_of_sku(&l.sku) == group)
+    })
+}
+
 /// One recovery sweep of `group`, which this node leads.
 pub async fn recover(
     node: &Node,
@@ -519,7 +550,11 @@ pub async fn recover(
         };
         let view = propose_txn(node, map.shard_of_order(order_id), cmd, deadline).await?;
         let outcome = match view.status {
-            TxnStatus::Committed => Settlement::Commit,
+            TxnStatus::Committed if commits_here(&view, map, group) => Settlement::Commit,
+            // Committed, but without a line here: the hold is a stray one, from
+            // a Place that reused the order's id with other SKUs (its prepares
+            // go out beside the begin that refuses it).
+            TxnStatus::Committed => Settlement::Release,
             TxnStatus::Aborted => Settlement::Release,
             TxnStatus::Pending => continue,
         };

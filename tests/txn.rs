@@ -459,3 +459,73 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_a_placed_order_id_with_other_skus_holds_no_stock() {
+    let c = TestCluster::start_initialised(3, SHARDS, &["--txn-timeout-ms", "1500"]).await;
+    let mut s = shop(&c, 1).await;
+    let skus = skus_on_every_shard("U");
+    for sku in &skus {
+        s.add_product(sku, 100, "EUR", 10).await;
+    }
+    let m = map();
+    let shard = |sku: &str| m.shard_of_sku(sku);
+
+    // A cross-shard order on shards 1 and 2; its id placed again with a line
+    // on shard 3 is refused, but that prepare went out beside the begin and
+    // held stock on shard 3, where the order itself holds nothing.
+    let id = order_id_on("o-reused", 1);
+    s.place("cust", &id, &[(skus[0].as_str(), 2), (skus[1].as_str(), 3)])
+        .await
+        .expect("order");
+    let e = s
+        .place("cust", &id, &[(skus[0].as_str(), 2), (skus[2].as_str(), 1)])
+        .await
+        .expect_err("the id is taken");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "ORDER_ID_REUSED")
+    );
+
+    // A 1PC order (its line on its own shard), cancelled: its reservation is
+    // released, and a late prepare of it there must not hold stock again.
+    let one = order_id_on("o-single", 2);
+    assert_eq!(shard(&skus[1]), 2);
+    s.place("cust", &one, &[(skus[1].as_str(), 4)])
+        .await
+        .expect("1PC order");
+    s.orders
+        .cancel(proto::OrderIdRequest {
+            order_id: one.clone(),
+            fence: None,
+        })
+        .await
+        .expect("cancel");
+    let late = CommerceCommand::PrepareTxn {
+        order_id: one.clone(),
+        lines: vec![(skus[1].clone(), 4)],
+        now_ms: shopkv::clock::now_ms(),
+        begin: None,
+    };
+    match propose_raw(&c, 3, shard(&skus[1]), late).await {
+        CommerceResponse::Rejected(r) => {
+            assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted)
+        }
+        other => panic!("a prepare of a settled 1PC order held stock: {other:?}"),
+    }
+
+    // Recovery asks the anchor about the stray hold on shard 3: the order is
+    // committed, but not with that line, so the hold is released; the
+    // order's own reservations stay.
+    wait_stocks(
+        &mut s,
+        &skus,
+        &[(10, 2), (10, 3), (10, 0)],
+        Duration::from_secs(20),
+        "the stray hold is released, the order's stay",
+    )
+    .await;
+    let o = s.order(&id).await.expect("the order");
+    assert_eq!(o.status(), OrderStatus::PendingPayment);
+    assert_eq!(o.lines.len(), 2);
+}

@@ -324,7 +324,7 @@ macro_rules! check {
 mod txn;
 pub use txn::{
     Decision, HeldEntry, InFlight, ResolveItem, SettleEntry, Settlement, TxnBegin, TxnRecord,
-    TxnStatus, TxnView,
+    TxnStatus, TxnView, same_request,
 };
 
 fn load<T: DeserializeOwned>(
@@ -849,7 +849,25 @@ fn apply_transition(
         }
     }
     if !levels.is_empty() {
-        state.delete(keys::reservation_key(order_id))?;
+        // A tombstone, not a delete: a later prepare under this order id (a
+        // Place that reuses it for a cross-shard order) must find the
+        // reservation settled and vote no, or it would hold stock that the
+        // anchor's decision (this committed order) never releases.
+        let end = if event == OrderEvent::Ship {
+            ReservationState::Consumed
+        } else {
+            ReservationState::Released
+        };
+        let tombstone = Reservation {
+            lines: stored
+                .record
+                .lines
+                .iter()
+                .map(|l| (l.sku.clone(), l.qty))
+                .collect(),
+            state: end,
+        };
+        save(state, keys::reservation_key(order_id), index, &tombstone)?;
     }
     for (line, level) in levels {
         let OrderLine { sku, .. } = line;
@@ -1229,6 +1247,21 @@ mod tests {
                 reserved: 1
             }
         );
+        // Their reservations stay as tombstones: a prepare under either id
+        // (a cross-shard Place reusing it) votes no and holds nothing.
+        for id in ["o1", "o2"] {
+            let prepare = CommerceCommand::PrepareTxn {
+                order_id: id.into(),
+                lines: vec![("A".into(), 1)],
+                now_ms: 3_000,
+                begin: None,
+            };
+            assert_eq!(
+                rejected(apply(&mut m, i + 7, &prepare).unwrap()),
+                RejectCode::OrderAborted
+            );
+        }
+        assert_eq!(level(&m, "A").reserved, 1);
         // Before its deadline o3 stays; at the deadline it expires, once.
         let due = |now| {
             read(

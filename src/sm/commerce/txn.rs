@@ -167,7 +167,9 @@ fn committed(order: OrderView) -> CommerceResponse {
     }))
 }
 
-fn same_request(order: &Order, customer: &str, lines: &[(String, u32)]) -> bool {
+/// Whether `order` is what placing `lines` for `customer` would have made (a
+/// retry), as opposed to another order under the same id.
+pub fn same_request(order: &Order, customer: &str, lines: &[(String, u32)]) -> bool {
     order.customer == customer
         && order.lines.len() == lines.len()
         && order
