@@ -642,6 +642,22 @@ fn place_order(
             format!("order id {} is already used by another order", a.order_id),
         ));
     }
+    // A cross-shard transaction used this id here: its record (anchored on
+    // this shard) or its reservation (held or settled). The id is taken: this
+    // order must neither replace a held reservation (recovery releases those
+    // units through the anchor) nor have its own reservation released by the
+    // settlement that transaction is still owed.
+    if state.get(&keys::txn_key(a.order_id))?.is_some()
+        || state.get(&keys::reservation_key(a.order_id))?.is_some()
+    {
+        return Ok(reject(
+            RejectCode::OrderIdReused,
+            format!(
+                "order id {} is already used by a cross-shard order",
+                a.order_id
+            ),
+        ));
+    }
     let lines = check!(order::normalize_lines(
         &a.lines
             .iter()
@@ -1332,6 +1348,55 @@ mod tests {
             CommerceResponse::Txn(v) => *v,
             other => panic!("expected a txn view, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_single_shard_place_refuses_an_id_a_transaction_used_here() {
+        let (mut m, i) = shop();
+        // A prepare held A under "h1" (its transaction's begin is elsewhere
+        // or lost): placing "h1" here must not replace that reservation,
+        // whose units recovery releases through the anchor.
+        let prepare = CommerceCommand::PrepareTxn {
+            order_id: "h1".into(),
+            lines: vec![("A".into(), 2)],
+            now_ms: 1_000,
+            begin: None,
+        };
+        assert!(matches!(
+            apply(&mut m, i, &prepare).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        assert_eq!(
+            rejected(apply(&mut m, i + 1, &place("h1", &[("A", 1)])).unwrap()),
+            RejectCode::OrderIdReused
+        );
+        assert_eq!(level(&m, "A").reserved, 2);
+        // An aborted transaction anchored here (its release still owed to the
+        // participants): its id is not free for a single-shard order either,
+        // or that release would free the new order's stock.
+        let begin = CommerceCommand::BeginTxn {
+            order_id: "t9".into(),
+            customer: "c1".into(),
+            lines: vec![("A".into(), 1), ("Z".into(), 1)],
+            now_ms: 1_000,
+            deadline_ms: 2_000,
+        };
+        txn(apply(&mut m, i + 2, &begin).unwrap());
+        let abort = CommerceCommand::AbortTxn {
+            order_id: "t9".into(),
+            now_ms: 2_000,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 3, &abort).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 4, &place("t9", &[("B", 1)])).unwrap()),
+            RejectCode::OrderIdReused
+        );
+        assert_eq!(level(&m, "B").reserved, 0);
+        // A fresh id still places.
+        order(apply(&mut m, i + 5, &place("n1", &[("B", 1)])).unwrap());
     }
 
     #[test]
