@@ -86,6 +86,31 @@ async fn propose_raw(
     }
 }
 
+/// Proposes (through node `via`) a prepare of `order_id` holding `qty` of
+/// `sku` on the SKU's shard, as a late or reused Place would, and asserts
+/// that it finds the order settled there and votes no.
+async fn late_prepare_votes_no(
+    c: &TestCluster,
+    via: u64,
+    order_id: &str,
+    sku: &str,
+    qty: u32,
+    what: &str,
+) {
+    let late = CommerceCommand::PrepareTxn {
+        order_id: order_id.to_string(),
+        lines: vec![(sku.to_string(), qty)],
+        now_ms: shopkv::clock::now_ms(),
+        begin: None,
+    };
+    match propose_raw(c, via, map().shard_of_sku(sku), late).await {
+        CommerceResponse::Rejected(r) => {
+            assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted, "{what}")
+        }
+        other => panic!("{what} held stock: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_shard_order_commits_and_moves_stock_on_every_shard() {
     let c = TestCluster::start_initialised(3, SHARDS, &[]).await;
@@ -417,18 +442,7 @@ async fn recovery_aborts_an_undecided_order_and_releases_held_stock_without_its_
     }
     // A late prepare of the aborted order finds the tombstone and votes no;
     // placing the ghost now finds the abort recovery recorded.
-    let late = CommerceCommand::PrepareTxn {
-        order_id: id.clone(),
-        lines: vec![(skus[1].clone(), 2)],
-        now_ms: shopkv::clock::now_ms(),
-        begin: None,
-    };
-    match propose_raw(&c, 1, shard(&skus[1]), late).await {
-        CommerceResponse::Rejected(r) => {
-            assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted)
-        }
-        other => panic!("late prepare succeeded: {other:?}"),
-    }
+    late_prepare_votes_no(&c, 1, &id, &skus[1], 2, "a prepare of the aborted order").await;
     let e = s
         .place(
             "cust",
@@ -501,18 +515,7 @@ async fn reusing_a_placed_order_id_with_other_skus_holds_no_stock() {
         })
         .await
         .expect("cancel");
-    let late = CommerceCommand::PrepareTxn {
-        order_id: one.clone(),
-        lines: vec![(skus[1].clone(), 4)],
-        now_ms: shopkv::clock::now_ms(),
-        begin: None,
-    };
-    match propose_raw(&c, 3, shard(&skus[1]), late).await {
-        CommerceResponse::Rejected(r) => {
-            assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted)
-        }
-        other => panic!("a prepare of a settled 1PC order held stock: {other:?}"),
-    }
+    late_prepare_votes_no(&c, 3, &one, &skus[1], 4, "a prepare of a settled 1PC order").await;
 
     // Recovery asks the anchor about the stray hold on shard 3: the order is
     // committed, but not with that line, so the hold is released; the
