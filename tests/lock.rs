@@ -560,3 +560,66 @@ async fn a_sigstopped_holder_resumed_after_expiry_has_its_fenced_write_refused()
     );
     let _ = holder.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_call_ends_early_leaves_the_queue() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let holder = session(&mut s, 10_000).await;
+    l.acquire(acquire_req("jobs/nightly", holder, false, 1000))
+        .await
+        .expect("holder acquires");
+    let left = |mut l: LockClient<Channel>| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = inspect(&mut l, "jobs/nightly").await;
+            if st.waiters.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a waiter whose call ended is still queued: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // A waiter whose gRPC deadline (1 s) is shorter than its lock wait (30 s):
+    // the call fails with DEADLINE_EXCEEDED and must not stay in the queue,
+    // or the lock would pass to a session whose client was told it failed.
+    let (_, mut l2) = clients(&c, 2).await;
+    let timed = session(&mut s, 10_000).await;
+    let mut req = tonic::Request::new(acquire_req("jobs/nightly", timed, false, 30_000));
+    req.set_timeout(Duration::from_secs(1));
+    let e = l2.acquire(req).await.expect_err("held by another");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    left(l.clone()).await;
+
+    // A waiter whose client goes away (the call dropped: RST_STREAM).
+    let (_, l3) = clients(&c, 3).await;
+    let gone = session(&mut s, 10_000).await;
+    let call = tokio::spawn(async move {
+        let mut l3 = l3;
+        l3.acquire(acquire_req("jobs/nightly", gone, false, 30_000))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inspect(&mut l, "jobs/nightly").await.waiters.is_empty() {
+        assert!(Instant::now() < deadline, "the waiter did not queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    call.abort();
+    left(l.clone()).await;
+
+    // Released, the lock is free: nobody who gave up was handed it.
+    l.release(proto::ReleaseRequest {
+        name: "jobs/nightly".into(),
+        session_id: holder,
+    })
+    .await
+    .expect("release");
+    let next = session(&mut s, 10_000).await;
+    l.acquire(acquire_req("jobs/nightly", next, false, 0))
+        .await
+        .expect("a try-lock finds the lock free");
+}

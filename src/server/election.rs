@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::deadline_of;
 use super::error::to_status;
 use super::lock::{MAX_LOCK_WAIT_MS, acquire_or_leave, check_name, propose_lock, read_lock};
+use super::{caller_deadline, deadline_of};
 use crate::codec;
 use crate::node::{Node, NodeError};
 use crate::proto;
@@ -140,6 +140,7 @@ impl Election for ElectionService {
         req: Request<proto::CampaignRequest>,
     ) -> Result<Response<proto::CampaignResponse>, Status> {
         let deadline = deadline_of(&req, self.default_timeout());
+        let gives_up = caller_deadline(&req);
         let r = req.into_inner();
         check_name(&r.name)?;
         check_value(&r.value)?;
@@ -158,8 +159,16 @@ impl Election for ElectionService {
             session: r.session_id,
             value: r.value,
         };
-        let token =
-            acquire_or_leave(&self.node, &r.name, r.session_id, cmd, deadline, wait_ms).await?;
+        let token = acquire_or_leave(
+            &self.node,
+            &r.name,
+            r.session_id,
+            cmd,
+            deadline,
+            wait_ms,
+            gives_up,
+        )
+        .await?;
         Ok(Response::new(proto::CampaignResponse {
             leader: Some(proto::LeaderKey {
                 name: r.name,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
-use super::deadline_of;
 use super::error::{rejection_status, to_status};
+use super::{caller_deadline, deadline_of};
 use crate::codec;
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::proto;
@@ -76,23 +76,76 @@ pub async fn read_lock(node: &Node, name: &str, deadline: Instant) -> Result<Loc
     }
 }
 
+/// What a waiting Acquire or Campaign leaves behind if its handler is dropped
+/// (the caller's deadline passed or it went away: hyper drops the handler of a
+/// reset stream): a queue entry whose session would come to hold the lock
+/// although its client was told nothing. Armed from before the join until the
+/// outcome is the caller's; dropped armed, it proposes the session's leave.
+struct LeaveOnDrop {
+    node: Arc<Node>,
+    name: String,
+    session: u64,
+    armed: bool,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let node = Arc::clone(&self.node);
+        let leave = LockCommand::Release {
+            name: std::mem::take(&mut self.name),
+            session: self.session,
+        };
+        rt.spawn(async move {
+            let deadline = Instant::now() + Duration::from_millis(node.config.request_timeout_ms);
+            if let Err(e) = propose_lock(&node, leave, deadline).await
+                && e.code() != tonic::Code::NotFound
+            {
+                tracing::warn!(error = %e, "leaving a lock queue after the caller went away failed");
+            }
+        });
+    }
+}
+
+/// How long before the caller's own deadline a wait ends, to leave the queue
+/// and answer DEADLINE_EXCEEDED while the caller still listens.
+const LEAVE_MARGIN: Duration = Duration::from_millis(250);
+
 /// Proposes `join` (an Acquire or Campaign of `session` on `name`) and waits
-/// up to `wait_ms` until the session holds: its token. Out of time, the
-/// session leaves the queue: FAILED_PRECONDITION when `wait_ms` is 0 (a
-/// try-lock), DEADLINE_EXCEEDED otherwise.
+/// up to `wait_ms` (and no later than shortly before `caller_deadline`) until
+/// the session holds: its token. Out of time, the session leaves the queue:
+/// FAILED_PRECONDITION when `wait_ms` is 0 (a try-lock), DEADLINE_EXCEEDED
+/// otherwise. If the handler is dropped first, it leaves all the same.
 pub async fn acquire_or_leave(
-    node: &Node,
+    node: &Arc<Node>,
     name: &str,
     session: u64,
     join: LockCommand,
     deadline: Instant,
     wait_ms: u64,
+    caller_deadline: Option<Instant>,
 ) -> Result<u64, Status> {
-    let wait_until = Instant::now() + Duration::from_millis(wait_ms);
+    let asked_until = Instant::now() + Duration::from_millis(wait_ms);
+    let wait_until = match caller_deadline {
+        Some(gives_up) => asked_until.min(gives_up.checked_sub(LEAVE_MARGIN).unwrap_or(gives_up)),
+        None => asked_until,
+    };
     let timeout = Duration::from_millis(node.config.request_timeout_ms);
+    let mut guard = LeaveOnDrop {
+        node: Arc::clone(node),
+        name: name.to_string(),
+        session,
+        armed: true,
+    };
     // Follow the lock's changes from before the proposal so no grant is missed.
     let mut cursor = node.watches.cursor(META_GROUP, 0);
     if let LockResponse::Held { token } = propose_lock(node, join, deadline).await? {
+        guard.armed = false;
         return Ok(token);
     }
     // Waiting: woken by the lock's changes as this node applies them; a
@@ -137,9 +190,13 @@ pub async fn acquire_or_leave(
             rec = read_lock(node, name, Instant::now() + timeout).await?;
         }
         match rec.queue.iter().find(|e| e.session == session) {
-            Some(e) if e.token != 0 => return Ok(e.token),
+            Some(e) if e.token != 0 => {
+                guard.armed = false;
+                return Ok(e.token);
+            }
             Some(_) => {}
             None => {
+                guard.armed = false;
                 return Err(Status::not_found(format!(
                     "session {session} left the queue of {name} (closed or expired)"
                 )));
@@ -152,9 +209,15 @@ pub async fn acquire_or_leave(
         session,
     };
     propose_lock(node, leave, Instant::now() + timeout).await?;
+    guard.armed = false;
     if wait_ms == 0 {
         return Err(Status::failed_precondition(format!(
             "lock {name} is held by another session"
+        )));
+    }
+    if wait_until < asked_until {
+        return Err(Status::deadline_exceeded(format!(
+            "lock {name} not acquired before the call's deadline"
         )));
     }
     Err(Status::deadline_exceeded(format!(
@@ -210,6 +273,7 @@ impl Lock for LockService {
         req: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let deadline = deadline_of(&req, self.default_timeout());
+        let gives_up = caller_deadline(&req);
         let r = req.into_inner();
         check_name(&r.name)?;
         let mode = mode_of(r.mode)?;
@@ -230,6 +294,7 @@ impl Lock for LockService {
             join,
             deadline,
             r.wait_timeout_ms,
+            gives_up,
         )
         .await?;
         Ok(Response::new(proto::AcquireResponse {

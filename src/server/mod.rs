@@ -141,13 +141,24 @@ fn no_delay(listener: TcpListener) -> TcpIncoming {
 /// The deadline of a request: its `grpc-timeout`, else the node default,
 /// capped at [`MAX_REQUEST_DEADLINE`].
 pub fn deadline_of<T>(req: &tonic::Request<T>, default: Duration) -> Instant {
-    let asked = req
-        .metadata()
+    Instant::now()
+        + asked_timeout(req)
+            .unwrap_or(default)
+            .min(MAX_REQUEST_DEADLINE)
+}
+
+/// When the caller gives up, if it said (`grpc-timeout`): its client then
+/// resets the stream and the handler is dropped, so a handler that must
+/// answer (or clean up) before that ends its own waiting earlier.
+pub fn caller_deadline<T>(req: &tonic::Request<T>) -> Option<Instant> {
+    asked_timeout(req).map(|t| Instant::now() + t)
+}
+
+fn asked_timeout<T>(req: &tonic::Request<T>) -> Option<Duration> {
+    req.metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
-        .unwrap_or(default);
-    Instant::now() + asked.min(MAX_REQUEST_DEADLINE)
 }
 
 /// Parses a `grpc-timeout` header value ("100m", "5S", ...).
