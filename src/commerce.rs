@@ -142,11 +142,17 @@ pub async fn get_order(
     }
 }
 
+/// Time the recording of a provider's answer gets after the answer came,
+/// whatever remained of the caller's deadline.
+const RECORD_AFTER_PROVIDER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Charges an unpaid order: authorize + capture the total with key
 /// `order_id:attempt`, then record the outcome. A retried Pay finds the same
 /// attempt number (declines alone advance it), so the provider sees the same
 /// key and charges once; an order already paid is returned as it is.
 /// `fence`, if given, must hold on the order's shard before anything happens.
+/// Callers run it where their own cancellation cannot cut it short between
+/// the charge and its record (`server::orders` spawns it).
 pub async fn pay(
     node: &Node,
     map: &ClusterMap,
@@ -194,10 +200,13 @@ pub async fn pay(
         outcome,
         now_ms: now_ms(),
     };
-    let paid = propose_order(node, shard, cmd, None, deadline).await?;
+    // Money may have moved: recording it gets time of its own, however little
+    // the caller left (the provider may have taken most of it).
+    let record_by = deadline.max(Instant::now() + RECORD_AFTER_PROVIDER);
+    let paid = propose_order(node, shard, cmd, None, record_by).await?;
     if paid.payment.refund_due_minor > 0 {
         // Raced with a cancel or expiry: give the money back now if we can.
-        return Ok(settle_refund(node, shard, paid, deadline)
+        return Ok(settle_refund(node, shard, paid, record_by)
             .await
             .unwrap_or_else(|(v, _)| v));
     }

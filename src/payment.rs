@@ -18,6 +18,12 @@ pub const CARD_APPROVE: &str = "4242424242424242";
 pub const CARD_DECLINE: &str = "4000000000000002";
 /// Card whose charge always fails with a provider error.
 pub const CARD_ERROR: &str = "4000000000000119";
+/// Card that is approved, but the authorization's answer takes
+/// [`SLOW_CARD_DELAY`]: a slow provider, for tests of callers that leave
+/// while their payment is under way.
+pub const CARD_SLOW: &str = "4000000000000077";
+/// How long [`CARD_SLOW`]'s authorization takes to answer.
+pub const SLOW_CARD_DELAY: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Why a provider call did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +168,13 @@ impl PaymentProvider for SimulatedProvider {
         match card_number {
             CARD_DECLINE => Err(PaymentError::Declined("card_declined".into())),
             CARD_ERROR => Err(PaymentError::Unavailable("processing_error".into())),
+            CARD_SLOW => {
+                tokio::time::sleep(SLOW_CARD_DELAY).await;
+                Ok(Authorization {
+                    auth_ref: reference("auth", idempotency_key),
+                    card_last4: card_number[card_number.len() - 4..].to_string(),
+                })
+            }
             _ => Ok(Authorization {
                 auth_ref: reference("auth", idempotency_key),
                 card_last4: card_number[card_number.len() - 4..].to_string(),

@@ -599,3 +599,45 @@ async fn unpaid_orders_expire_and_release_their_stock() {
     );
     assert!(msg.contains("expired"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_is_recorded_even_if_its_caller_leaves_while_the_provider_answers() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let mut s = shop(&c, 1).await;
+    s.put(product("LAMP", 4500, "EUR")).await.expect("put");
+    s.set_stock("LAMP", 5).await.expect("stock");
+    let o = s
+        .place("carol", "o-slow", &[("LAMP", 1)])
+        .await
+        .expect("place");
+    // The provider takes 1 s to answer this card; the caller gives up after
+    // 300 ms. Its charge is under way: the order must end up paid (a retry
+    // would have found it so), not unpaid with the money taken.
+    let mut req = tonic::Request::new(proto::PayOrderRequest {
+        fence: None,
+        order_id: "o-slow".into(),
+        card_number: shopkv::payment::CARD_SLOW.into(),
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let e = s.orders.pay(req).await.expect_err("the caller gave up");
+    assert!(
+        matches!(e.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = s.order("o-slow").await.expect("get");
+        if got.status() == OrderStatus::Paid {
+            let p = got.payment.expect("payment");
+            assert_eq!(p.captured_minor, o.total_minor);
+            assert_eq!(p.card_last4, "0077");
+            break;
+        }
+        assert_eq!(got.status(), OrderStatus::PendingPayment);
+        assert!(
+            Instant::now() < deadline,
+            "the payment under way when its caller left was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -4,6 +4,7 @@
 //! through the payment provider (`commerce::pay`), `Cancel` refunds a capture.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
@@ -345,15 +346,25 @@ impl Orders for OrdersService {
         }
         let fence = fence_of(r.fence)?;
         let map = self.ctx.map()?;
-        let view = commerce::pay(
-            &self.ctx.node,
-            &map,
-            &r.order_id,
-            &r.card_number,
-            fence.as_ref(),
-            deadline,
-        )
-        .await?;
+        // The provider call moves money, so the flow must reach its record
+        // even if the caller goes away meanwhile (hyper drops the handler of
+        // a reset stream): it runs as its own task, and this handler waits.
+        let node = Arc::clone(&self.ctx.node);
+        let flow_map = Arc::clone(&map);
+        let flow = tokio::spawn(async move {
+            commerce::pay(
+                &node,
+                &flow_map,
+                &r.order_id,
+                &r.card_number,
+                fence.as_ref(),
+                deadline,
+            )
+            .await
+        });
+        let view = flow
+            .await
+            .map_err(|e| Status::internal(format!("payment flow failed: {e}")))??;
         Ok(self.reply(&map, view))
     }
 
