@@ -50,6 +50,19 @@ macro_rules! crash_point {
     };
 }
 
+/// Waits here for as many milliseconds as the named failpoint returns
+/// (`name=return(MS)`; only with the `failpoints` feature): tests use it to
+/// have a caller give up in the middle of a transaction.
+macro_rules! delay_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = fail::eval($name, |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten()
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    };
+}
+
 async fn propose_txn(
     node: &Node,
     shard: GroupId,
@@ -240,6 +253,7 @@ pub async fn place(
             }
         }
     };
+    delay_point!("txn-before-decide");
     let decide = CommerceCommand::DecideTxn {
         order_id: order_id.to_string(),
         decision,

@@ -39,21 +39,30 @@ async fn stocks(
     out
 }
 
-/// Crashes the coordinator (node 1) at `failpoint` while it places a
-/// 3-shard order, restarts it, and checks the outcome is `committed`.
-async fn crash_at(failpoint: &str, committed: bool) {
-    let spec = format!("{failpoint}=return");
+type Chan = tonic::transport::Channel;
+
+/// A 3-node, 3-shard cluster whose nodes run with `failpoints` (the
+/// FAILPOINTS spec) and a 2 s transaction timeout, one SKU on each shard with
+/// 10 in stock at 3.00 EUR, and node 2's inventory and orders clients.
+async fn cluster_with(
+    failpoints: &str,
+) -> (
+    TestCluster,
+    InventoryClient<Chan>,
+    OrdersClient<Chan>,
+    Vec<String>,
+) {
     let mut c = TestCluster::start_with_env(
         3,
         &["--txn-timeout-ms", "2000"],
-        &[("FAILPOINTS", spec.as_str())],
+        &[("FAILPOINTS", failpoints)],
     );
     c.init(SHARDS).await;
     c.wait_ready(Duration::from_secs(30)).await;
     let ch = channel(&c.node(2).client).await.expect("connect");
     let mut catalog = CatalogClient::new(ch.clone());
     let mut inv = InventoryClient::new(ch.clone());
-    let mut orders = OrdersClient::new(ch);
+    let orders = OrdersClient::new(ch);
     let skus = common::shop::skus_on_every_shard("K", SHARDS);
     for sku in &skus {
         let p = proto::Product {
@@ -82,25 +91,36 @@ async fn crash_at(failpoint: &str, committed: bool) {
         .await
         .expect("stock");
     }
+    (c, inv, orders, skus)
+}
+
+/// A Place of 2 of each SKU under `order_id`.
+fn two_of_each(order_id: &str, skus: &[String]) -> proto::PlaceOrderRequest {
+    proto::PlaceOrderRequest {
+        fence: None,
+        order_id: order_id.to_string(),
+        customer_id: "cust".into(),
+        lines: skus
+            .iter()
+            .map(|s| proto::CartLine {
+                sku: s.clone(),
+                quantity: 2,
+            })
+            .collect(),
+        from_cart: false,
+    }
+}
+
+/// Crashes the coordinator (node 1) at `failpoint` while it places a
+/// 3-shard order, restarts it, and checks the outcome is `committed`.
+async fn crash_at(failpoint: &str, committed: bool) {
+    let spec = format!("{failpoint}=return");
+    let (mut c, mut inv, mut orders, skus) = cluster_with(&spec).await;
 
     // Place through node 1: it coordinates, and dies at the failpoint.
     let order_id = format!("crash-{failpoint}");
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
-    let res = via1
-        .place(proto::PlaceOrderRequest {
-            fence: None,
-            order_id: order_id.clone(),
-            customer_id: "cust".into(),
-            lines: skus
-                .iter()
-                .map(|s| proto::CartLine {
-                    sku: s.clone(),
-                    quantity: 2,
-                })
-                .collect(),
-            from_cart: false,
-        })
-        .await;
+    let res = via1.place(two_of_each(&order_id, &skus)).await;
     assert!(
         res.is_err(),
         "the coordinator answered instead of crashing: {res:?}"
@@ -169,4 +189,45 @@ async fn a_coordinator_crash_after_prepares_releases_every_held_unit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_crash_after_the_decision_still_settles_every_shard() {
     crash_at("txn-after-decide", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once() {
+    // The coordinator pauses 1.5 s before deciding; the caller gives up
+    // after 0.5 s. The transaction must go on to its decision (the order
+    // commits), not sit PENDING holding stock until recovery aborts it.
+    let (c, mut inv, mut orders, skus) = cluster_with("txn-before-decide=return(1500)").await;
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let mut req = tonic::Request::new(two_of_each("left-early", &skus));
+    req.set_timeout(Duration::from_millis(500));
+    let e = via1.place(req).await.expect_err("the caller gave up");
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{e:?}"
+    );
+    // Well before the 2 s transaction timeout plus recovery's grace.
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    loop {
+        let got = orders
+            .get(proto::GetOrderRequest {
+                order_id: "left-early".into(),
+                serializable: false,
+            })
+            .await;
+        if let Ok(o) = got {
+            let o = o.into_inner();
+            assert_eq!(o.status(), OrderStatus::PendingPayment);
+            assert_eq!(o.total_minor, 3 * 2 * 300);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the order was not decided after its caller left: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 2); 3]);
 }

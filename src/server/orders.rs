@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
@@ -197,13 +197,32 @@ impl Orders for OrdersService {
         let order_shard = map.shard_of_order(&order_id);
         let cart_shard = map.shard_of_customer(&r.customer_id);
         if shards.len() > 1 || order_shard != line_shard {
-            let order = txn::PlaceTxn {
-                order_id: &order_id,
-                customer: &r.customer_id,
-                lines: &lines,
-                fence: fence.as_ref(),
-            };
-            let view = txn::place(&self.ctx.node, &map, &self.ctx.settler, order, deadline).await?;
+            // Once begun, the transaction runs to its decision even if the
+            // caller goes away (hyper drops the handler of a reset stream):
+            // cut short, it would hold its stock until recovery aborts it at
+            // the deadline. It runs as its own task, with the transaction's
+            // time if the caller allowed less; this handler waits.
+            let txn_time = Duration::from_millis(self.ctx.node.config.txn_timeout_ms);
+            let flow_deadline = deadline.max(Instant::now() + txn_time);
+            let (node, flow_map, settler) = (
+                Arc::clone(&self.ctx.node),
+                Arc::clone(&map),
+                Arc::clone(&self.ctx.settler),
+            );
+            let (flow_id, customer, flow_lines) =
+                (order_id.clone(), r.customer_id.clone(), lines.clone());
+            let flow = tokio::spawn(async move {
+                let order = txn::PlaceTxn {
+                    order_id: &flow_id,
+                    customer: &customer,
+                    lines: &flow_lines,
+                    fence: fence.as_ref(),
+                };
+                txn::place(&node, &flow_map, &settler, order, flow_deadline).await
+            });
+            let view = flow
+                .await
+                .map_err(|e| Status::internal(format!("order flow failed: {e}")))??;
             if let Some(version) = cart_version {
                 self.clear_cart(cart_shard, r.customer_id, version, deadline)
                     .await;
