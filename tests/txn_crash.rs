@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, channel};
+use shopkv::proto::cart_client::CartClient;
 use shopkv::proto::catalog_client::CatalogClient;
 use shopkv::proto::inventory_client::InventoryClient;
 use shopkv::proto::orders_client::OrdersClient;
@@ -230,4 +231,55 @@ async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 2); 3]);
+
+    // A checkout from a cart, the same way: the order is placed and the cart
+    // it read is emptied, though the caller left before either.
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    for sku in &skus {
+        cart.add_item(proto::AddCartItemRequest {
+            customer_id: "dave".into(),
+            sku: sku.clone(),
+            quantity: 1,
+            fence: None,
+        })
+        .await
+        .expect("add to cart");
+    }
+    let mut req = tonic::Request::new(proto::PlaceOrderRequest {
+        fence: None,
+        order_id: "left-checkout".into(),
+        customer_id: "dave".into(),
+        lines: Vec::new(),
+        from_cart: true,
+    });
+    req.set_timeout(Duration::from_millis(500));
+    via1.place(req).await.expect_err("the caller gave up");
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    loop {
+        let placed = orders
+            .get(proto::GetOrderRequest {
+                order_id: "left-checkout".into(),
+                serializable: false,
+            })
+            .await
+            .is_ok();
+        let emptied = cart
+            .get(proto::GetCartRequest {
+                customer_id: "dave".into(),
+            })
+            .await
+            .expect("cart")
+            .into_inner()
+            .lines
+            .is_empty();
+        if placed && emptied {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkout after its caller left: placed={placed} cart emptied={emptied}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 3); 3]);
 }

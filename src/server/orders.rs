@@ -16,6 +16,7 @@ use crate::clock::now_ms;
 use crate::commerce::{self, CommerceError};
 use crate::domain::order::{OrderEvent, normalize_lines};
 use crate::domain::{RejectCode, Rejection};
+use crate::node::Node;
 use crate::proto;
 use crate::proto::orders_server::Orders;
 use crate::router::ClusterMap;
@@ -92,13 +93,7 @@ impl OrdersService {
     /// Empties a cart on another shard after checkout, if nobody changed it
     /// since it was read (best effort: the order stands either way).
     async fn clear_cart(&self, shard: u64, customer: String, version: u64, deadline: Instant) {
-        let cmd = CommerceCommand::CartClear {
-            customer,
-            expected_version: Some(version),
-        };
-        if let Err(e) = commerce::propose(&self.ctx.node, shard, cmd, deadline).await {
-            tracing::info!(error = %e, "cart not cleared after checkout");
-        }
+        clear_checked_out_cart(&self.ctx.node, shard, customer, version, deadline).await;
     }
 
     /// The lines of the customer's cart and the cart's version.
@@ -123,6 +118,24 @@ impl OrdersService {
             )),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// Empties `customer`'s cart if it still has `version` (the one a checkout
+/// read); a cart changed since stays as it is.
+async fn clear_checked_out_cart(
+    node: &Node,
+    shard: u64,
+    customer: String,
+    version: u64,
+    deadline: Instant,
+) {
+    let cmd = CommerceCommand::CartClear {
+        customer,
+        expected_version: Some(version),
+    };
+    if let Err(e) = commerce::propose(node, shard, cmd, deadline).await {
+        tracing::info!(error = %e, "cart not cleared after checkout");
     }
 }
 
@@ -218,15 +231,17 @@ impl Orders for OrdersService {
                     lines: &flow_lines,
                     fence: fence.as_ref(),
                 };
-                txn::place(&node, &flow_map, &settler, order, flow_deadline).await
+                let view = txn::place(&node, &flow_map, &settler, order, flow_deadline).await?;
+                // A checkout empties the cart it read, as part of the same flow.
+                if let Some(version) = cart_version {
+                    clear_checked_out_cart(&node, cart_shard, customer, version, flow_deadline)
+                        .await;
+                }
+                Ok::<_, CommerceError>(view)
             });
             let view = flow
                 .await
                 .map_err(|e| Status::internal(format!("order flow failed: {e}")))??;
-            if let Some(version) = cart_version {
-                self.clear_cart(cart_shard, r.customer_id, version, deadline)
-                    .await;
-            }
             return Ok(self.reply(&map, view));
         }
         let clear_here = cart_version.filter(|_| cart_shard == order_shard);
