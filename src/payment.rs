@@ -166,20 +166,15 @@ impl PaymentProvider for SimulatedProvider {
             return Err(PaymentError::InvalidCard("negative amount".into()));
         }
         match card_number {
-            CARD_DECLINE => Err(PaymentError::Declined("card_declined".into())),
-            CARD_ERROR => Err(PaymentError::Unavailable("processing_error".into())),
-            CARD_SLOW => {
-                tokio::time::sleep(SLOW_CARD_DELAY).await;
-                Ok(Authorization {
-                    auth_ref: reference("auth", idempotency_key),
-                    card_last4: card_number[card_number.len() - 4..].to_string(),
-                })
-            }
-            _ => Ok(Authorization {
-                auth_ref: reference("auth", idempotency_key),
-                card_last4: card_number[card_number.len() - 4..].to_string(),
-            }),
+            CARD_DECLINE => return Err(PaymentError::Declined("card_declined".into())),
+            CARD_ERROR => return Err(PaymentError::Unavailable("processing_error".into())),
+            CARD_SLOW => tokio::time::sleep(SLOW_CARD_DELAY).await,
+            _ => {}
         }
+        Ok(Authorization {
+            auth_ref: reference("auth", idempotency_key),
+            card_last4: card_number[card_number.len() - 4..].to_string(),
+        })
     }
 
     async fn capture(

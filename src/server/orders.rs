@@ -90,12 +90,6 @@ impl OrdersService {
         Ok(self.reply(&map, view))
     }
 
-    /// Empties a cart on another shard after checkout, if nobody changed it
-    /// since it was read (best effort: the order stands either way).
-    async fn clear_cart(&self, shard: u64, customer: String, version: u64, deadline: Instant) {
-        clear_checked_out_cart(&self.ctx.node, shard, customer, version, deadline).await;
-    }
-
     /// The lines of the customer's cart and the cart's version.
     async fn cart_lines(
         &self,
@@ -121,8 +115,9 @@ impl OrdersService {
     }
 }
 
-/// Empties `customer`'s cart if it still has `version` (the one a checkout
-/// read); a cart changed since stays as it is.
+/// Empties `customer`'s cart on `shard` after a checkout, if it still has
+/// `version` (the one the checkout read): best effort, the order stands either
+/// way, and a cart changed since stays as it is.
 async fn clear_checked_out_cart(
     node: &Node,
     shard: u64,
@@ -137,6 +132,20 @@ async fn clear_checked_out_cart(
     if let Err(e) = commerce::propose(node, shard, cmd, deadline).await {
         tracing::info!(error = %e, "cart not cleared after checkout");
     }
+}
+
+/// Runs `flow` as a task of its own and waits for it: work that must not be
+/// cut short if the caller goes away (hyper drops the handler of a reset
+/// stream), e.g. between a charge and its record.
+async fn run_detached<T, F>(what: &str, flow: F) -> Result<T, Status>
+where
+    F: std::future::Future<Output = Result<T, CommerceError>> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(flow)
+        .await
+        .map_err(|e| Status::internal(format!("{what} failed: {e}")))?
+        .map_err(Status::from)
 }
 
 #[tonic::async_trait]
@@ -224,7 +233,7 @@ impl Orders for OrdersService {
             );
             let (flow_id, customer, flow_lines) =
                 (order_id.clone(), r.customer_id.clone(), lines.clone());
-            let flow = tokio::spawn(async move {
+            let flow = async move {
                 let order = txn::PlaceTxn {
                     order_id: &flow_id,
                     customer: &customer,
@@ -237,11 +246,9 @@ impl Orders for OrdersService {
                     clear_checked_out_cart(&node, cart_shard, customer, version, flow_deadline)
                         .await;
                 }
-                Ok::<_, CommerceError>(view)
-            });
-            let view = flow
-                .await
-                .map_err(|e| Status::internal(format!("order flow failed: {e}")))??;
+                Ok(view)
+            };
+            let view = run_detached("order flow", flow).await?;
             return Ok(self.reply(&map, view));
         }
         let clear_here = cart_version.filter(|_| cart_shard == order_shard);
@@ -258,7 +265,7 @@ impl Orders for OrdersService {
             commerce::propose_order(&self.ctx.node, order_shard, cmd, fence.as_ref(), deadline)
                 .await?;
         if let (Some(version), None) = (cart_version, clear_here) {
-            self.clear_cart(cart_shard, r.customer_id, version, deadline)
+            clear_checked_out_cart(&self.ctx.node, cart_shard, r.customer_id, version, deadline)
                 .await;
         }
         Ok(self.reply(&map, view))
@@ -385,7 +392,7 @@ impl Orders for OrdersService {
         // a reset stream): it runs as its own task, and this handler waits.
         let node = Arc::clone(&self.ctx.node);
         let flow_map = Arc::clone(&map);
-        let flow = tokio::spawn(async move {
+        let flow = async move {
             commerce::pay(
                 &node,
                 &flow_map,
@@ -395,10 +402,8 @@ impl Orders for OrdersService {
                 deadline,
             )
             .await
-        });
-        let view = flow
-            .await
-            .map_err(|e| Status::internal(format!("payment flow failed: {e}")))??;
+        };
+        let view = run_detached("payment flow", flow).await?;
         Ok(self.reply(&map, view))
     }
 
