@@ -5,6 +5,9 @@
 //! (deterministic apply) → `router` (placement) → `storage` (RocksDB) and
 //! `codec` (value encoding). `cli` is the client side of the same binary.
 
+#[macro_use]
+mod failpoints;
+
 pub mod cli;
 pub mod clock;
 pub mod codec;

@@ -37,32 +37,6 @@ const RECOVERY_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// In-flight records recovery looks at per shard per sweep.
 const RECOVERY_BATCH: u32 = 64;
 
-/// Crashes the process here when the named failpoint is set to `return`
-/// (only in builds with the `failpoints` feature; tests use it to kill the
-/// coordinator between two steps).
-macro_rules! crash_point {
-    ($name:literal) => {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!($name, |_| {
-            tracing::error!(failpoint = $name, "failpoint: aborting the process");
-            std::process::abort()
-        });
-    };
-}
-
-/// Waits here for as many milliseconds as the named failpoint returns
-/// (`name=return(MS)`; only with the `failpoints` feature): tests use it to
-/// have a caller give up in the middle of a transaction.
-macro_rules! delay_point {
-    ($name:literal) => {
-        #[cfg(feature = "failpoints")]
-        if let Some(ms) = fail::eval($name, |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten()
-        {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-    };
-}
-
 async fn propose_txn(
     node: &Node,
     shard: GroupId,
