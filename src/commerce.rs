@@ -1,5 +1,6 @@
-//! Commerce request flows that take more than one command: a payment (call
-//! the provider, then record its answer), a refund (provider, then record),
+//! Commerce request flows that take more than one command: a payment
+//! (authorize, record the hold, capture, record the capture), a refund
+//! (provider, then record),
 //! choosing an order id, and the propose/read helpers the commerce services
 //! and the sweeper share.
 
@@ -13,7 +14,8 @@ use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::payment::PaymentError;
 use crate::router::ClusterMap;
 use crate::sm::commerce::{
-    CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, OrderView, PaymentOutcome,
+    CaptureOwed, CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, OrderView,
+    PaymentOutcome,
 };
 use crate::sm::{self, Command, Fence, Response};
 use crate::storage::keys::GroupId;
@@ -146,13 +148,17 @@ pub async fn get_order(
 /// whatever remained of the caller's deadline.
 const RECORD_AFTER_PROVIDER: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Charges an unpaid order: authorize + capture the total with key
-/// `order_id:attempt`, then record the outcome. A retried Pay finds the same
-/// attempt number (declines alone advance it), so the provider sees the same
-/// key and charges once; an order already paid is returned as it is.
-/// `fence`, if given, must hold on the order's shard before anything happens.
-/// Callers run it where their own cancellation cannot cut it short between
-/// the charge and its record (`server::orders` spawns it).
+/// Charges an unpaid order with key `order_id:attempt`: authorize, record
+/// the authorization (a capture owed), capture, record the capture. A
+/// retried Pay finds the same attempt number (declines alone advance it), so
+/// the provider sees the same key and charges once; an order already paid
+/// is returned as it is. The authorization is recorded before the capture
+/// so that a capture whose record never lands (this node dies, or no leader
+/// for long enough) is found by the sweeper, captured again under the same
+/// key (the provider's answer, not a second charge) and recorded
+/// ([`capture_owed`]). `fence`, if given, must hold on the order's shard
+/// before anything happens. Callers run it where their own cancellation
+/// cannot cut it short (`server::orders` spawns it).
 pub async fn pay(
     node: &Node,
     map: &ClusterMap,
@@ -178,39 +184,125 @@ pub async fn pay(
     }
     let (_, key) = view.payment.next_attempt_key(order_id);
     let amount = order.total_minor;
-    let provider = node.payments.clone();
-    let outcome = match provider
+    let authorized = node
+        .payments
         .authorize(&key, amount, order.currency.as_str(), card_number)
-        .await
-    {
-        Ok(auth) => {
-            let capture_ref = provider.capture(&key, &auth.auth_ref, amount).await?;
-            PaymentOutcome::Captured {
-                provider_ref: capture_ref,
-                amount_minor: amount,
-                card_last4: auth.card_last4,
-            }
+        .await;
+    let auth = match authorized {
+        Ok(auth) => auth,
+        Err(PaymentError::Declined(reason)) => {
+            let outcome = PaymentOutcome::Declined { reason };
+            let by = record_deadline(deadline);
+            return record_payment(node, shard, order_id, &key, outcome, by).await;
         }
-        Err(PaymentError::Declined(reason)) => PaymentOutcome::Declined { reason },
         Err(e) => return Err(e.into()),
     };
+    let outcome = PaymentOutcome::Authorized {
+        auth_ref: auth.auth_ref.clone(),
+        amount_minor: amount,
+        card_last4: auth.card_last4.clone(),
+    };
+    record_payment(
+        node,
+        shard,
+        order_id,
+        &key,
+        outcome,
+        record_deadline(deadline),
+    )
+    .await?;
+    let owed = CaptureOwed {
+        attempt_key: key,
+        auth_ref: auth.auth_ref,
+        amount_minor: amount,
+        card_last4: auth.card_last4,
+        since_ms: now_ms(),
+    };
+    delay_point!("pay-before-capture");
+    let capture_ref = capture(node, &owed).await?;
+    crash_point!("pay-after-capture");
+    record_capture(
+        node,
+        shard,
+        order_id,
+        &owed,
+        capture_ref,
+        record_deadline(deadline),
+    )
+    .await
+}
+
+/// Money may be held or moving once the provider has answered: recording
+/// that gets time of its own, however little the caller left (the provider
+/// may have taken most of it).
+fn record_deadline(caller_deadline: Instant) -> Instant {
+    caller_deadline.max(Instant::now() + RECORD_AFTER_PROVIDER)
+}
+
+/// Finishes a payment whose authorization was recorded but whose capture
+/// was not (the sweeper's side of [`pay`]): captures under the same key and
+/// records it. A capture on an order no longer payable is owed back and
+/// refunded.
+pub async fn capture_owed(
+    node: &Node,
+    shard: GroupId,
+    order_id: &str,
+    owed: &CaptureOwed,
+    deadline: Instant,
+) -> Result<OrderView, CommerceError> {
+    let capture_ref = capture(node, owed).await?;
+    record_capture(node, shard, order_id, owed, capture_ref, deadline).await
+}
+
+async fn capture(node: &Node, owed: &CaptureOwed) -> Result<String, CommerceError> {
+    Ok(node
+        .payments
+        .capture(&owed.attempt_key, &owed.auth_ref, owed.amount_minor)
+        .await?)
+}
+
+async fn record_capture(
+    node: &Node,
+    shard: GroupId,
+    order_id: &str,
+    owed: &CaptureOwed,
+    capture_ref: String,
+    deadline: Instant,
+) -> Result<OrderView, CommerceError> {
+    let outcome = PaymentOutcome::Captured {
+        provider_ref: capture_ref,
+        amount_minor: owed.amount_minor,
+        card_last4: owed.card_last4.clone(),
+    };
+    let recorded =
+        record_payment(node, shard, order_id, &owed.attempt_key, outcome, deadline).await;
+    if let Err(CommerceError::Rejected(r)) = &recorded
+        && r.code == RejectCode::IllegalTransition
+    {
+        // Recorded as owed back (the order was cancelled or expired
+        // meanwhile): refund now if we can; the sweeper retries otherwise.
+        if let Ok(view) = get_order(node, shard, order_id, deadline).await {
+            let _ = settle_refund(node, shard, view, deadline).await;
+        }
+    }
+    recorded
+}
+
+async fn record_payment(
+    node: &Node,
+    shard: GroupId,
+    order_id: &str,
+    attempt_key: &str,
+    outcome: PaymentOutcome,
+    deadline: Instant,
+) -> Result<OrderView, CommerceError> {
     let cmd = CommerceCommand::RecordPayment {
         order_id: order_id.to_string(),
-        attempt_key: key,
+        attempt_key: attempt_key.to_string(),
         outcome,
         now_ms: now_ms(),
     };
-    // Money may have moved: recording it gets time of its own, however little
-    // the caller left (the provider may have taken most of it).
-    let record_by = deadline.max(Instant::now() + RECORD_AFTER_PROVIDER);
-    let paid = propose_order(node, shard, cmd, None, record_by).await?;
-    if paid.payment.refund_due_minor > 0 {
-        // Raced with a cancel or expiry: give the money back now if we can.
-        return Ok(settle_refund(node, shard, paid, record_by)
-            .await
-            .unwrap_or_else(|(v, _)| v));
-    }
-    Ok(paid)
+    propose_order(node, shard, cmd, None, deadline).await
 }
 
 /// Refunds what `view`'s payment owes through the provider and records it.

@@ -1,8 +1,9 @@
 //! Leader-driven time effects of the commerce records. On each data shard
 //! this node leads, every [`SWEEP_INTERVAL`]: propose the expiry of unpaid
 //! orders past their deadline (stamped with this leader's clock; apply
-//! re-checks each deadline and status), retry refunds that are owed, and run
-//! 2PC recovery (`txn::recover`).
+//! re-checks each deadline and status), retry refunds that are owed, finish
+//! payments whose capture was never recorded (`commerce::capture_owed`), and
+//! run 2PC recovery (`txn::recover`).
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -19,6 +20,12 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Refunds retried per shard per sweep.
 const MAX_REFUNDS_PER_SWEEP: u32 = 32;
+/// Owed captures finished per shard per sweep.
+const MAX_CAPTURES_PER_SWEEP: u32 = 32;
+/// An authorization is left to its payment flow this long before the
+/// sweeper captures and records it: longer than the flow takes to record
+/// after the provider answers (`commerce::RECORD_AFTER_PROVIDER`, 5 s).
+const CAPTURE_GRACE_MS: u64 = 10_000;
 
 /// Runs until the node is dropped.
 pub async fn run(node: Weak<Node>) {
@@ -74,6 +81,30 @@ async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceErro
         let view = commerce::get_order(node, group, &order_id, deadline).await?;
         if let Err((_, e)) = commerce::settle_refund(node, group, view, deadline).await {
             tracing::warn!(group, order_id, error = %e, "refund not settled; will retry");
+        }
+    }
+    let captures = match node.read_local(
+        group,
+        &ReadOp::Commerce(CommerceRead::DueCaptures {
+            authorized_by_ms: now.saturating_sub(CAPTURE_GRACE_MS),
+            limit: MAX_CAPTURES_PER_SWEEP,
+        }),
+    )? {
+        ReadResult::Commerce(CommerceReadResult::CapturesOwed(due)) => due,
+        _ => Vec::new(),
+    };
+    for (order_id, owed) in captures {
+        match commerce::capture_owed(node, group, &order_id, &owed, deadline).await {
+            Ok(_) => tracing::info!(group, order_id, "recorded a capture its payment flow left"),
+            // Recorded, but owed back: the order was cancelled or expired.
+            Err(commerce::CommerceError::Rejected(r))
+                if r.code == crate::domain::RejectCode::IllegalTransition =>
+            {
+                tracing::info!(group, order_id, reason = %r, "recorded a capture its payment flow left");
+            }
+            Err(e) => {
+                tracing::warn!(group, order_id, error = %e, "capture not recorded; will retry")
+            }
         }
     }
     Ok(())

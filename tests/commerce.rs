@@ -601,6 +601,40 @@ async fn unpaid_orders_expire_and_release_their_stock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_while_its_card_is_authorized_is_never_charged() {
+    let c = TestCluster::start_initialised(3, 1, &[]).await;
+    let mut s = shop(&c, 1).await;
+    let mut other = shop(&c, 2).await;
+    s.add_product("RUG", 9900, "EUR", 3).await;
+    s.place("erin", "o-rug", &[("RUG", 1)])
+        .await
+        .expect("place");
+    // The authorization takes 1 s; the order is cancelled meanwhile. The
+    // hold is not recorded against a cancelled order, so nothing is captured
+    // (and nothing needs a refund).
+    let pay = tokio::spawn(async move { s.pay("o-rug", shopkv::payment::CARD_SLOW).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other
+        .orders
+        .cancel(proto::OrderIdRequest {
+            order_id: "o-rug".into(),
+            fence: None,
+        })
+        .await
+        .expect("cancel");
+    let e = pay
+        .await
+        .expect("join")
+        .expect_err("a cancelled order is not paid");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let got = other.order("o-rug").await.expect("get");
+    assert_eq!(got.status(), OrderStatus::Cancelled);
+    let p = got.payment.unwrap_or_default();
+    assert_eq!((p.captured_minor, p.refund_due_minor), (0, 0));
+    assert_eq!(other.stock("RUG").await.reserved, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_is_recorded_even_if_its_caller_leaves_while_the_provider_answers() {
     let c = TestCluster::start_initialised(3, 1, &[]).await;
     let mut s = shop(&c, 1).await;

@@ -2,7 +2,9 @@
 //! process there, as a SIGKILL would stop it), is restarted, and the
 //! transaction is resolved without it within a bound: undecided ones abort
 //! and release every held unit, a decided commit settles on every shard, and
-//! stock is conserved. Needs the `failpoints` feature:
+//! stock is conserved. A payment's node crashes between the provider's
+//! capture and its record, and the capture is recorded without it. Needs
+//! the `failpoints` feature:
 //! `cargo test --release --features failpoints --test txn_crash`.
 #![cfg(feature = "failpoints")]
 
@@ -282,4 +284,117 @@ async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 3); 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_whose_node_dies_after_the_capture_is_recorded_without_a_retry() {
+    // Node 1 runs Pay and dies between the provider's capture and its
+    // record: the money is taken. Nobody retries. The order must still end
+    // up paid, by that capture (attempt 1), not stay unpaid until it expires.
+    let (mut c, mut inv, mut orders, skus) = cluster_with("pay-after-capture=return").await;
+    let order_id = "paid-then-crashed";
+    let placed = orders
+        .place(two_of_each(order_id, &skus))
+        .await
+        .expect("place")
+        .into_inner();
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let res = via1
+        .pay(proto::PayOrderRequest {
+            fence: None,
+            order_id: order_id.into(),
+            card_number: shopkv::payment::CARD_APPROVE.into(),
+        })
+        .await;
+    assert!(res.is_err(), "node 1 answered instead of crashing: {res:?}");
+    let died = Instant::now() + Duration::from_secs(10);
+    while c.node_mut(1).is_running() {
+        assert!(
+            Instant::now() < died,
+            "node 1 did not crash after the capture"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.restart(1);
+
+    // The sweeper leaves a payment flow 10 s to record its own capture.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = orders
+            .get(proto::GetOrderRequest {
+                order_id: order_id.into(),
+                serializable: false,
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if got.status() == OrderStatus::Paid {
+            let p = got.payment.expect("payment");
+            assert_eq!(p.captured_minor, placed.total_minor);
+            assert_eq!(p.idempotency_key, format!("{order_id}:1"));
+            assert_eq!(p.card_last4, "4242");
+            assert_eq!((p.refunded_minor, p.refund_due_minor), (0, 0));
+            break;
+        }
+        assert_eq!(got.status(), OrderStatus::PendingPayment);
+        assert!(
+            Instant::now() < deadline,
+            "a capture whose node died before recording it was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Paid orders keep their stock reserved, as before the crash.
+    assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 2); 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_once() {
+    // Node 1's Pay waits 1.5 s between the recorded authorization and the
+    // capture; the order is cancelled meanwhile. The capture still happens
+    // (the flow cannot know it is unwanted) and must be given back.
+    let (c, _inv, mut orders, skus) = cluster_with("pay-before-capture=return(1500)").await;
+    let order_id = "cancelled-mid-payment";
+    let placed = orders
+        .place(two_of_each(order_id, &skus))
+        .await
+        .expect("place")
+        .into_inner();
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let pay = tokio::spawn(async move {
+        via1.pay(proto::PayOrderRequest {
+            fence: None,
+            order_id: order_id.into(),
+            card_number: shopkv::payment::CARD_APPROVE.into(),
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cancelled = orders
+        .cancel(proto::OrderIdRequest {
+            order_id: order_id.into(),
+            fence: None,
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    let e = pay
+        .await
+        .expect("join")
+        .expect_err("a cancelled order is not paid");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let got = orders
+        .get(proto::GetOrderRequest {
+            order_id: order_id.into(),
+            serializable: false,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.status(), OrderStatus::Cancelled);
+    let p = got.payment.expect("payment");
+    assert_eq!(
+        (p.captured_minor, p.refunded_minor, p.refund_due_minor),
+        (placed.total_minor, placed.total_minor, 0)
+    );
 }

@@ -19,6 +19,8 @@ use crate::storage::keys;
 
 /// Most orders one `ExpireOrders` command may name.
 pub const MAX_EXPIRE_BATCH: usize = 256;
+/// Most capture-owed entries one `DueCaptures` read looks at.
+const MAX_CAPTURES_SCANNED: usize = 4_096;
 
 /// A record with the log index of its last write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +57,35 @@ pub enum PaymentOutcome {
         /// The provider's reason.
         reason: String,
     },
+    /// Authorized, not captured yet. Recorded before the capture is asked
+    /// for, so that a capture whose record is lost (the flow's node died, or
+    /// had no leader to record it) is found and recorded by the sweeper
+    /// rather than leaving money taken for an unpaid order.
+    Authorized {
+        /// Provider's reference of the hold.
+        auth_ref: String,
+        /// Authorized amount (the order total).
+        amount_minor: i64,
+        /// Last four digits of the card.
+        card_last4: String,
+    },
+}
+
+/// An authorized payment whose capture is not recorded yet (`G` record):
+/// what the sweeper needs to capture it (same key: the provider captures
+/// once) and record it, without the card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureOwed {
+    /// `order_id:attempt` of the authorization.
+    pub attempt_key: String,
+    /// Provider's reference of the hold.
+    pub auth_ref: String,
+    /// Amount to capture.
+    pub amount_minor: i64,
+    /// Last four digits of the card.
+    pub card_last4: String,
+    /// Proposer's clock when the authorization was recorded.
+    pub since_ms: u64,
 }
 
 /// A commerce state change, proposed to the shard that holds its records.
@@ -743,6 +774,52 @@ fn record_payment(
         return Ok(unknown_order(order_id));
     };
     match outcome {
+        PaymentOutcome::Authorized {
+            auth_ref,
+            amount_minor,
+            card_last4,
+        } => {
+            if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
+                // Already captured and recorded under this key (a retried Pay).
+                return Ok(order_response(stored, payment));
+            }
+            if *amount_minor != stored.record.total_minor {
+                return Ok(reject(
+                    RejectCode::Inconsistent,
+                    format!(
+                        "authorized {amount_minor} for order {order_id} of {}",
+                        stored.record.total_minor
+                    ),
+                ));
+            }
+            // Not payable any more: nothing is captured, the hold lapses.
+            if let Err(r) = transition(order_id, stored.record.status, OrderEvent::Pay) {
+                return Ok(CommerceResponse::Rejected(r));
+            }
+            let (_, next_key) = payment.next_attempt_key(order_id);
+            if next_key != attempt_key {
+                return Ok(reject(
+                    RejectCode::Inconsistent,
+                    format!(
+                        "attempt {attempt_key} of order {order_id} is not the current one ({next_key})"
+                    ),
+                ));
+            }
+            let key = keys::capture_owed_key(order_id);
+            if load::<CaptureOwed>(state, &key)?
+                .is_none_or(|o| o.record.attempt_key != *attempt_key)
+            {
+                let owed = CaptureOwed {
+                    attempt_key: attempt_key.to_string(),
+                    auth_ref: auth_ref.clone(),
+                    amount_minor: *amount_minor,
+                    card_last4: card_last4.clone(),
+                    since_ms: now_ms,
+                };
+                save(state, key, index, &owed)?;
+            }
+            Ok(order_response(stored, payment))
+        }
         PaymentOutcome::Declined { reason } => {
             let (_, next_key) = payment.next_attempt_key(order_id);
             // Only the current attempt counts (a replayed decline does not skip one).
@@ -775,6 +852,7 @@ fn record_payment(
                 ));
             }
             let payable = payment.captured_minor == 0;
+            state.delete(keys::capture_owed_key(order_id))?;
             match transition(order_id, stored.record.status, OrderEvent::Pay) {
                 Ok(next) if payable => {
                     payment.idempotency_key = attempt_key.to_string();
@@ -973,6 +1051,14 @@ pub enum CommerceRead {
         /// At most this many.
         limit: u32,
     },
+    /// Authorized payments whose capture is not recorded and that were
+    /// authorized at or before `authorized_by_ms` (for the sweeper).
+    DueCaptures {
+        /// Leader's clock minus the grace a live payment flow gets.
+        authorized_by_ms: u64,
+        /// At most this many.
+        limit: u32,
+    },
     /// A 2PC transaction's state on its anchor (with the order if committed).
     Txn {
         /// Order id.
@@ -1007,6 +1093,8 @@ pub enum CommerceReadResult {
     Txn(Option<Box<TxnView>>),
     /// `InFlight`.
     InFlight(Box<txn::InFlight>),
+    /// `DueCaptures`: order id and what its capture needs, by order id.
+    CapturesOwed(Vec<(String, CaptureOwed)>),
 }
 
 fn read_one<T: DeserializeOwned>(
@@ -1104,6 +1192,27 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
         CommerceRead::Txn { order_id } => CommerceReadResult::Txn(txn::read_view(r, order_id)?),
         CommerceRead::InFlight { limit } => {
             CommerceReadResult::InFlight(Box::new(txn::read_in_flight(r, *limit as usize)?))
+        }
+        CommerceRead::DueCaptures {
+            authorized_by_ms,
+            limit,
+        } => {
+            // Young entries (payments a live flow is still finishing) are
+            // skipped, so look past them: up to this many in flight.
+            let rows = r.scan(&keys::capture_owed_prefix(), None, MAX_CAPTURES_SCANNED)?;
+            let mut due = Vec::new();
+            for (k, v) in &rows {
+                let owed: Stored<CaptureOwed> = codec::decode(v)?;
+                if let Some(id) = keys::order_id_of_capture_owed(k)
+                    && owed.record.since_ms <= *authorized_by_ms
+                {
+                    due.push((id.to_string(), owed.record));
+                    if due.len() >= *limit as usize {
+                        break;
+                    }
+                }
+            }
+            CommerceReadResult::CapturesOwed(due)
         }
         CommerceRead::DueRefunds { limit } => {
             let rows = r.scan(&keys::refund_due_prefix(), None, *limit as usize)?;
@@ -1207,6 +1316,105 @@ mod tests {
             RejectCode::UnknownSku
         );
         assert_eq!(m, before);
+    }
+
+    #[test]
+    fn an_authorization_is_a_capture_owed_until_its_capture_is_recorded() {
+        let (mut m, i) = shop();
+        order(apply(&mut m, i, &place("o1", &[("A", 2)])).unwrap());
+        order(apply(&mut m, i + 1, &place("o2", &[("A", 1)])).unwrap());
+        let record = |id: &str, attempt: u32, outcome: PaymentOutcome, now_ms| {
+            CommerceCommand::RecordPayment {
+                order_id: id.into(),
+                attempt_key: format!("{id}:{attempt}"),
+                outcome,
+                now_ms,
+            }
+        };
+        let authorized = |total| PaymentOutcome::Authorized {
+            auth_ref: "auth".into(),
+            amount_minor: total,
+            card_last4: "4242".into(),
+        };
+        let captured = |total| PaymentOutcome::Captured {
+            provider_ref: "cap".into(),
+            amount_minor: total,
+            card_last4: "4242".into(),
+        };
+        let due = |m: &Mem, by| {
+            read(
+                m,
+                &CommerceRead::DueCaptures {
+                    authorized_by_ms: by,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        // Neither another amount nor an attempt that is not the current one
+        // is recorded.
+        assert_eq!(
+            rejected(apply(&mut m, i + 2, &record("o1", 1, authorized(499), 1_000)).unwrap()),
+            RejectCode::Inconsistent
+        );
+        assert_eq!(
+            rejected(apply(&mut m, i + 2, &record("o1", 2, authorized(500), 1_000)).unwrap()),
+            RejectCode::Inconsistent
+        );
+        assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+        // Recorded (twice: the first time stands), still unpaid, and owed
+        // once it is older than the sweeper's grace.
+        let v = order(apply(&mut m, i + 3, &record("o1", 1, authorized(500), 1_000)).unwrap());
+        assert_eq!(v.order.record.status, OrderStatus::PendingPayment);
+        order(apply(&mut m, i + 4, &record("o1", 1, authorized(500), 1_500)).unwrap());
+        assert_eq!(due(&m, 999), CommerceReadResult::CapturesOwed(vec![]));
+        let owed = CaptureOwed {
+            attempt_key: "o1:1".into(),
+            auth_ref: "auth".into(),
+            amount_minor: 500,
+            card_last4: "4242".into(),
+            since_ms: 1_000,
+        };
+        assert_eq!(
+            due(&m, 1_000),
+            CommerceReadResult::CapturesOwed(vec![("o1".into(), owed)])
+        );
+        // The capture's record pays the order and settles what was owed; an
+        // authorization replayed after it changes nothing.
+        let paid = order(apply(&mut m, i + 5, &record("o1", 1, captured(500), 2_000)).unwrap());
+        assert_eq!(paid.order.record.status, OrderStatus::Paid);
+        assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+        order(apply(&mut m, i + 6, &record("o1", 1, authorized(500), 2_500)).unwrap());
+        assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+        // An order cancelled after its authorization was recorded: the
+        // capture is still owed (it may have happened), and its record is
+        // owed back as a refund.
+        order(apply(&mut m, i + 7, &record("o2", 1, authorized(250), 3_000)).unwrap());
+        let cancel = CommerceCommand::Transition {
+            order_id: "o2".into(),
+            event: OrderEvent::Cancel,
+            now_ms: 3_100,
+        };
+        order(apply(&mut m, i + 8, &cancel).unwrap());
+        assert!(matches!(
+            due(&m, 3_000),
+            CommerceReadResult::CapturesOwed(v) if v.len() == 1
+        ));
+        assert_eq!(
+            rejected(apply(&mut m, i + 9, &record("o2", 1, captured(250), 3_200)).unwrap()),
+            RejectCode::IllegalTransition
+        );
+        assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+        assert_eq!(
+            read(&m, &CommerceRead::DueRefunds { limit: 10 }).unwrap(),
+            CommerceReadResult::OrderIds(vec!["o2".into()])
+        );
+        // A cancelled order records no new authorization: nothing to capture.
+        assert_eq!(
+            rejected(apply(&mut m, i + 10, &record("o2", 1, authorized(250), 3_300)).unwrap()),
+            RejectCode::IllegalTransition
+        );
+        assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
     }
 
     #[test]

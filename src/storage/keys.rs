@@ -26,6 +26,7 @@
 //! | `X` · len · customer · order id          | customer → order index          |
 //! | `Y` · expires_at_ms (8) · order id       | unpaid order deadline index     |
 //! | `F` · order id                           | refund owed index               |
+//! | `G` · order id                           | capture owed index              |
 //! | `T` · order id                           | 2PC transaction record (anchor) |
 //! | `S` · order id                           | settlement owed to participants |
 //! | `H` · order id                           | reservations held (participant) |
@@ -93,6 +94,7 @@ const NS_PAYMENT: u8 = b'Q';
 const NS_CUSTOMER_ORDER: u8 = b'X';
 const NS_ORDER_DEADLINE: u8 = b'Y';
 const NS_REFUND_DUE: u8 = b'F';
+const NS_CAPTURE_OWED: u8 = b'G';
 const NS_TXN: u8 = b'T';
 const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
@@ -358,6 +360,24 @@ pub fn order_id_of_refund_due(record_key: &[u8]) -> Option<&str> {
         .and_then(|rest| std::str::from_utf8(rest).ok())
 }
 
+/// Record key of an order's capture-owed entry: its payment is authorized
+/// and the capture is not recorded yet.
+pub fn capture_owed_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_CAPTURE_OWED, order_id)
+}
+
+/// Prefix of every capture-owed entry.
+pub fn capture_owed_prefix() -> Vec<u8> {
+    vec![NS_CAPTURE_OWED]
+}
+
+/// The order id of a capture-owed entry.
+pub fn order_id_of_capture_owed(record_key: &[u8]) -> Option<&str> {
+    record_key
+        .strip_prefix(&[NS_CAPTURE_OWED])
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+}
+
 /// Record key of an order's 2PC transaction record (on the order's shard).
 pub fn txn_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN, order_id)
@@ -450,6 +470,10 @@ mod tests {
             Some((7, "o9"))
         );
         assert_eq!(order_id_of_refund_due(&refund_due_key("o3")), Some("o3"));
+        assert_eq!(
+            order_id_of_capture_owed(&capture_owed_key("o4")),
+            Some("o4")
+        );
         let kinds = [
             product_key("x"),
             inventory_key("x"),
@@ -457,6 +481,7 @@ mod tests {
             order_key("x"),
             payment_key("x"),
             refund_due_key("x"),
+            capture_owed_key("x"),
             txn_key("x"),
             settlement_key("x"),
             held_key("x"),
