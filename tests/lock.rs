@@ -623,3 +623,45 @@ async fn a_waiter_whose_call_ends_early_leaves_the_queue() {
         .await
         .expect("a try-lock finds the lock free");
 }
+
+/// With the `failpoints` feature only (`test.sh` runs this file again with
+/// it): every node holds each Acquire's join back 1 s before proposing it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_leaves_while_its_join_is_in_flight_is_not_queued_after_it() {
+    let mut c =
+        TestCluster::start_with_env(3, &[], &[("FAILPOINTS", "lock-before-join=return(1000)")]);
+    c.init(1).await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let holder = session(&mut s, 10_000).await;
+    l.acquire(acquire_req("jobs/weekly", holder, false, 5_000))
+        .await
+        .expect("holder acquires");
+    // The caller goes away after 300 ms (its call dropped: RST_STREAM), while
+    // its join is still held back: its leave must come after the join, or
+    // the join queues the session for good and it is later handed a lock
+    // its client was told nothing of.
+    let gone = session(&mut s, 10_000).await;
+    let mut l2 = l.clone();
+    let call = tokio::spawn(async move {
+        l2.acquire(acquire_req("jobs/weekly", gone, false, 30_000))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let st = inspect(&mut l, "jobs/weekly").await;
+    assert!(
+        st.waiters.is_empty(),
+        "a session whose caller left during its join stayed queued: {st:?}"
+    );
+    l.release(proto::ReleaseRequest {
+        name: "jobs/weekly".into(),
+        session_id: holder,
+    })
+    .await
+    .expect("release");
+    let st = inspect(&mut l, "jobs/weekly").await;
+    assert!(st.holders.is_empty(), "the lock passed on to {st:?}");
+}

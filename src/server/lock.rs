@@ -76,16 +76,23 @@ pub async fn read_lock(node: &Node, name: &str, deadline: Instant) -> Result<Loc
     }
 }
 
+/// The join of an Acquire or Campaign, proposed as a task of its own.
+type JoinTask = tokio::task::JoinHandle<Result<LockResponse, Status>>;
+
 /// What a waiting Acquire or Campaign leaves behind if its handler is dropped
 /// (the caller's deadline passed or it went away: hyper drops the handler of a
 /// reset stream): a queue entry whose session would come to hold the lock
 /// although its client was told nothing. Armed from before the join until the
-/// outcome is the caller's; dropped armed, it proposes the session's leave.
+/// outcome is the caller's; dropped armed, it proposes the session's leave —
+/// after the join, if that is still in flight: a leave applied before its
+/// join would find nothing to remove, and the join would then queue the
+/// session for good.
 struct LeaveOnDrop {
     node: Arc<Node>,
     name: String,
     session: u64,
     armed: bool,
+    join: Option<JoinTask>,
 }
 
 impl Drop for LeaveOnDrop {
@@ -101,7 +108,12 @@ impl Drop for LeaveOnDrop {
             name: std::mem::take(&mut self.name),
             session: self.session,
         };
+        let join = self.join.take();
         rt.spawn(async move {
+            if let Some(join) = join {
+                // Whatever it came to: only its end matters here.
+                let _ = join.await;
+            }
             let deadline = Instant::now() + Duration::from_millis(node.config.request_timeout_ms);
             if let Err(e) = propose_lock(&node, leave, deadline).await
                 && e.code() != tonic::Code::NotFound
@@ -136,15 +148,31 @@ pub async fn acquire_or_leave(
         None => asked_until,
     };
     let timeout = Duration::from_millis(node.config.request_timeout_ms);
+    // Follow the lock's changes from before the proposal so no grant is missed.
+    let mut cursor = node.watches.cursor(META_GROUP, 0);
+    let joining = {
+        let node = Arc::clone(node);
+        tokio::spawn(async move {
+            delay_point!("lock-before-join");
+            propose_lock(&node, join, deadline).await
+        })
+    };
     let mut guard = LeaveOnDrop {
         node: Arc::clone(node),
         name: name.to_string(),
         session,
         armed: true,
+        join: Some(joining),
     };
-    // Follow the lock's changes from before the proposal so no grant is missed.
-    let mut cursor = node.watches.cursor(META_GROUP, 0);
-    if let LockResponse::Held { token } = propose_lock(node, join, deadline).await? {
+    let Some(task) = guard.join.as_mut() else {
+        return Err(Status::internal("lock join not started"));
+    };
+    let joined = task.await;
+    // Finished: the guard must not wait for it again.
+    guard.join = None;
+    let joined =
+        joined.map_err(|e| to_status(NodeError::Internal(format!("lock join task: {e}"))))??;
+    if let LockResponse::Held { token } = joined {
         guard.armed = false;
         return Ok(token);
     }
