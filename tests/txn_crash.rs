@@ -398,3 +398,69 @@ async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_onc
         (placed.total_minor, placed.total_minor, 0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewhere() {
+    // A 1PC order (its SKU and id on one shard) checked out from a cart on
+    // another shard: the cart is emptied by a second command, which the
+    // nodes hold back 1.5 s; the caller goes away meanwhile.
+    let (c, _inv, mut orders, skus) = cluster_with("checkout-before-clear=return(1500)").await;
+    let map = shopkv::router::ClusterMap::new(0, SHARDS, Default::default());
+    let sku = skus[0].clone();
+    let shard = map.shard_of_sku(&sku);
+    let customer = (0..)
+        .map(|i| format!("far-{i}"))
+        .find(|cu| map.shard_of_customer(cu) != shard)
+        .expect("a customer elsewhere");
+    let order_id = (0..)
+        .map(|i| format!("near-{i}"))
+        .find(|id| map.shard_of_order(id) == shard)
+        .expect("an order id on the SKU's shard");
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    cart.add_item(proto::AddCartItemRequest {
+        customer_id: customer.clone(),
+        sku: sku.clone(),
+        quantity: 1,
+        fence: None,
+    })
+    .await
+    .expect("add to cart");
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let req = proto::PlaceOrderRequest {
+        fence: None,
+        order_id: order_id.clone(),
+        customer_id: customer.clone(),
+        lines: Vec::new(),
+        from_cart: true,
+    };
+    let call = tokio::spawn(async move { via1.place(req).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call.abort();
+    let deadline = Instant::now() + Duration::from_millis(3000);
+    loop {
+        let placed = orders
+            .get(proto::GetOrderRequest {
+                order_id: order_id.clone(),
+                serializable: false,
+            })
+            .await
+            .is_ok();
+        let emptied = cart
+            .get(proto::GetCartRequest {
+                customer_id: customer.clone(),
+            })
+            .await
+            .expect("cart")
+            .into_inner()
+            .lines
+            .is_empty();
+        if placed && emptied {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "1PC checkout after its caller left: placed={placed} cart emptied={emptied}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

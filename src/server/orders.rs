@@ -125,6 +125,7 @@ async fn clear_checked_out_cart(
     version: u64,
     deadline: Instant,
 ) {
+    delay_point!("checkout-before-clear");
     let cmd = CommerceCommand::CartClear {
         customer,
         expected_version: Some(version),
@@ -261,13 +262,18 @@ impl Orders for OrdersService {
             expires_at_ms: now.saturating_add(self.ctx.node.config.order_payment_timeout_ms),
             clear_cart_version: clear_here,
         };
-        let view =
-            commerce::propose_order(&self.ctx.node, order_shard, cmd, fence.as_ref(), deadline)
-                .await?;
-        if let (Some(version), None) = (cart_version, clear_here) {
-            clear_checked_out_cart(&self.ctx.node, cart_shard, r.customer_id, version, deadline)
-                .await;
-        }
+        let (node, customer) = (Arc::clone(&self.ctx.node), r.customer_id);
+        let flow = async move {
+            let view =
+                commerce::propose_order(&node, order_shard, cmd, fence.as_ref(), deadline).await?;
+            // A cart on another shard is emptied by a second command, in the
+            // same task: a caller leaving in between must not leave it full.
+            if let (Some(version), None) = (cart_version, clear_here) {
+                clear_checked_out_cart(&node, cart_shard, customer, version, deadline).await;
+            }
+            Ok(view)
+        };
+        let view = run_detached("order flow", flow).await?;
         Ok(self.reply(&map, view))
     }
 
