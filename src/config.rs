@@ -387,6 +387,15 @@ impl Config {
             // openraft #2080: without this, an old leader's heartbeats through a
             // bridge node can keep a connected majority from electing.
             quorum_loss_probe_interval: Some(lease + self.election_timeout_max_ms),
+            // No "leader restore": a restarted leader must win an election
+            // first. Our applies and committed index are unsynced (they ride
+            // the next append's fsync) and the leader's own append may be
+            // unsynced while two followers already committed it, so a leader
+            // back from a SIGKILL can know less than it acknowledged: resumed
+            // at once, it served reads older than an acknowledged write (chaos
+            // seed 145644) and could append a different entry at the index of
+            // one it lost. An election's blank entry settles all of that.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         cfg.validate().map_err(|e| ConfigError::Invalid {
