@@ -1,8 +1,7 @@
 //! Commerce request flows that take more than one command: a payment
 //! (authorize, record the hold, capture, record the capture), a refund
-//! (provider, then record),
-//! choosing an order id, and the propose/read helpers the commerce services
-//! and the sweeper share.
+//! (provider, then record), choosing an order id, and the propose/read
+//! helpers the commerce services and the sweeper share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

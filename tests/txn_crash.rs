@@ -114,6 +114,51 @@ fn two_of_each(order_id: &str, skus: &[String]) -> proto::PlaceOrderRequest {
     }
 }
 
+/// A linearizable `Orders.Get` of `order_id`.
+async fn get_order(
+    orders: &mut OrdersClient<Chan>,
+    order_id: &str,
+) -> Result<proto::Order, tonic::Status> {
+    orders
+        .get(proto::GetOrderRequest {
+            order_id: order_id.into(),
+            serializable: false,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Waits up to `within` until `order_id` exists and `customer`'s cart is empty.
+async fn wait_placed_and_cart_emptied(
+    orders: &mut OrdersClient<Chan>,
+    cart: &mut CartClient<Chan>,
+    order_id: &str,
+    customer: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let placed = get_order(orders, order_id).await.is_ok();
+        let emptied = cart
+            .get(proto::GetCartRequest {
+                customer_id: customer.into(),
+            })
+            .await
+            .expect("cart")
+            .into_inner()
+            .lines
+            .is_empty();
+        if placed && emptied {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkout {order_id} after its caller left: placed={placed} cart emptied={emptied}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Crashes the coordinator (node 1) at `failpoint` while it places a
 /// 3-shard order, restarts it, and checks the outcome is `committed`.
 async fn crash_at(failpoint: &str, committed: bool) {
@@ -157,14 +202,9 @@ async fn crash_at(failpoint: &str, committed: bool) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let got = orders
-        .get(proto::GetOrderRequest {
-            order_id: order_id.clone(),
-            serializable: false,
-        })
-        .await;
+    let got = get_order(&mut orders, &order_id).await;
     if committed {
-        let o = got.expect("the decided order exists").into_inner();
+        let o = got.expect("the decided order exists");
         assert_eq!(o.status(), OrderStatus::PendingPayment);
         assert_eq!(o.total_minor, 3 * 2 * 300);
     } else {
@@ -214,14 +254,8 @@ async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once()
     // Well before the 2 s transaction timeout plus recovery's grace.
     let deadline = Instant::now() + Duration::from_millis(2500);
     loop {
-        let got = orders
-            .get(proto::GetOrderRequest {
-                order_id: "left-early".into(),
-                serializable: false,
-            })
-            .await;
+        let got = get_order(&mut orders, "left-early").await;
         if let Ok(o) = got {
-            let o = o.into_inner();
             assert_eq!(o.status(), OrderStatus::PendingPayment);
             assert_eq!(o.total_minor, 3 * 2 * 300);
             break;
@@ -256,33 +290,9 @@ async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once()
     });
     req.set_timeout(Duration::from_millis(500));
     via1.place(req).await.expect_err("the caller gave up");
-    let deadline = Instant::now() + Duration::from_millis(2500);
-    loop {
-        let placed = orders
-            .get(proto::GetOrderRequest {
-                order_id: "left-checkout".into(),
-                serializable: false,
-            })
-            .await
-            .is_ok();
-        let emptied = cart
-            .get(proto::GetCartRequest {
-                customer_id: "dave".into(),
-            })
-            .await
-            .expect("cart")
-            .into_inner()
-            .lines
-            .is_empty();
-        if placed && emptied {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "checkout after its caller left: placed={placed} cart emptied={emptied}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Well before the 2 s transaction timeout plus recovery's grace.
+    let within = Duration::from_millis(2500);
+    wait_placed_and_cart_emptied(&mut orders, &mut cart, "left-checkout", "dave", within).await;
     assert_eq!(stocks(&mut inv, &skus).await, vec![(10, 3); 3]);
 }
 
@@ -320,14 +330,7 @@ async fn a_payment_whose_node_dies_after_the_capture_is_recorded_without_a_retry
     // The sweeper leaves a payment flow 10 s to record its own capture.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got = orders
-            .get(proto::GetOrderRequest {
-                order_id: order_id.into(),
-                serializable: false,
-            })
-            .await
-            .expect("get")
-            .into_inner();
+        let got = get_order(&mut orders, order_id).await.expect("get");
         if got.status() == OrderStatus::Paid {
             let p = got.payment.expect("payment");
             assert_eq!(p.captured_minor, placed.total_minor);
@@ -383,14 +386,7 @@ async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_onc
         .expect("join")
         .expect_err("a cancelled order is not paid");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    let got = orders
-        .get(proto::GetOrderRequest {
-            order_id: order_id.into(),
-            serializable: false,
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = get_order(&mut orders, order_id).await.expect("get");
     assert_eq!(got.status(), OrderStatus::Cancelled);
     let p = got.payment.expect("payment");
     assert_eq!(
@@ -436,31 +432,6 @@ async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewh
     let call = tokio::spawn(async move { via1.place(req).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     call.abort();
-    let deadline = Instant::now() + Duration::from_millis(3000);
-    loop {
-        let placed = orders
-            .get(proto::GetOrderRequest {
-                order_id: order_id.clone(),
-                serializable: false,
-            })
-            .await
-            .is_ok();
-        let emptied = cart
-            .get(proto::GetCartRequest {
-                customer_id: customer.clone(),
-            })
-            .await
-            .expect("cart")
-            .into_inner()
-            .lines
-            .is_empty();
-        if placed && emptied {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "1PC checkout after its caller left: placed={placed} cart emptied={emptied}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_millis(3000);
+    wait_placed_and_cart_emptied(&mut orders, &mut cart, &order_id, &customer, within).await;
 }

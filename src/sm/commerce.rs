@@ -773,25 +773,32 @@ fn record_payment(
     else {
         return Ok(unknown_order(order_id));
     };
+    let money = match outcome {
+        PaymentOutcome::Authorized { amount_minor, .. } => Some(("authorized", amount_minor)),
+        PaymentOutcome::Captured { amount_minor, .. } => Some(("captured", amount_minor)),
+        PaymentOutcome::Declined { .. } => None,
+    };
+    if let Some((what, amount_minor)) = money {
+        if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
+            // A retried Pay: this key's capture is already recorded.
+            return Ok(order_response(stored, payment));
+        }
+        if *amount_minor != stored.record.total_minor {
+            return Ok(reject(
+                RejectCode::Inconsistent,
+                format!(
+                    "{what} {amount_minor} for order {order_id} of {}",
+                    stored.record.total_minor
+                ),
+            ));
+        }
+    }
     match outcome {
         PaymentOutcome::Authorized {
             auth_ref,
             amount_minor,
             card_last4,
         } => {
-            if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
-                // Already captured and recorded under this key (a retried Pay).
-                return Ok(order_response(stored, payment));
-            }
-            if *amount_minor != stored.record.total_minor {
-                return Ok(reject(
-                    RejectCode::Inconsistent,
-                    format!(
-                        "authorized {amount_minor} for order {order_id} of {}",
-                        stored.record.total_minor
-                    ),
-                ));
-            }
             // Not payable any more: nothing is captured, the hold lapses.
             if let Err(r) = transition(order_id, stored.record.status, OrderEvent::Pay) {
                 return Ok(CommerceResponse::Rejected(r));
@@ -838,19 +845,6 @@ fn record_payment(
             amount_minor,
             card_last4,
         } => {
-            if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
-                // A retried Pay: the provider returned the same capture.
-                return Ok(order_response(stored, payment));
-            }
-            if *amount_minor != stored.record.total_minor {
-                return Ok(reject(
-                    RejectCode::Inconsistent,
-                    format!(
-                        "captured {amount_minor} for order {order_id} of {}",
-                        stored.record.total_minor
-                    ),
-                ));
-            }
             let payable = payment.captured_minor == 0;
             state.delete(keys::capture_owed_key(order_id))?;
             match transition(order_id, stored.record.status, OrderEvent::Pay) {
