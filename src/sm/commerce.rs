@@ -21,6 +21,12 @@ use crate::storage::keys;
 pub const MAX_EXPIRE_BATCH: usize = 256;
 /// Most capture-owed entries one `DueCaptures` read looks at.
 const MAX_CAPTURES_SCANNED: usize = 4_096;
+/// An unpaid order whose payment was authorized (a capture owed) does not
+/// expire for this long after the authorization: the customer paid in time,
+/// and the sweeper captures and records it within seconds. Past it (the
+/// provider has been failing for a minute), expiry goes ahead and a capture
+/// recorded later is refunded.
+pub const CAPTURE_OWED_HOLDS_EXPIRY_MS: u64 = 60_000;
 
 /// A record with the log index of its last write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +92,14 @@ pub struct CaptureOwed {
     pub card_last4: String,
     /// Proposer's clock when the authorization was recorded.
     pub since_ms: u64,
+}
+
+impl CaptureOwed {
+    /// Whether it still holds off its order's expiry at `now_ms`
+    /// ([`CAPTURE_OWED_HOLDS_EXPIRY_MS`]).
+    pub fn holds_expiry_at(&self, now_ms: u64) -> bool {
+        now_ms < self.since_ms.saturating_add(CAPTURE_OWED_HOLDS_EXPIRY_MS)
+    }
 }
 
 /// A commerce state change, proposed to the shard that holds its records.
@@ -561,6 +575,7 @@ pub fn apply(
                 };
                 if view.order.record.status != OrderStatus::PendingPayment
                     || *now_ms < view.order.record.expires_at_ms
+                    || capture_holds_expiry(&mut *state, id, *now_ms)?
                 {
                     continue;
                 }
@@ -573,6 +588,18 @@ pub fn apply(
             Ok(CommerceResponse::Expired { orders: expired })
         }
     }
+}
+
+/// Whether `order_id` has a capture owed young enough to hold off its expiry.
+fn capture_holds_expiry(
+    state: &mut dyn StateAccess,
+    order_id: &str,
+    now_ms: u64,
+) -> Result<bool, SmError> {
+    Ok(
+        load::<CaptureOwed>(state, &keys::capture_owed_key(order_id))?
+            .is_some_and(|o| o.record.holds_expiry_at(now_ms)),
+    )
 }
 
 fn unknown_sku(sku: &str) -> CommerceResponse {
@@ -1175,13 +1202,20 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
         }
         CommerceRead::DueDeadlines { now_ms, limit } => {
             let rows = r.scan(&keys::order_deadline_prefix(), None, *limit as usize)?;
-            CommerceReadResult::OrderIds(
-                rows.iter()
-                    .filter_map(|(k, _)| keys::parse_order_deadline_key(k))
-                    .take_while(|(at, _)| at <= now_ms)
-                    .map(|(_, id)| id.to_string())
-                    .collect(),
-            )
+            let mut due = Vec::new();
+            for (_, id) in rows
+                .iter()
+                .filter_map(|(k, _)| keys::parse_order_deadline_key(k))
+                .take_while(|(at, _)| at <= now_ms)
+            {
+                // Held off by a capture owed: apply would skip it anyway.
+                let held = read_one::<CaptureOwed>(r, &keys::capture_owed_key(id))?
+                    .is_some_and(|o| o.record.holds_expiry_at(*now_ms));
+                if !held {
+                    due.push(id.to_string());
+                }
+            }
+            CommerceReadResult::OrderIds(due)
         }
         CommerceRead::Txn { order_id } => CommerceReadResult::Txn(txn::read_view(r, order_id)?),
         CommerceRead::InFlight { limit } => {
@@ -1409,6 +1443,56 @@ mod tests {
             RejectCode::IllegalTransition
         );
         assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+    }
+
+    #[test]
+    fn an_authorized_order_does_not_expire_while_its_capture_is_owed() {
+        let (mut m, i) = shop();
+        let placed = order(apply(&mut m, i, &place("o1", &[("A", 2)])).unwrap());
+        let deadline = placed.order.record.expires_at_ms;
+        // Authorized just before the deadline.
+        let authorized = CommerceCommand::RecordPayment {
+            order_id: "o1".into(),
+            attempt_key: "o1:1".into(),
+            outcome: PaymentOutcome::Authorized {
+                auth_ref: "auth".into(),
+                amount_minor: 500,
+                card_last4: "4242".into(),
+            },
+            now_ms: deadline - 1,
+        };
+        order(apply(&mut m, i + 1, &authorized).unwrap());
+        let due = |m: &Mem, now| {
+            read(
+                m,
+                &CommerceRead::DueDeadlines {
+                    now_ms: now,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        let expire = |now| CommerceCommand::ExpireOrders {
+            order_ids: vec!["o1".into()],
+            now_ms: now,
+        };
+        let held_until = deadline - 1 + CAPTURE_OWED_HOLDS_EXPIRY_MS;
+        assert_eq!(due(&m, deadline), CommerceReadResult::OrderIds(vec![]));
+        assert_eq!(
+            apply(&mut m, i + 2, &expire(held_until - 1)).unwrap(),
+            CommerceResponse::Expired { orders: 0 }
+        );
+        assert_eq!(level(&m, "A").reserved, 2);
+        // A capture that never gets recorded does not hold it for ever.
+        assert_eq!(
+            due(&m, held_until),
+            CommerceReadResult::OrderIds(vec!["o1".into()])
+        );
+        assert_eq!(
+            apply(&mut m, i + 3, &expire(held_until)).unwrap(),
+            CommerceResponse::Expired { orders: 1 }
+        );
+        assert_eq!(level(&m, "A").reserved, 0);
     }
 
     #[test]
