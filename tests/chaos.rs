@@ -372,13 +372,15 @@ async fn chaos() {
                 faults.partitions += 1;
             }
             _ => {
-                // One-way cut plus delay everywhere.
+                // One-way cut plus, everywhere, a throttle (congested links)
+                // and a latency (long links: up to 300 ms round trips).
                 let from = all[rng.random_range(0..all.len())];
                 let others: Vec<u64> = all.iter().copied().filter(|n| *n != from).collect();
                 let to = others[rng.random_range(0..others.len())];
                 c.set_links(&[from], &[to], LinkMode::Blackhole, false);
                 for link in c.links.values() {
                     link.set_delay(rng.random_range(5..40));
+                    link.set_latency(rng.random_range(0..150));
                 }
                 faults.partitions += 1;
             }

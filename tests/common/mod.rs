@@ -221,11 +221,12 @@ impl TestCluster {
         }
     }
 
-    /// Every link back to pass-through with no delay.
+    /// Every link back to pass-through with no throttle or latency.
     pub fn heal_links(&self) {
         for link in self.links.values() {
             link.set(proxy::LinkMode::Pass);
             link.set_delay(0);
+            link.set_latency(0);
         }
     }
 
