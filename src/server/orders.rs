@@ -262,18 +262,28 @@ impl Orders for OrdersService {
             expires_at_ms: now.saturating_add(self.ctx.node.config.order_payment_timeout_ms),
             clear_cart_version: clear_here,
         };
-        let (node, customer) = (Arc::clone(&self.ctx.node), r.customer_id);
-        let flow = async move {
-            let view =
-                commerce::propose_order(&node, order_shard, cmd, fence.as_ref(), deadline).await?;
+        let view = match (cart_version, clear_here) {
             // A cart on another shard is emptied by a second command, in the
-            // same task: a caller leaving in between must not leave it full.
-            if let (Some(version), None) = (cart_version, clear_here) {
-                clear_checked_out_cart(&node, cart_shard, customer, version, deadline).await;
+            // same task as the order: a caller leaving in between must not
+            // leave it full.
+            (Some(version), None) => {
+                let (node, customer) = (Arc::clone(&self.ctx.node), r.customer_id);
+                let flow = async move {
+                    let view =
+                        commerce::propose_order(&node, order_shard, cmd, fence.as_ref(), deadline)
+                            .await?;
+                    clear_checked_out_cart(&node, cart_shard, customer, version, deadline).await;
+                    Ok(view)
+                };
+                run_detached("order flow", flow).await?
             }
-            Ok(view)
+            // One command: nothing a departing caller could cut in two, so
+            // no task of its own on this path (flash sales take it).
+            _ => {
+                commerce::propose_order(&self.ctx.node, order_shard, cmd, fence.as_ref(), deadline)
+                    .await?
+            }
         };
-        let view = run_detached("order flow", flow).await?;
         Ok(self.reply(&map, view))
     }
 
