@@ -85,6 +85,9 @@ pub struct PlaceTxn<'a> {
     pub lines: &'a [(String, u32)],
     /// Checked by every participant's prepare, if given.
     pub fence: Option<&'a Fence>,
+    /// Placed by a checkout: the version of the cart it read (kept in the
+    /// order).
+    pub checkout_cart_version: Option<u64>,
 }
 
 /// Places a cross-shard order (normalised `lines`). Committed: the order.
@@ -112,6 +115,7 @@ pub async fn place(
         customer,
         lines,
         fence,
+        checkout_cart_version,
     } = order;
     let anchor = map.shard_of_order(order_id);
     let now = now_ms();
@@ -222,6 +226,7 @@ pub async fn place(
                     currency,
                     total_minor,
                     expires_at_ms: now_ms().saturating_add(node.config.order_payment_timeout_ms),
+                    checkout_cart_version,
                 },
                 Err(r) => Decision::Abort(r),
             }

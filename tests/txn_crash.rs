@@ -435,3 +435,109 @@ async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewh
     let within = Duration::from_millis(3000);
     wait_placed_and_cart_emptied(&mut orders, &mut cart, &order_id, &customer, within).await;
 }
+
+/// `customer`'s cart lines, read through `cart`.
+async fn cart_lines(cart: &mut CartClient<Chan>, customer: &str) -> Vec<proto::CartLine> {
+    cart.get(proto::GetCartRequest {
+        customer_id: customer.into(),
+    })
+    .await
+    .expect("cart")
+    .into_inner()
+    .lines
+}
+
+/// A checkout of `customer`'s cart under `order_id`.
+fn checkout(order_id: &str, customer: &str) -> proto::PlaceOrderRequest {
+    proto::PlaceOrderRequest {
+        fence: None,
+        order_id: order_id.into(),
+        customer_id: customer.into(),
+        lines: Vec::new(),
+        from_cart: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_checkout_empties_the_cart_its_dead_first_attempt_left_full() {
+    // Every node aborts its process right after a checkout's order is placed
+    // and before the cart it read is emptied. The first attempt goes to
+    // node 1, which dies there; the client retries the same checkout (same
+    // order id) through node 2, which finds the order placed.
+    let (mut c, _inv, mut orders, skus) = cluster_with("checkout-after-order=return").await;
+    let map = shopkv::router::ClusterMap::new(0, SHARDS, Default::default());
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    // A single-shard order with its cart on another shard (1PC, then the
+    // clear), and an order over every shard (2PC, then the clear).
+    let shard = map.shard_of_sku(&skus[0]);
+    let one_shard = (
+        (0..)
+            .map(|i| format!("near-{i}"))
+            .find(|id| map.shard_of_order(id) == shard)
+            .expect("an order id on the SKU's shard"),
+        (0..)
+            .map(|i| format!("far-{i}"))
+            .find(|cu| map.shard_of_customer(cu) != shard)
+            .expect("a customer elsewhere"),
+        vec![skus[0].clone()],
+    );
+    let every_shard = ("across".to_string(), "erin".to_string(), skus.clone());
+    for (order_id, customer, cart_skus) in [one_shard, every_shard] {
+        for sku in &cart_skus {
+            cart.add_item(proto::AddCartItemRequest {
+                customer_id: customer.clone(),
+                sku: sku.clone(),
+                quantity: 1,
+                fence: None,
+            })
+            .await
+            .expect("add to cart");
+        }
+        let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+        let first = via1.place(checkout(&order_id, &customer)).await;
+        assert!(
+            first.is_err(),
+            "node 1 answered instead of dying: {first:?}"
+        );
+        let died = Instant::now() + Duration::from_secs(10);
+        while c.node_mut(1).is_running() {
+            assert!(Instant::now() < died, "node 1 did not die after the order");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The window the fix is about: the order exists, the cart is full.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let placed = loop {
+            match get_order(&mut orders, &order_id).await {
+                Ok(o) => break o,
+                // Leaderless shards while node 1's leaderships move.
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the first attempt's order {order_id} is not there: {e:?}"),
+            }
+        };
+        assert_eq!(
+            cart_lines(&mut cart, &customer).await.len(),
+            cart_skus.len()
+        );
+
+        let retried = loop {
+            match orders.place(checkout(&order_id, &customer)).await {
+                Ok(o) => break o.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the retried checkout {order_id} failed: {e:?}"),
+            }
+        };
+        assert_eq!(retried.order_id, placed.order_id);
+        assert_eq!(retried.total_minor, placed.total_minor);
+        assert_eq!(
+            cart_lines(&mut cart, &customer).await,
+            Vec::new(),
+            "{order_id}: the retried checkout answered but left the cart full"
+        );
+        c.restart(1);
+        c.wait_ready(Duration::from_secs(30)).await;
+    }
+}

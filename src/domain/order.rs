@@ -143,6 +143,10 @@ pub struct Order {
     /// Placed by 2PC: its lines' stock lives on other shards and moves
     /// through settlements; otherwise (1PC) it moves in the same apply.
     pub two_phase: bool,
+    /// Placed by a checkout: the version of the cart it ordered. A retried
+    /// checkout that finds the order empties that cart if it still is that
+    /// version (the first attempt may have died before it could).
+    pub checkout_cart_version: Option<u64>,
 }
 
 /// The payment record of an order (same shard as the order).

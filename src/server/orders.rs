@@ -115,9 +115,8 @@ impl OrdersService {
     }
 }
 
-/// Empties `customer`'s cart on `shard` after a checkout, if it still has
-/// `version` (the one the checkout read): best effort, the order stands either
-/// way, and a cart changed since stays as it is.
+/// Empties `customer`'s cart on `shard` after a checkout placed its order,
+/// if the cart still has `version` (the one the checkout read).
 async fn clear_checked_out_cart(
     node: &Node,
     shard: u64,
@@ -125,13 +124,31 @@ async fn clear_checked_out_cart(
     version: u64,
     deadline: Instant,
 ) {
+    crash_point!("checkout-after-order");
     delay_point!("checkout-before-clear");
+    clear_cart_at_version(node, shard, customer, version, deadline).await
+}
+
+/// Empties `customer`'s cart on `shard` if it still has `version`: best
+/// effort, the order stands either way, and a cart changed since (or already
+/// emptied) stays as it is. Versions are log indexes, so a cart filled again
+/// after the clear never has the old one.
+async fn clear_cart_at_version(
+    node: &Node,
+    shard: u64,
+    customer: String,
+    version: u64,
+    deadline: Instant,
+) {
     let cmd = CommerceCommand::CartClear {
         customer,
         expected_version: Some(version),
     };
-    if let Err(e) = commerce::propose(node, shard, cmd, deadline).await {
-        tracing::info!(error = %e, "cart not cleared after checkout");
+    match commerce::propose(node, shard, cmd, deadline).await {
+        Ok(_) => {}
+        // Emptied already, or changed by its owner since: as it should be.
+        Err(CommerceError::Rejected(rej)) if rej.code == RejectCode::CartChanged => {}
+        Err(e) => tracing::info!(error = %e, "cart not cleared after checkout"),
     }
 }
 
@@ -170,12 +187,24 @@ impl Orders for OrdersService {
                     "give either lines or from_cart, not both",
                 ));
             }
-            // A retried checkout finds its cart already emptied: answer with
-            // the order it placed.
+            // A retried checkout answers with the order it placed, and
+            // empties the cart it ordered if the first attempt could not
+            // (its node died between the order and the clear).
             if !r.order_id.is_empty() {
                 let shard = map.shard_of_order(&r.order_id);
                 match commerce::get_order(&self.ctx.node, shard, &r.order_id, deadline).await {
                     Ok(v) if v.order.record.customer == r.customer_id => {
+                        if let Some(version) = v.order.record.checkout_cart_version {
+                            let cart_shard = map.shard_of_customer(&r.customer_id);
+                            clear_cart_at_version(
+                                &self.ctx.node,
+                                cart_shard,
+                                r.customer_id.clone(),
+                                version,
+                                deadline,
+                            )
+                            .await;
+                        }
                         return Ok(self.reply(&map, v));
                     }
                     Ok(_) => {
@@ -240,6 +269,7 @@ impl Orders for OrdersService {
                     customer: &customer,
                     lines: &flow_lines,
                     fence: fence.as_ref(),
+                    checkout_cart_version: cart_version,
                 };
                 let view = txn::place(&node, &flow_map, &settler, order, flow_deadline).await?;
                 // A checkout empties the cart it read, as part of the same flow.
@@ -252,7 +282,7 @@ impl Orders for OrdersService {
             let view = run_detached("order flow", flow).await?;
             return Ok(self.reply(&map, view));
         }
-        let clear_here = cart_version.filter(|_| cart_shard == order_shard);
+        let clear_here = cart_version.is_some() && cart_shard == order_shard;
         let now = now_ms();
         let cmd = CommerceCommand::PlaceOrder {
             order_id: order_id.clone(),
@@ -260,13 +290,14 @@ impl Orders for OrdersService {
             lines,
             now_ms: now,
             expires_at_ms: now.saturating_add(self.ctx.node.config.order_payment_timeout_ms),
-            clear_cart_version: clear_here,
+            checkout_cart_version: cart_version,
+            clear_cart: clear_here,
         };
         let view = match (cart_version, clear_here) {
             // A cart on another shard is emptied by a second command, in the
             // same task as the order: a caller leaving in between must not
             // leave it full.
-            (Some(version), None) => {
+            (Some(version), false) => {
                 let (node, customer) = (Arc::clone(&self.ctx.node), r.customer_id);
                 let flow = async move {
                     let view =

@@ -176,8 +176,12 @@ pub enum CommerceCommand {
         now_ms: u64,
         /// Payment deadline.
         expires_at_ms: u64,
-        /// Checkout from a cart on this shard: clear it if still at this version.
-        clear_cart_version: Option<u64>,
+        /// Placed by a checkout: the version of the cart it read (kept in
+        /// the order).
+        checkout_cart_version: Option<u64>,
+        /// The checked-out cart is on this shard: clear it in the same
+        /// apply, refusing the order if it is no longer that version.
+        clear_cart: bool,
     },
     /// Records the provider's answer to a payment attempt.
     RecordPayment {
@@ -469,7 +473,8 @@ pub fn apply(
             lines,
             now_ms,
             expires_at_ms,
-            clear_cart_version,
+            checkout_cart_version,
+            clear_cart,
         } => place_order(
             state,
             index,
@@ -479,7 +484,8 @@ pub fn apply(
                 lines,
                 now_ms: *now_ms,
                 expires_at_ms: *expires_at_ms,
-                clear_cart_version: *clear_cart_version,
+                checkout_cart_version: *checkout_cart_version,
+                clear_cart: *clear_cart,
             },
         ),
         CommerceCommand::RecordPayment {
@@ -672,7 +678,8 @@ struct PlaceArgs<'a> {
     lines: &'a [(String, u32)],
     now_ms: u64,
     expires_at_ms: u64,
-    clear_cart_version: Option<u64>,
+    checkout_cart_version: Option<u64>,
+    clear_cart: bool,
 }
 
 fn place_order(
@@ -737,7 +744,7 @@ fn place_order(
             .unwrap_or_default();
         levels.push(check!(level.reserve(sku, *qty)));
     }
-    if let Some(expected) = a.clear_cart_version {
+    if let Some(expected) = a.checkout_cart_version.filter(|_| a.clear_cart) {
         let cart = load::<Cart>(state, &keys::cart_key(a.customer))?;
         if cart.map(|c| c.version) != Some(expected) {
             return Ok(reject(
@@ -767,6 +774,7 @@ fn place_order(
         expires_at_ms: a.expires_at_ms,
         updated_at_ms: a.now_ms,
         two_phase: false,
+        checkout_cart_version: a.checkout_cart_version,
     };
     save(state, keys::order_key(a.order_id), index, &order)?;
     // No payment record yet: an absent one reads as nothing paid (every
@@ -1294,7 +1302,8 @@ mod tests {
             lines: lines.iter().map(|(s, q)| (s.to_string(), *q)).collect(),
             now_ms: 1_000,
             expires_at_ms: 5_000,
-            clear_cart_version: None,
+            checkout_cart_version: None,
+            clear_cart: false,
         }
     }
 
@@ -1740,6 +1749,7 @@ mod tests {
                 currency: crate::domain::money::Currency::parse("EUR").unwrap(),
                 total_minor: 0,
                 expires_at_ms: 9_000,
+                checkout_cart_version: None,
             },
             now_ms: 2_001,
         };
@@ -1808,12 +1818,16 @@ mod tests {
                 currency,
                 total_minor,
                 expires_at_ms: 50_000,
+                checkout_cart_version: Some(77),
             },
             now_ms: 2,
         };
         let v = txn(apply(&mut m, i + 2, &decide).unwrap());
         assert_eq!(v.status, TxnStatus::Committed);
-        assert!(v.order.unwrap().order.record.two_phase);
+        let placed = v.order.unwrap().order.record;
+        assert!(placed.two_phase);
+        // A retried checkout reads which cart version the order came from.
+        assert_eq!(placed.checkout_cart_version, Some(77));
         // Cancel on the anchor owes a release; stock moves only when resolved.
         let cancel = CommerceCommand::Transition {
             order_id: "t2".into(),

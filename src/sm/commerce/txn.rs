@@ -113,6 +113,9 @@ pub enum Decision {
         total_minor: i64,
         /// Payment deadline.
         expires_at_ms: u64,
+        /// Placed by a checkout: the version of the cart it read (kept in
+        /// the order).
+        checkout_cart_version: Option<u64>,
     },
     /// A participant voted no (or pricing failed): the reason.
     Abort(Rejection),
@@ -329,6 +332,7 @@ pub(super) fn decide(
             currency,
             total_minor,
             expires_at_ms,
+            checkout_cart_version,
         } => {
             let order = Order {
                 order_id: order_id.to_string(),
@@ -341,6 +345,7 @@ pub(super) fn decide(
                 expires_at_ms: *expires_at_ms,
                 updated_at_ms: now_ms,
                 two_phase: true,
+                checkout_cart_version: *checkout_cart_version,
             };
             // The payment record appears with the first payment event (as
             // for a 1PC order).
