@@ -21,6 +21,9 @@ use crate::storage::keys;
 pub const MAX_EXPIRE_BATCH: usize = 256;
 /// Most capture-owed entries one `DueCaptures` read looks at.
 const MAX_CAPTURES_SCANNED: usize = 4_096;
+/// Most deadline entries one due-deadline read looks at (orders held off by
+/// a capture owed are skipped; there are at most as many as captures owed).
+const MAX_DEADLINES_SCANNED: usize = 4_096;
 /// An unpaid order whose payment was authorized (a capture owed) does not
 /// expire for this long after the authorization: the customer paid in time,
 /// and the sweeper captures and records it within seconds. Past it (the
@@ -672,6 +675,43 @@ fn load_order(state: &mut dyn StateAccess, order_id: &str) -> Result<Option<Orde
     Ok(Some(OrderView { order, payment }))
 }
 
+/// Up to `limit` orders whose payment deadline is `now_ms` or earlier, in
+/// deadline order, skipping those a capture owed holds off (apply would skip
+/// them too). Looks past held ones — at most [`MAX_DEADLINES_SCANNED`] rows —
+/// so that they cannot hide later due orders until their hold ends.
+fn due_deadlines(r: &dyn RecordReader, now_ms: u64, limit: usize) -> Result<Vec<String>, SmError> {
+    let prefix = keys::order_deadline_prefix();
+    let page = limit.clamp(1, MAX_DEADLINES_SCANNED);
+    let mut due = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    let mut scanned = 0;
+    while due.len() < limit && scanned < MAX_DEADLINES_SCANNED {
+        let rows = r.scan(&prefix, after.as_deref(), page)?;
+        scanned += rows.len();
+        for (k, _) in &rows {
+            let Some((at, id)) = keys::parse_order_deadline_key(k) else {
+                continue;
+            };
+            if at > now_ms {
+                return Ok(due);
+            }
+            let held = read_one::<CaptureOwed>(r, &keys::capture_owed_key(id))?
+                .is_some_and(|o| o.record.holds_expiry_at(now_ms));
+            if !held {
+                due.push(id.to_string());
+                if due.len() == limit {
+                    return Ok(due);
+                }
+            }
+        }
+        match rows.last() {
+            Some((last, _)) if rows.len() == page => after = Some(last.clone()),
+            _ => break,
+        }
+    }
+    Ok(due)
+}
+
 struct PlaceArgs<'a> {
     order_id: &'a str,
     customer: &'a str,
@@ -1209,21 +1249,7 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
             CommerceReadResult::Orders(orders, more)
         }
         CommerceRead::DueDeadlines { now_ms, limit } => {
-            let rows = r.scan(&keys::order_deadline_prefix(), None, *limit as usize)?;
-            let mut due = Vec::new();
-            for (_, id) in rows
-                .iter()
-                .filter_map(|(k, _)| keys::parse_order_deadline_key(k))
-                .take_while(|(at, _)| at <= now_ms)
-            {
-                // Held off by a capture owed: apply would skip it anyway.
-                let held = read_one::<CaptureOwed>(r, &keys::capture_owed_key(id))?
-                    .is_some_and(|o| o.record.holds_expiry_at(*now_ms));
-                if !held {
-                    due.push(id.to_string());
-                }
-            }
-            CommerceReadResult::OrderIds(due)
+            CommerceReadResult::OrderIds(due_deadlines(r, *now_ms, *limit as usize)?)
         }
         CommerceRead::Txn { order_id } => CommerceReadResult::Txn(txn::read_view(r, order_id)?),
         CommerceRead::InFlight { limit } => {
@@ -1502,6 +1528,39 @@ mod tests {
             CommerceResponse::Expired { orders: 1 }
         );
         assert_eq!(level(&m, "A").reserved, 0);
+    }
+
+    #[test]
+    fn orders_held_off_by_a_capture_owed_do_not_hide_later_due_ones() {
+        let (mut m, i) = shop();
+        for (n, id) in ["o1", "o2", "o3"].into_iter().enumerate() {
+            order(apply(&mut m, i + n as u64, &place(id, &[("A", 1)])).unwrap());
+        }
+        // o1 and o2 (first in deadline order) are authorized just before
+        // their deadline: held off. o3 is not.
+        for (n, id) in ["o1", "o2"].into_iter().enumerate() {
+            let authorized = CommerceCommand::RecordPayment {
+                order_id: id.into(),
+                attempt_key: format!("{id}:1"),
+                outcome: PaymentOutcome::Authorized {
+                    auth_ref: "auth".into(),
+                    amount_minor: 250,
+                    card_last4: "4242".into(),
+                },
+                now_ms: 4_999,
+            };
+            order(apply(&mut m, i + 3 + n as u64, &authorized).unwrap());
+        }
+        // A window as small as the held orders still finds o3.
+        let due = read(
+            &m,
+            &CommerceRead::DueDeadlines {
+                now_ms: 5_000,
+                limit: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(due, CommerceReadResult::OrderIds(vec!["o3".into()]));
     }
 
     #[test]
