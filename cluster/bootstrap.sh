@@ -53,21 +53,24 @@ if [ -z "${SHOPKV_BIN:-}" ]; then
 fi
 [ -x "$SHOPKV_BIN" ] || die "no binary at $SHOPKV_BIN"
 
+alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
 endpoints=""
+started=""   # "id:pid" of the nodes this run started
 for i in $(seq 1 "$NODES"); do
   dir="$DATA_DIR/n$i"
   mkdir -p "$dir"
   peer="127.0.0.1:$((BASE_PORT + 2 * i))"
   client="127.0.0.1:$((BASE_PORT + 2 * i + 1))"
   endpoints="${endpoints:+$endpoints,}$client"
-  if [ -f "$dir/shopkv.pid" ] && pid=$(cat "$dir/shopkv.pid") && kill -0 "$pid" 2>/dev/null \
-     && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
+  if [ -f "$dir/shopkv.pid" ] && pid=$(cat "$dir/shopkv.pid") && alive "$pid"; then
     echo "bootstrap: node $i already running (pid $(cat "$dir/shopkv.pid"))"
     continue
   fi
   nohup "$SHOPKV_BIN" serve --id "$i" --data-dir "$dir" --peer-addr "$peer" --client-addr "$client" \
     >> "$dir/shopkv.log" 2>&1 < /dev/null &
   echo $! > "$dir/shopkv.pid"
+  started="$started $i:$!"
   echo "bootstrap: started node $i (pid $!, peer $peer, client $client)"
 done
 
@@ -78,6 +81,16 @@ for ep in ${endpoints//,/ }; do
     sleep 0.2
   done
   "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1 || die "node at $ep did not come up (see its shopkv.log)"
+done
+
+# Whoever answered must be the nodes started here: a node that cannot bind its
+# ports (another cluster holds them) exits at once, and that other cluster's
+# answers must not be taken for ours (nor its "already initialised").
+for _ in 1 2 3 4 5; do
+  for n in $started; do
+    alive "${n#*:}" || die "node ${n%%:*} exited at start-up: $(tail -n 3 "$DATA_DIR/n${n%%:*}/shopkv.log")"
+  done
+  sleep 0.1
 done
 
 if [ ! -f "$DATA_DIR/initialized" ]; then

@@ -217,3 +217,39 @@ async fn bootstrap_demo_loads_a_catalog_with_stock_on_every_shard() {
     }
     stop(dir.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_refuses_ports_another_cluster_holds() {
+    let first = tempfile::tempdir().expect("tempdir");
+    let second = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port().to_string();
+    let boot = |dir: &Path| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script("bootstrap.sh"))
+            .args(["--nodes", "3", "--base-port", &base, "--data-dir"])
+            .arg(dir)
+            .env("SHOPKV_BIN", binary());
+        cmd
+    };
+    run(&mut boot(first.path()));
+    // Same ports, other data: its nodes cannot bind, and the first cluster's
+    // answers must not pass for a cluster of its own.
+    let out = boot(second.path()).output().expect("run script");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let _ = std::process::Command::new("bash")
+        .arg(script("stop.sh"))
+        .arg("--data-dir")
+        .arg(second.path())
+        .output();
+    stop(first.path());
+    assert!(
+        !out.status.success(),
+        "bootstrap on ports another cluster holds succeeded: {}{text}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(text.contains("exited at start-up"), "{text}");
+    assert!(
+        !second.path().join("endpoints").exists() && !second.path().join("initialized").exists(),
+        "the failed bootstrap wrote endpoints or marked itself initialised"
+    );
+}
