@@ -253,3 +253,47 @@ async fn bootstrap_refuses_ports_another_cluster_holds() {
         "the failed bootstrap wrote endpoints or marked itself initialised"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pid_file_naming_another_process_neither_skips_nor_kills_it() {
+    // After a reboot a node's pid file may name an unrelated process:
+    // bootstrap must start the node anyway, and stop.sh must not kill it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port().to_string();
+    let boot = || {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script("bootstrap.sh"))
+            .args(["--nodes", "3", "--base-port", &base, "--data-dir"])
+            .arg(dir.path())
+            .env("SHOPKV_BIN", binary());
+        cmd
+    };
+    run(&mut boot());
+    stop(dir.path());
+    let mut stranger = Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .expect("spawn sleep");
+    std::fs::write(dir.path().join("n1/shopkv.pid"), stranger.id().to_string())
+        .expect("write pid file");
+    let out = boot().output().expect("run script");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restarted = out.status.success() && text.contains("started node 1");
+    let endpoints = std::fs::read_to_string(dir.path().join("endpoints")).expect("endpoints");
+    let ready = restarted && shopkv::cli::not_ready(&status(endpoints.trim()).await).is_none();
+    stop(dir.path());
+    // Stopped; now a stale pid file names the stranger.
+    std::fs::write(dir.path().join("n2/shopkv.pid"), stranger.id().to_string())
+        .expect("write pid file");
+    stop(dir.path());
+    let spared = stranger.try_wait().expect("try_wait").is_none();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(restarted, "node 1 was not started: {text}");
+    assert!(ready, "the restarted cluster is not ready");
+    assert!(spared, "stop.sh killed the process a stale pid file named");
+}
