@@ -13,8 +13,8 @@ use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::payment::PaymentError;
 use crate::router::ClusterMap;
 use crate::sm::commerce::{
-    CaptureOwed, CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, OrderView,
-    PaymentOutcome,
+    CaptureOwed, CartClearOwed, CommerceCommand, CommerceRead, CommerceReadResult,
+    CommerceResponse, OrderView, PaymentOutcome,
 };
 use crate::sm::{self, Command, Fence, Response};
 use crate::storage::keys::GroupId;
@@ -334,6 +334,50 @@ pub async fn settle_refund(
     match propose_order(node, shard, cmd, None, deadline).await {
         Ok(v) => Ok(v),
         Err(e) => Err((view, e)),
+    }
+}
+
+/// Empties `customer`'s cart (on `shard`) if it still has `version`, the
+/// one a checkout read. A cart emptied already, or changed by its owner
+/// since, stays as it is and counts as done. Versions are log indexes, so a
+/// cart filled again after a clear never has the old one.
+pub async fn clear_cart_at_version(
+    node: &Node,
+    shard: GroupId,
+    customer: &str,
+    version: u64,
+    deadline: Instant,
+) -> Result<(), CommerceError> {
+    let cmd = CommerceCommand::CartClear {
+        customer: customer.to_string(),
+        expected_version: Some(version),
+    };
+    match propose(node, shard, cmd, deadline).await {
+        Ok(_) => Ok(()),
+        Err(CommerceError::Rejected(r)) if r.code == RejectCode::CartChanged => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Finishes a checkout's owed cart clear (the sweeper, for a checkout whose
+/// node may have died after the order): reads the cart first — the clear is
+/// nearly always done, and a read costs no log entry — and clears it only
+/// if it still has the checked-out version.
+pub async fn finish_cart_clear(
+    node: &Node,
+    map: &ClusterMap,
+    owed: &CartClearOwed,
+    deadline: Instant,
+) -> Result<(), CommerceError> {
+    let shard = map.shard_of_customer(&owed.customer);
+    let op = CommerceRead::Cart {
+        customer: owed.customer.clone(),
+    };
+    match read(node, shard, op, true, deadline).await? {
+        CommerceReadResult::Cart(c) if c.version == owed.cart_version => {
+            clear_cart_at_version(node, shard, &owed.customer, owed.cart_version, deadline).await
+        }
+        _ => Ok(()),
     }
 }
 

@@ -2,7 +2,8 @@
 //! this node leads, every [`SWEEP_INTERVAL`]: propose the expiry of unpaid
 //! orders past their deadline (stamped with this leader's clock; apply
 //! re-checks each deadline and status), retry refunds that are owed, finish
-//! payments whose capture was never recorded (`commerce::capture_owed`), and
+//! payments whose capture was never recorded (`commerce::capture_owed`),
+//! empty the carts checkouts left full (`commerce::finish_cart_clear`), and
 //! run 2PC recovery (`txn::recover`).
 
 use std::sync::Weak;
@@ -26,6 +27,12 @@ const MAX_CAPTURES_PER_SWEEP: u32 = 32;
 /// sweeper captures and records it: longer than the flow takes to record
 /// after the provider answers (`commerce::RECORD_AFTER_PROVIDER`, 5 s).
 const CAPTURE_GRACE_MS: u64 = 10_000;
+
+/// Checkout cart clears owed finished per shard per sweep.
+const MAX_CART_CLEARS_PER_SWEEP: u32 = 64;
+/// A checkout's cart is left to the checkout this long before the sweeper
+/// empties it (the checkout does so right after its order).
+const CART_CLEAR_GRACE_MS: u64 = 5_000;
 
 /// Runs until the node is dropped.
 pub async fn run(node: Weak<Node>) {
@@ -93,6 +100,9 @@ async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceErro
         ReadResult::Commerce(CommerceReadResult::CapturesOwed(due)) => due,
         _ => Vec::new(),
     };
+    if let Err(e) = finish_cart_clears(node, group, now, deadline).await {
+        tracing::warn!(group, error = %e, "owed cart clears not finished; will retry");
+    }
     for (order_id, owed) in captures {
         match commerce::capture_owed(node, group, &order_id, &owed, deadline).await {
             Ok(_) => tracing::info!(group, order_id, "recorded a capture its payment flow left"),
@@ -119,4 +129,45 @@ fn local_ids(
         ReadResult::Commerce(CommerceReadResult::OrderIds(ids)) => Ok(ids),
         _ => Ok(Vec::new()),
     }
+}
+
+/// Empties the carts of checkouts older than [`CART_CLEAR_GRACE_MS`] that
+/// still owe it (their node died between the order and the clear), then
+/// deletes those entries in one command.
+async fn finish_cart_clears(
+    node: &Node,
+    group: GroupId,
+    now: u64,
+    deadline: Instant,
+) -> Result<(), commerce::CommerceError> {
+    let due = match node.read_local(
+        group,
+        &ReadOp::Commerce(CommerceRead::DueCartClears {
+            placed_by_ms: now.saturating_sub(CART_CLEAR_GRACE_MS),
+            limit: MAX_CART_CLEARS_PER_SWEEP,
+        }),
+    )? {
+        ReadResult::Commerce(CommerceReadResult::CartClearsOwed(due)) => due,
+        _ => Vec::new(),
+    };
+    let Some(map) = node.cluster_map().filter(|_| !due.is_empty()) else {
+        return Ok(());
+    };
+    let mut done = Vec::with_capacity(due.len());
+    for (order_id, owed) in due {
+        match commerce::finish_cart_clear(node, &map, &owed, deadline).await {
+            Ok(()) => done.push(order_id),
+            // Likely the cart's shard has no leader: the others would wait
+            // as long, and the sweep has other work. Next sweep.
+            Err(e) => {
+                tracing::warn!(group, order_id, error = %e, "cart not cleared; will retry");
+                break;
+            }
+        }
+    }
+    if !done.is_empty() {
+        let cmd = CommerceCommand::CartClearsDone { order_ids: done };
+        commerce::propose(node, group, cmd, deadline).await?;
+    }
+    Ok(())
 }

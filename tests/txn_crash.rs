@@ -458,71 +458,93 @@ fn checkout(order_id: &str, customer: &str) -> proto::PlaceOrderRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_checkout_empties_the_cart_its_dead_first_attempt_left_full() {
-    // Every node aborts its process right after a checkout's order is placed
-    // and before the cart it read is emptied. The first attempt goes to
-    // node 1, which dies there; the client retries the same checkout (same
-    // order id) through node 2, which finds the order placed.
-    let (mut c, _inv, mut orders, skus) = cluster_with("checkout-after-order=return").await;
+/// Two checkouts whose clear is a command of its own: a single-shard order
+/// with its cart on another shard (1PC, then the clear), and an order over
+/// every shard (2PC, then the clear). (order id, customer, SKUs in the cart.)
+fn checkouts_with_a_cart_elsewhere(
+    skus: &[String],
+    tag: &str,
+) -> Vec<(String, String, Vec<String>)> {
     let map = shopkv::router::ClusterMap::new(0, SHARDS, Default::default());
-    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
-    // A single-shard order with its cart on another shard (1PC, then the
-    // clear), and an order over every shard (2PC, then the clear).
     let shard = map.shard_of_sku(&skus[0]);
     let one_shard = (
         (0..)
-            .map(|i| format!("near-{i}"))
+            .map(|i| format!("{tag}-near-{i}"))
             .find(|id| map.shard_of_order(id) == shard)
             .expect("an order id on the SKU's shard"),
         (0..)
-            .map(|i| format!("far-{i}"))
+            .map(|i| format!("{tag}-far-{i}"))
             .find(|cu| map.shard_of_customer(cu) != shard)
             .expect("a customer elsewhere"),
         vec![skus[0].clone()],
     );
-    let every_shard = ("across".to_string(), "erin".to_string(), skus.clone());
-    for (order_id, customer, cart_skus) in [one_shard, every_shard] {
-        for sku in &cart_skus {
-            cart.add_item(proto::AddCartItemRequest {
-                customer_id: customer.clone(),
-                sku: sku.clone(),
-                quantity: 1,
-                fence: None,
-            })
-            .await
-            .expect("add to cart");
-        }
-        let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
-        let first = via1.place(checkout(&order_id, &customer)).await;
-        assert!(
-            first.is_err(),
-            "node 1 answered instead of dying: {first:?}"
-        );
-        let died = Instant::now() + Duration::from_secs(10);
-        while c.node_mut(1).is_running() {
-            assert!(Instant::now() < died, "node 1 did not die after the order");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // The window the fix is about: the order exists, the cart is full.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let placed = loop {
-            match get_order(&mut orders, &order_id).await {
-                Ok(o) => break o,
-                // Leaderless shards while node 1's leaderships move.
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("the first attempt's order {order_id} is not there: {e:?}"),
-            }
-        };
-        assert_eq!(
-            cart_lines(&mut cart, &customer).await.len(),
-            cart_skus.len()
-        );
+    let every_shard = (
+        format!("{tag}-across"),
+        format!("{tag}-erin"),
+        skus.to_vec(),
+    );
+    vec![one_shard, every_shard]
+}
 
+/// Fills `customer`'s cart with one of each of `cart_skus` and checks it out
+/// under `order_id` through node 1, which dies right after placing the order
+/// (every node runs with `checkout-after-order=return`). Returns the order,
+/// read through node 2, having checked that the cart is still full.
+async fn checkout_and_die(
+    c: &mut TestCluster,
+    orders: &mut OrdersClient<Chan>,
+    cart: &mut CartClient<Chan>,
+    (order_id, customer, cart_skus): &(String, String, Vec<String>),
+) -> proto::Order {
+    for sku in cart_skus {
+        cart.add_item(proto::AddCartItemRequest {
+            customer_id: customer.clone(),
+            sku: sku.clone(),
+            quantity: 1,
+            fence: None,
+        })
+        .await
+        .expect("add to cart");
+    }
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let first = via1.place(checkout(order_id, customer)).await;
+    assert!(
+        first.is_err(),
+        "node 1 answered instead of dying: {first:?}"
+    );
+    let died = Instant::now() + Duration::from_secs(10);
+    while c.node_mut(1).is_running() {
+        assert!(Instant::now() < died, "node 1 did not die after the order");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The window at stake: the order exists, the cart is full.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let placed = loop {
+        match get_order(orders, order_id).await {
+            Ok(o) => break o,
+            // Leaderless shards while node 1's leaderships move.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the first attempt's order {order_id} is not there: {e:?}"),
+        }
+    };
+    assert_eq!(cart_lines(cart, customer).await.len(), cart_skus.len());
+    placed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_checkout_empties_the_cart_its_dead_first_attempt_left_full() {
+    // The client retries each checkout (same order id) through node 2, which
+    // finds the order placed and empties the cart before answering.
+    let (mut c, _inv, mut orders, skus) = cluster_with("checkout-after-order=return").await;
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    for case in checkouts_with_a_cart_elsewhere(&skus, "retried") {
+        let placed = checkout_and_die(&mut c, &mut orders, &mut cart, &case).await;
+        let (order_id, customer, _) = &case;
+        let deadline = Instant::now() + Duration::from_secs(15);
         let retried = loop {
-            match orders.place(checkout(&order_id, &customer)).await {
+            match orders.place(checkout(order_id, customer)).await {
                 Ok(o) => break o.into_inner(),
                 Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -533,11 +555,68 @@ async fn a_retried_checkout_empties_the_cart_its_dead_first_attempt_left_full() 
         assert_eq!(retried.order_id, placed.order_id);
         assert_eq!(retried.total_minor, placed.total_minor);
         assert_eq!(
-            cart_lines(&mut cart, &customer).await,
+            cart_lines(&mut cart, customer).await,
             Vec::new(),
             "{order_id}: the retried checkout answered but left the cart full"
         );
         c.restart(1);
         c.wait_ready(Duration::from_secs(30)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_whose_node_died_before_emptying_the_cart_has_it_emptied_without_a_retry() {
+    // Nobody retries: the order owes the clear, and the order shard's
+    // sweeper empties the cart once the checkout's 5 s grace is over.
+    let (mut c, _inv, mut orders, skus) = cluster_with("checkout-after-order=return").await;
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    for case in checkouts_with_a_cart_elsewhere(&skus, "unretried") {
+        checkout_and_die(&mut c, &mut orders, &mut cart, &case).await;
+        let (order_id, customer, _) = &case;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !cart_lines(&mut cart, customer).await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{order_id}: the cart its dead checkout left full was not emptied"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        c.restart(1);
+        c.wait_ready(Duration::from_secs(30)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_retried_while_its_first_attempt_finishes_answers_with_the_order() {
+    // Every checkout waits 1 s before reading the cart. The retry starts
+    // 0.5 s after the first attempt: it finds no order yet, and by the time
+    // it reads the cart the first attempt has placed the order and emptied
+    // the cart. It must answer with that order, not "the cart is empty".
+    let (c, _inv, _orders, skus) = cluster_with("checkout-before-cart-read=return(1000)").await;
+    let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
+    for sku in &skus {
+        cart.add_item(proto::AddCartItemRequest {
+            customer_id: "frank".into(),
+            sku: sku.clone(),
+            quantity: 1,
+            fence: None,
+        })
+        .await
+        .expect("add to cart");
+    }
+    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
+    let first = tokio::spawn(async move { via1.place(checkout("raced", "frank")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut via2 = OrdersClient::new(channel(&c.node(2).client).await.expect("connect 2"));
+    let retried = via2.place(checkout("raced", "frank")).await;
+    let first = first.await.expect("first attempt");
+    let first = first
+        .expect("the first attempt places the order")
+        .into_inner();
+    let retried = retried
+        .expect("the retry answers with the order")
+        .into_inner();
+    assert_eq!(retried.order_id, first.order_id);
+    assert_eq!(retried.version, first.version);
+    assert_eq!(cart_lines(&mut cart, "frank").await, Vec::new());
 }

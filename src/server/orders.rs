@@ -113,6 +113,39 @@ impl OrdersService {
             other => Err(unexpected(other)),
         }
     }
+
+    /// The order a checkout under `order_id` placed, if any: a retry's
+    /// answer. It first empties the cart that order was checked out from, if
+    /// that cart is still at the checked-out version (the first attempt's
+    /// node may have died before it could). `ORDER_ID_REUSED` if the id is
+    /// another customer's order.
+    async fn placed_checkout(
+        &self,
+        map: &ClusterMap,
+        order_id: &str,
+        customer: &str,
+        deadline: Instant,
+    ) -> Result<Option<OrderView>, Status> {
+        let shard = map.shard_of_order(order_id);
+        match commerce::get_order(&self.ctx.node, shard, order_id, deadline).await {
+            Ok(v) if v.order.record.customer == customer => {
+                if let Some(version) = v.order.record.checkout_cart_version {
+                    let cart_shard = map.shard_of_customer(customer);
+                    let node = &self.ctx.node;
+                    clear_cart_best_effort(node, cart_shard, customer.into(), version, deadline)
+                        .await;
+                }
+                Ok(Some(v))
+            }
+            Ok(_) => Err(Rejection::new(
+                RejectCode::OrderIdReused,
+                format!("order id {order_id} is already used by another order"),
+            )
+            .into()),
+            Err(CommerceError::Rejected(rej)) if rej.code == RejectCode::UnknownOrder => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 /// Empties `customer`'s cart on `shard` after a checkout placed its order,
@@ -126,29 +159,22 @@ async fn clear_checked_out_cart(
 ) {
     crash_point!("checkout-after-order");
     delay_point!("checkout-before-clear");
-    clear_cart_at_version(node, shard, customer, version, deadline).await
+    clear_cart_best_effort(node, shard, customer, version, deadline).await
 }
 
-/// Empties `customer`'s cart on `shard` if it still has `version`: best
-/// effort, the order stands either way, and a cart changed since (or already
-/// emptied) stays as it is. Versions are log indexes, so a cart filled again
-/// after the clear never has the old one.
-async fn clear_cart_at_version(
+/// [`commerce::clear_cart_at_version`], its failure only logged: the order
+/// stands either way, and the order shard's sweeper empties the cart later
+/// (the order owes it).
+async fn clear_cart_best_effort(
     node: &Node,
     shard: u64,
     customer: String,
     version: u64,
     deadline: Instant,
 ) {
-    let cmd = CommerceCommand::CartClear {
-        customer,
-        expected_version: Some(version),
-    };
-    match commerce::propose(node, shard, cmd, deadline).await {
-        Ok(_) => {}
-        // Emptied already, or changed by its owner since: as it should be.
-        Err(CommerceError::Rejected(rej)) if rej.code == RejectCode::CartChanged => {}
-        Err(e) => tracing::info!(error = %e, "cart not cleared after checkout"),
+    if let Err(e) = commerce::clear_cart_at_version(node, shard, &customer, version, deadline).await
+    {
+        tracing::info!(error = %e, "cart not cleared after checkout; the sweeper will");
     }
 }
 
@@ -187,39 +213,26 @@ impl Orders for OrdersService {
                     "give either lines or from_cart, not both",
                 ));
             }
-            // A retried checkout answers with the order it placed, and
-            // empties the cart it ordered if the first attempt could not
-            // (its node died between the order and the clear).
-            if !r.order_id.is_empty() {
-                let shard = map.shard_of_order(&r.order_id);
-                match commerce::get_order(&self.ctx.node, shard, &r.order_id, deadline).await {
-                    Ok(v) if v.order.record.customer == r.customer_id => {
-                        if let Some(version) = v.order.record.checkout_cart_version {
-                            let cart_shard = map.shard_of_customer(&r.customer_id);
-                            clear_cart_at_version(
-                                &self.ctx.node,
-                                cart_shard,
-                                r.customer_id.clone(),
-                                version,
-                                deadline,
-                            )
-                            .await;
-                        }
-                        return Ok(self.reply(&map, v));
-                    }
-                    Ok(_) => {
-                        return Err(Rejection::new(
-                            RejectCode::OrderIdReused,
-                            format!("order id {} is already used by another order", r.order_id),
-                        )
-                        .into());
-                    }
-                    Err(CommerceError::Rejected(rej)) if rej.code == RejectCode::UnknownOrder => {}
-                    Err(e) => return Err(e.into()),
-                }
+            // A retried checkout answers with the order it placed.
+            if !r.order_id.is_empty()
+                && let Some(v) = self
+                    .placed_checkout(&map, &r.order_id, &r.customer_id, deadline)
+                    .await?
+            {
+                return Ok(self.reply(&map, v));
             }
+            delay_point!("checkout-before-cart-read");
             let (lines, version) = self.cart_lines(&map, &r.customer_id, deadline).await?;
             if lines.is_empty() {
+                // An attempt running beside this retry may have placed the
+                // order and emptied the cart since the look above.
+                if !r.order_id.is_empty()
+                    && let Some(v) = self
+                        .placed_checkout(&map, &r.order_id, &r.customer_id, deadline)
+                        .await?
+                {
+                    return Ok(self.reply(&map, v));
+                }
                 return Err(Rejection::new(
                     RejectCode::EmptyOrder,
                     format!("the cart of {} is empty", r.customer_id),

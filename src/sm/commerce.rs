@@ -105,6 +105,32 @@ impl CaptureOwed {
     }
 }
 
+/// A checkout's cart, on another shard than its order, still to be emptied
+/// (`E` record on the order's shard, written with the order). The checkout
+/// empties it right after the order; the order shard's sweeper makes sure
+/// once the entry is older than its grace (the checkout's node may have died
+/// first) and then deletes the entry (`CartClearsDone`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CartClearOwed {
+    /// Whose cart.
+    pub customer: String,
+    /// The version the checkout read: only that cart is emptied.
+    pub cart_version: u64,
+    /// Proposer's clock when the order was written.
+    pub since_ms: u64,
+}
+
+/// Records, with a checkout's order, that the cart it read on another shard
+/// is to be emptied.
+pub(crate) fn owe_cart_clear(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    owed: &CartClearOwed,
+) -> Result<(), SmError> {
+    save(state, keys::cart_clear_owed_key(order_id), index, owed)
+}
+
 /// A commerce state change, proposed to the shard that holds its records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommerceCommand {
@@ -213,6 +239,13 @@ pub enum CommerceCommand {
         /// Proposer's clock.
         now_ms: u64,
     },
+    /// Deletes the cart-clear-owed entries of the named orders: their carts
+    /// are emptied, or were changed by their owners since (proposed by the
+    /// shard leader's sweeper; at most [`MAX_EXPIRE_BATCH`]).
+    CartClearsDone {
+        /// Orders whose entry goes.
+        order_ids: Vec<String>,
+    },
     /// Expires the named orders that are still unpaid at `now_ms` (proposed by
     /// the shard leader's sweeper; apply re-checks each deadline).
     ExpireOrders {
@@ -308,6 +341,9 @@ impl std::fmt::Display for CommerceCommand {
             CommerceCommand::Transition {
                 order_id, event, ..
             } => write!(f, "{event:?}({order_id})"),
+            CommerceCommand::CartClearsDone { order_ids } => {
+                write!(f, "CartClearsDone(n={})", order_ids.len())
+            }
             CommerceCommand::ExpireOrders { order_ids, .. } => {
                 write!(f, "ExpireOrders(n={})", order_ids.len())
             }
@@ -351,8 +387,8 @@ pub enum CommerceResponse {
     Txn(Box<TxnView>),
     /// `PrepareTxn`: YES, with the products as they are now (for pricing).
     Prepared(Vec<Product>),
-    /// `ResolveTxn` / `SettlementDone` applied; `failed` names the orders a
-    /// rule refused (the others were applied).
+    /// `ResolveTxn` / `SettlementDone` / `CartClearsDone` applied; `failed`
+    /// names the orders a rule refused (the others were applied).
     Settled {
         /// (order id, why).
         failed: Vec<(String, Rejection)>,
@@ -576,6 +612,12 @@ pub fn apply(
         }
         CommerceCommand::ResolveTxn { items } => txn::resolve_all(state, index, items),
         CommerceCommand::SettlementDone { items } => txn::settlement_done(state, items),
+        CommerceCommand::CartClearsDone { order_ids } => {
+            for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
+                state.delete(keys::cart_clear_owed_key(id))?;
+            }
+            Ok(CommerceResponse::Settled { failed: Vec::new() })
+        }
         CommerceCommand::ExpireOrders { order_ids, now_ms } => {
             let mut expired = 0u32;
             for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
@@ -817,6 +859,14 @@ fn place_order(
         checkout_cart_version: a.checkout_cart_version,
     };
     save(state, keys::order_key(a.order_id), index, &order)?;
+    if let Some(cart_version) = a.checkout_cart_version.filter(|_| !a.clear_cart) {
+        let owed = CartClearOwed {
+            customer: a.customer.to_string(),
+            cart_version,
+            since_ms: a.now_ms,
+        };
+        owe_cart_clear(state, index, a.order_id, &owed)?;
+    }
     // No payment record yet: an absent one reads as nothing paid (every
     // reader defaults it), and the first payment event writes it.
     state.put(keys::customer_order_key(a.customer, a.order_id), Vec::new())?;
@@ -1128,6 +1178,14 @@ pub enum CommerceRead {
         /// At most this many.
         limit: u32,
     },
+    /// Checkouts whose cart (on another shard) is still to be emptied and
+    /// whose order was written at or before `placed_by_ms` (for the sweeper).
+    DueCartClears {
+        /// Leader's clock minus the grace a live checkout gets.
+        placed_by_ms: u64,
+        /// At most this many.
+        limit: u32,
+    },
     /// A 2PC transaction's state on its anchor (with the order if committed).
     Txn {
         /// Order id.
@@ -1164,6 +1222,8 @@ pub enum CommerceReadResult {
     InFlight(Box<txn::InFlight>),
     /// `DueCaptures`: order id and what its capture needs, by order id.
     CapturesOwed(Vec<(String, CaptureOwed)>),
+    /// `DueCartClears`: order id and the cart to empty, by order id.
+    CartClearsOwed(Vec<(String, CartClearOwed)>),
 }
 
 fn read_one<T: DeserializeOwned>(
@@ -1275,6 +1335,27 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
                 }
             }
             CommerceReadResult::CapturesOwed(due)
+        }
+        CommerceRead::DueCartClears {
+            placed_by_ms,
+            limit,
+        } => {
+            // Young entries (checkouts still emptying their carts) are
+            // skipped, so look past them: up to this many in flight.
+            let rows = r.scan(&keys::cart_clear_owed_prefix(), None, MAX_CAPTURES_SCANNED)?;
+            let mut due = Vec::new();
+            for (k, v) in &rows {
+                let owed: Stored<CartClearOwed> = codec::decode(v)?;
+                if let Some(id) = keys::order_id_of_cart_clear_owed(k)
+                    && owed.record.since_ms <= *placed_by_ms
+                {
+                    due.push((id.to_string(), owed.record));
+                    if due.len() >= *limit as usize {
+                        break;
+                    }
+                }
+            }
+            CommerceReadResult::CartClearsOwed(due)
         }
         CommerceRead::DueRefunds { limit } => {
             let rows = r.scan(&keys::refund_due_prefix(), None, *limit as usize)?;
@@ -1528,6 +1609,63 @@ mod tests {
             CommerceResponse::Expired { orders: 1 }
         );
         assert_eq!(level(&m, "A").reserved, 0);
+    }
+
+    #[test]
+    fn a_checkout_with_its_cart_elsewhere_owes_the_clear_until_the_sweeper_is_done() {
+        let (mut m, i) = shop();
+        let checkout = |id: &str, clear_cart| CommerceCommand::PlaceOrder {
+            order_id: id.into(),
+            customer: "c1".into(),
+            lines: vec![("A".into(), 1)],
+            now_ms: 1_000,
+            expires_at_ms: 5_000,
+            checkout_cart_version: Some(42),
+            clear_cart,
+        };
+        let due = |m: &Mem, placed_by_ms| {
+            read(
+                m,
+                &CommerceRead::DueCartClears {
+                    placed_by_ms,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        // The cart elsewhere: the order keeps its version and owes the clear.
+        let placed = order(apply(&mut m, i, &checkout("o1", false)).unwrap());
+        assert_eq!(placed.order.record.checkout_cart_version, Some(42));
+        // Not before the grace (the checkout clears it itself meanwhile).
+        assert_eq!(due(&m, 999), CommerceReadResult::CartClearsOwed(vec![]));
+        let owed = CartClearOwed {
+            customer: "c1".into(),
+            cart_version: 42,
+            since_ms: 1_000,
+        };
+        assert_eq!(
+            due(&m, 1_000),
+            CommerceReadResult::CartClearsOwed(vec![("o1".into(), owed)])
+        );
+        // Done: the entry goes.
+        let done = CommerceCommand::CartClearsDone {
+            order_ids: vec!["o1".into()],
+        };
+        apply(&mut m, i + 1, &done).unwrap();
+        assert_eq!(
+            due(&m, u64::MAX),
+            CommerceReadResult::CartClearsOwed(vec![])
+        );
+        // A cart on the order's shard is checked and emptied in the same
+        // apply (here it is not at version 42: refused), and owes nothing.
+        assert_eq!(
+            rejected(apply(&mut m, i + 2, &checkout("o2", true)).unwrap()),
+            RejectCode::CartChanged
+        );
+        assert_eq!(
+            due(&m, u64::MAX),
+            CommerceReadResult::CartClearsOwed(vec![])
+        );
     }
 
     #[test]
@@ -1885,8 +2023,24 @@ mod tests {
         assert_eq!(v.status, TxnStatus::Committed);
         let placed = v.order.unwrap().order.record;
         assert!(placed.two_phase);
-        // A retried checkout reads which cart version the order came from.
+        // A retried checkout reads which cart version the order came from,
+        // and the sweeper finds the clear owed.
         assert_eq!(placed.checkout_cart_version, Some(77));
+        match read(
+            &m,
+            &CommerceRead::DueCartClears {
+                placed_by_ms: u64::MAX,
+                limit: 10,
+            },
+        )
+        .unwrap()
+        {
+            CommerceReadResult::CartClearsOwed(due) => {
+                assert_eq!(due.len(), 1);
+                assert_eq!((due[0].0.as_str(), due[0].1.cart_version), ("t2", 77));
+            }
+            other => panic!("{other:?}"),
+        }
         // Cancel on the anchor owes a release; stock moves only when resolved.
         let cancel = CommerceCommand::Transition {
             order_id: "t2".into(),

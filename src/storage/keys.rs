@@ -95,6 +95,7 @@ const NS_CUSTOMER_ORDER: u8 = b'X';
 const NS_ORDER_DEADLINE: u8 = b'Y';
 const NS_REFUND_DUE: u8 = b'F';
 const NS_CAPTURE_OWED: u8 = b'G';
+const NS_CART_CLEAR_OWED: u8 = b'E';
 const NS_TXN: u8 = b'T';
 const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
@@ -378,6 +379,24 @@ pub fn order_id_of_capture_owed(record_key: &[u8]) -> Option<&str> {
         .and_then(|rest| std::str::from_utf8(rest).ok())
 }
 
+/// Record key of a checkout's cart-clear-owed entry (on the order's shard):
+/// the cart it read, on another shard, is still to be emptied.
+pub fn cart_clear_owed_key(order_id: &str) -> Vec<u8> {
+    ns_id(NS_CART_CLEAR_OWED, order_id)
+}
+
+/// Prefix of every cart-clear-owed entry.
+pub fn cart_clear_owed_prefix() -> Vec<u8> {
+    vec![NS_CART_CLEAR_OWED]
+}
+
+/// The order id of a cart-clear-owed entry.
+pub fn order_id_of_cart_clear_owed(record_key: &[u8]) -> Option<&str> {
+    record_key
+        .strip_prefix(&[NS_CART_CLEAR_OWED])
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+}
+
 /// Record key of an order's 2PC transaction record (on the order's shard).
 pub fn txn_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN, order_id)
@@ -474,6 +493,10 @@ mod tests {
             order_id_of_capture_owed(&capture_owed_key("o4")),
             Some("o4")
         );
+        assert_eq!(
+            order_id_of_cart_clear_owed(&cart_clear_owed_key("o5")),
+            Some("o5")
+        );
         let kinds = [
             product_key("x"),
             inventory_key("x"),
@@ -482,6 +505,7 @@ mod tests {
             payment_key("x"),
             refund_due_key("x"),
             capture_owed_key("x"),
+            cart_clear_owed_key("x"),
             txn_key("x"),
             settlement_key("x"),
             held_key("x"),

@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CommerceResponse, OrderView, RecordReader, StateAccess, Stored, load, load_order, read_one,
-    read_order, reject, save, unknown_sku,
+    CartClearOwed, CommerceResponse, OrderView, RecordReader, StateAccess, Stored, load,
+    load_order, owe_cart_clear, read_one, read_order, reject, save, unknown_sku,
 };
 use crate::domain::catalog::Product;
 use crate::domain::inventory::{InventoryLevel, Reservation, ReservationState};
@@ -350,6 +350,14 @@ pub(super) fn decide(
             // The payment record appears with the first payment event (as
             // for a 1PC order).
             save(state, keys::order_key(order_id), index, &order)?;
+            if let Some(cart_version) = *checkout_cart_version {
+                let owed = CartClearOwed {
+                    customer: order.customer.clone(),
+                    cart_version,
+                    since_ms: now_ms,
+                };
+                owe_cart_clear(state, index, order_id, &owed)?;
+            }
             state.put(
                 keys::customer_order_key(&order.customer, order_id),
                 Vec::new(),
