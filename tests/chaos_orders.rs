@@ -1,5 +1,5 @@
 //! Chaos for the commerce records: concurrent single-shard (1PC) and
-//! cross-shard (2PC) orders, a flash sale of one SKU, pays, cancels and
+//! cross-shard (2PC) orders, checkouts of carts, a flash sale of one SKU, pays, cancels and
 //! shipments on a 3-node, 3-shard cluster while a seeded nemesis kills
 //! (SIGKILL), pauses (SIGSTOP) and partitions nodes, with orders expiring and
 //! transactions timing out meanwhile. After heal and a bounded settle it
@@ -8,7 +8,9 @@
 //! outcome), no oversell ever observed, nothing left in flight (no pending
 //! transaction, owed settlement or held reservation); per order, no
 //! acknowledged order lost or changed, no duplicate, final statuses
-//! consistent with every acknowledged transition, and money settled.
+//! consistent with every acknowledged transition, and money settled; per
+//! customer, the cart of its last checkout emptied if that order exists and
+//! untouched if not.
 //!
 //! `SHOPKV_CHAOS_ORDERS_SECS` (default 30) and `SHOPKV_CHAOS_SEED` change the run.
 
@@ -23,6 +25,7 @@ use common::TestCluster;
 use common::proxy::LinkMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shopkv::proto::cart_client::CartClient;
 use shopkv::proto::inventory_client::InventoryClient;
 use shopkv::proto::orders_client::OrdersClient;
 use shopkv::proto::{self, OrderStatus};
@@ -77,8 +80,13 @@ struct Known {
     shipped: bool,
 }
 
+/// A client's last checkout: order id, customer, the cart's lines.
+type Checkout = (String, String, Vec<(String, u32)>);
+
 struct Run {
     orders: Mutex<BTreeMap<String, Known>>,
+    /// Per client, its last checkout (None: its cart's content is unknown).
+    checkouts: Mutex<BTreeMap<u32, Option<Checkout>>>,
     violations: Mutex<Vec<String>>,
     stop: AtomicBool,
     ops: AtomicU32,
@@ -121,6 +129,7 @@ fn not_applied(s: &tonic::Status) -> bool {
 struct Clients {
     orders: Vec<OrdersClient<Channel>>,
     inventory: Vec<InventoryClient<Channel>>,
+    carts: Vec<CartClient<Channel>>,
 }
 
 fn clients(endpoints: &[String]) -> Clients {
@@ -136,6 +145,7 @@ fn clients(endpoints: &[String]) -> Clients {
         .collect();
     Clients {
         orders: chans.iter().cloned().map(OrdersClient::new).collect(),
+        carts: chans.iter().cloned().map(CartClient::new).collect(),
         inventory: chans.into_iter().map(InventoryClient::new).collect(),
     }
 }
@@ -158,6 +168,53 @@ where
     }
 }
 
+/// Empties `customer`'s cart and adds `lines` to it; false if any step's
+/// outcome is not certain (the cart's content is then unknown).
+async fn fill_cart(cart: &CartClient<Channel>, customer: &str, lines: &[(String, u32)]) -> bool {
+    let mut cart = cart.clone();
+    let clear = proto::ClearCartRequest {
+        customer_id: customer.to_string(),
+        fence: None,
+    };
+    let mut c = cart.clone();
+    if !matches!(
+        call(|| async move { c.clear(clear).await }).await,
+        Answer::Ok(_)
+    ) {
+        return false;
+    }
+    for (sku, qty) in lines {
+        let add = proto::AddCartItemRequest {
+            customer_id: customer.to_string(),
+            sku: sku.clone(),
+            quantity: i64::from(*qty),
+            fence: None,
+        };
+        let mut c = cart.clone();
+        if !matches!(
+            call(|| async move { c.add_item(add).await }).await,
+            Answer::Ok(_)
+        ) {
+            return false;
+        }
+    }
+    // Read back: an add acknowledged means applied, but be exact.
+    let get = proto::GetCartRequest {
+        customer_id: customer.to_string(),
+    };
+    match call(|| async move { cart.get(get).await }).await {
+        Answer::Ok(v) => {
+            let got: Vec<(String, u32)> = v
+                .lines
+                .iter()
+                .map(|l| (l.sku.clone(), l.quantity))
+                .collect();
+            got == lines
+        }
+        _ => false,
+    }
+}
+
 async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let c = clients(&endpoints);
@@ -177,10 +234,11 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
         let mut orders = c.orders[via].clone();
         let roll = rng.random_range(0..100);
         if roll < 45 {
-            // A third each: 1-2 lines of one shard under an order id there
+            // A quarter each: 1-2 lines of one shard under an order id there
             // (1PC); 2-3 lines of any shards (2PC); one unit of the flash SKU
-            // (2PC unless the id happens to land on its shard).
-            let kind = rng.random_range(0..3);
+            // (2PC unless the id happens to land on its shard); a checkout
+            // of a cart of 1-3 lines of any shards.
+            let kind = rng.random_range(0..4);
             let shard = shards[rng.random_range(0..shards.len())];
             let group = &by_shard[&shard];
             let mut lines: BTreeMap<String, u32> = BTreeMap::new();
@@ -191,8 +249,8 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
                         *lines.entry(s).or_insert(0) += rng.random_range(1..=3);
                     }
                 }
-                1 => {
-                    for _ in 0..rng.random_range(2..=3) {
+                1 | 3 => {
+                    for _ in 0..rng.random_range(if kind == 1 { 2..=3 } else { 1..=3 }) {
                         *lines.entry(sku(rng.random_range(0..SKUS))).or_insert(0) +=
                             rng.random_range(1..=3);
                     }
@@ -209,19 +267,39 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
                     break id;
                 }
             };
+            let customer = format!("cust-{client}");
+            let checkout = kind == 3;
+            if checkout {
+                // The cart holds exactly these lines, or we do not know what
+                // it holds (and check nothing about it).
+                let filled = fill_cart(&c.carts[via], &customer, &lines).await;
+                if let Ok(mut cs) = run.checkouts.lock() {
+                    cs.insert(
+                        client,
+                        filled.then(|| (id.clone(), customer.clone(), lines.clone())),
+                    );
+                }
+                if !filled {
+                    continue;
+                }
+            }
             run.update(&id, |k| k.lines = lines.clone());
             let req = proto::PlaceOrderRequest {
                 fence: None,
                 order_id: id.clone(),
-                customer_id: format!("cust-{client}"),
-                lines: lines
-                    .iter()
-                    .map(|(s, q)| proto::CartLine {
-                        sku: s.clone(),
-                        quantity: *q,
-                    })
-                    .collect(),
-                from_cart: false,
+                customer_id: customer,
+                lines: if checkout {
+                    Vec::new()
+                } else {
+                    lines
+                        .iter()
+                        .map(|(s, q)| proto::CartLine {
+                            sku: s.clone(),
+                            quantity: *q,
+                        })
+                        .collect()
+                },
+                from_cart: checkout,
             };
             // An unknown outcome is retried with the same id (never a new
             // order): the answer then says what happened.
@@ -392,6 +470,7 @@ async fn chaos_orders() {
 
     let run = Arc::new(Run {
         orders: Mutex::new(BTreeMap::new()),
+        checkouts: Mutex::new(BTreeMap::new()),
         violations: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         ops: AtomicU32::new(0),
@@ -457,6 +536,7 @@ async fn chaos_orders() {
     // until no order is pending payment or owes money, within a bound.
     let ch = common::channel(&c.node(1).client).await.expect("connect");
     let mut orders = OrdersClient::new(ch.clone());
+    let mut carts = CartClient::new(ch.clone());
     let mut inventory = InventoryClient::new(ch);
     let known = run.orders.lock().map(|o| o.clone()).unwrap_or_default();
     let deadline = Instant::now() + SETTLE;
@@ -612,8 +692,42 @@ async fn chaos_orders() {
             violations.push(format!("{s}: oversold {l:?}"));
         }
     }
+    // Each client's last checkout: placed, its cart is emptied (by the
+    // checkout, a retry, or the sweeper within its 5 s grace); not placed,
+    // the cart is as it was.
+    let checkouts = run.checkouts.lock().map(|c| c.clone()).unwrap_or_default();
+    let checkouts: Vec<Checkout> = checkouts.into_values().flatten().collect();
+    let checked_carts = checkouts.len();
+    let emptied_by = Instant::now() + Duration::from_secs(15);
+    for (id, customer, lines) in checkouts {
+        let placed = finals.get(&id).is_some_and(|o| o.is_some());
+        loop {
+            let got: Vec<(String, u32)> = carts
+                .get(proto::GetCartRequest {
+                    customer_id: customer.clone(),
+                })
+                .await
+                .expect("cart")
+                .into_inner()
+                .lines
+                .iter()
+                .map(|l| (l.sku.clone(), l.quantity))
+                .collect();
+            let want = if placed { Vec::new() } else { lines.clone() };
+            if got == want {
+                break;
+            }
+            if !placed || Instant::now() >= emptied_by {
+                violations.push(format!(
+                    "checkout {id} (placed: {placed}): cart of {customer} is {got:?}, want {want:?}"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let summary = format!(
-        "CHAOS_ORDERS seed={seed} secs={secs} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} violations={}",
+        "CHAOS_ORDERS seed={seed} secs={secs} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} carts={checked_carts} violations={}",
         run.ops.load(Ordering::Relaxed),
         run.unknown.load(Ordering::Relaxed),
         violations.len()
