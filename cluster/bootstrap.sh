@@ -53,18 +53,8 @@ if [ -z "${SHOPKV_BIN:-}" ]; then
 fi
 [ -x "$SHOPKV_BIN" ] || die "no binary at $SHOPKV_BIN"
 
-alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-# PID is a live process serving data dir DIR (its --data-dir is DIR): a pid
-# file outlives a reboot, and its number may since belong to another process.
-serving() {
-  alive "$1" || return 1
-  local args i
-  mapfile -d '' -t args < "/proc/$1/cmdline" 2>/dev/null || return 1
-  for ((i = 0; i + 1 < ${#args[@]}; i++)); do
-    [ "${args[i]}" = --data-dir ] && [ "${args[i + 1]}" -ef "$2" ] && return 0
-  done
-  return 1
-}
+# shellcheck source=cluster/procs.sh
+. "$ROOT/cluster/procs.sh"
 
 endpoints=""
 started=""   # "id:pid" of the nodes this run started

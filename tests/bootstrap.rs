@@ -14,10 +14,17 @@ fn script(name: &str) -> String {
     format!("{}/cluster/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A base port P with P+2..=P+11 free.
+/// A base port P with P+2..=P+11 free. Each call starts its search
+/// elsewhere: tests running at once in this process would otherwise find the
+/// same free range before either binds it.
 fn free_base_port() -> u16 {
-    (0..200u16)
-        .map(|i| 20_000 + ((std::process::id() as u16).wrapping_mul(7) % 20_000) + i * 13)
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id()
+        .wrapping_mul(7)
+        .wrapping_add(call * 2_600);
+    (0..200u32)
+        .map(|i| 20_000 + (start.wrapping_add(i * 13) % 40_000) as u16)
         .find(|p| (2..=11).all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok()))
         .expect("a free port range")
 }

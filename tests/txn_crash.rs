@@ -401,34 +401,21 @@ async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewh
     // another shard: the cart is emptied by a second command, which the
     // nodes hold back 1.5 s; the caller goes away meanwhile.
     let (c, _inv, mut orders, skus) = cluster_with("checkout-before-clear=return(1500)").await;
-    let map = shopkv::router::ClusterMap::new(0, SHARDS, Default::default());
-    let sku = skus[0].clone();
-    let shard = map.shard_of_sku(&sku);
-    let customer = (0..)
-        .map(|i| format!("far-{i}"))
-        .find(|cu| map.shard_of_customer(cu) != shard)
-        .expect("a customer elsewhere");
-    let order_id = (0..)
-        .map(|i| format!("near-{i}"))
-        .find(|id| map.shard_of_order(id) == shard)
-        .expect("an order id on the SKU's shard");
+    let (order_id, customer, _) = checkouts_with_a_cart_elsewhere(&skus, "left")
+        .into_iter()
+        .next()
+        .expect("a single-shard case");
     let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
     cart.add_item(proto::AddCartItemRequest {
         customer_id: customer.clone(),
-        sku: sku.clone(),
+        sku: skus[0].clone(),
         quantity: 1,
         fence: None,
     })
     .await
     .expect("add to cart");
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
-    let req = proto::PlaceOrderRequest {
-        fence: None,
-        order_id: order_id.clone(),
-        customer_id: customer.clone(),
-        lines: Vec::new(),
-        from_cart: true,
-    };
+    let req = checkout(&order_id, &customer);
     let call = tokio::spawn(async move { via1.place(req).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     call.abort();

@@ -19,8 +19,8 @@ use crate::storage::keys;
 
 /// Most orders one `ExpireOrders` command may name.
 pub const MAX_EXPIRE_BATCH: usize = 256;
-/// Most capture-owed entries one `DueCaptures` read looks at.
-const MAX_CAPTURES_SCANNED: usize = 4_096;
+/// Most entries one `DueCaptures` or `DueCartClears` read looks at.
+const MAX_OWED_SCANNED: usize = 4_096;
 /// Most deadline entries one due-deadline read looks at (orders held off by
 /// a capture owed are skipped; there are at most as many as captures owed).
 const MAX_DEADLINES_SCANNED: usize = 4_096;
@@ -717,6 +717,32 @@ fn load_order(state: &mut dyn StateAccess, order_id: &str) -> Result<Option<Orde
     Ok(Some(OrderView { order, payment }))
 }
 
+/// Up to `limit` entries under `prefix` (one per order, keyed by order id)
+/// that are `due`, with their order ids. Young entries (work a live flow is
+/// still finishing) are skipped, so it looks past them: at most
+/// [`MAX_OWED_SCANNED`] entries.
+fn due_owed<T: DeserializeOwned>(
+    r: &dyn RecordReader,
+    prefix: &[u8],
+    order_id_of: fn(&[u8]) -> Option<&str>,
+    due: impl Fn(&T) -> bool,
+    limit: usize,
+) -> Result<Vec<(String, T)>, SmError> {
+    let mut out = Vec::new();
+    for (k, v) in &r.scan(prefix, None, MAX_OWED_SCANNED)? {
+        let owed: Stored<T> = codec::decode(v)?;
+        if let Some(id) = order_id_of(k)
+            && due(&owed.record)
+        {
+            out.push((id.to_string(), owed.record));
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Up to `limit` orders whose payment deadline is `now_ms` or earlier, in
 /// deadline order, skipping those a capture owed holds off (apply would skip
 /// them too). Looks past held ones — at most [`MAX_DEADLINES_SCANNED`] rows —
@@ -1318,45 +1344,23 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
         CommerceRead::DueCaptures {
             authorized_by_ms,
             limit,
-        } => {
-            // Young entries (payments a live flow is still finishing) are
-            // skipped, so look past them: up to this many in flight.
-            let rows = r.scan(&keys::capture_owed_prefix(), None, MAX_CAPTURES_SCANNED)?;
-            let mut due = Vec::new();
-            for (k, v) in &rows {
-                let owed: Stored<CaptureOwed> = codec::decode(v)?;
-                if let Some(id) = keys::order_id_of_capture_owed(k)
-                    && owed.record.since_ms <= *authorized_by_ms
-                {
-                    due.push((id.to_string(), owed.record));
-                    if due.len() >= *limit as usize {
-                        break;
-                    }
-                }
-            }
-            CommerceReadResult::CapturesOwed(due)
-        }
+        } => CommerceReadResult::CapturesOwed(due_owed(
+            r,
+            &keys::capture_owed_prefix(),
+            keys::order_id_of_capture_owed,
+            |o: &CaptureOwed| o.since_ms <= *authorized_by_ms,
+            *limit as usize,
+        )?),
         CommerceRead::DueCartClears {
             placed_by_ms,
             limit,
-        } => {
-            // Young entries (checkouts still emptying their carts) are
-            // skipped, so look past them: up to this many in flight.
-            let rows = r.scan(&keys::cart_clear_owed_prefix(), None, MAX_CAPTURES_SCANNED)?;
-            let mut due = Vec::new();
-            for (k, v) in &rows {
-                let owed: Stored<CartClearOwed> = codec::decode(v)?;
-                if let Some(id) = keys::order_id_of_cart_clear_owed(k)
-                    && owed.record.since_ms <= *placed_by_ms
-                {
-                    due.push((id.to_string(), owed.record));
-                    if due.len() >= *limit as usize {
-                        break;
-                    }
-                }
-            }
-            CommerceReadResult::CartClearsOwed(due)
-        }
+        } => CommerceReadResult::CartClearsOwed(due_owed(
+            r,
+            &keys::cart_clear_owed_prefix(),
+            keys::order_id_of_cart_clear_owed,
+            |o: &CartClearOwed| o.since_ms <= *placed_by_ms,
+            *limit as usize,
+        )?),
         CommerceRead::DueRefunds { limit } => {
             let rows = r.scan(&keys::refund_due_prefix(), None, *limit as usize)?;
             CommerceReadResult::OrderIds(
