@@ -128,6 +128,20 @@ async fn get_order(
         .map(|r| r.into_inner())
 }
 
+/// Adds one of each of `skus` to `customer`'s cart.
+async fn add_one_of_each(cart: &mut CartClient<Chan>, customer: &str, skus: &[String]) {
+    for sku in skus {
+        cart.add_item(proto::AddCartItemRequest {
+            customer_id: customer.into(),
+            sku: sku.clone(),
+            quantity: 1,
+            fence: None,
+        })
+        .await
+        .expect("add to cart");
+    }
+}
+
 /// Waits up to `within` until `order_id` exists and `customer`'s cart is empty.
 async fn wait_placed_and_cart_emptied(
     orders: &mut OrdersClient<Chan>,
@@ -271,16 +285,7 @@ async fn an_order_whose_caller_leaves_mid_transaction_is_still_decided_at_once()
     // A checkout from a cart, the same way: the order is placed and the cart
     // it read is emptied, though the caller left before either.
     let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
-    for sku in &skus {
-        cart.add_item(proto::AddCartItemRequest {
-            customer_id: "dave".into(),
-            sku: sku.clone(),
-            quantity: 1,
-            fence: None,
-        })
-        .await
-        .expect("add to cart");
-    }
+    add_one_of_each(&mut cart, "dave", &skus).await;
     let mut req = tonic::Request::new(proto::PlaceOrderRequest {
         fence: None,
         order_id: "left-checkout".into(),
@@ -406,14 +411,7 @@ async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewh
         .next()
         .expect("a single-shard case");
     let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
-    cart.add_item(proto::AddCartItemRequest {
-        customer_id: customer.clone(),
-        sku: skus[0].clone(),
-        quantity: 1,
-        fence: None,
-    })
-    .await
-    .expect("add to cart");
+    add_one_of_each(&mut cart, &customer, &skus[..1]).await;
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
     let req = checkout(&order_id, &customer);
     let call = tokio::spawn(async move { via1.place(req).await });
@@ -483,16 +481,7 @@ async fn checkout_and_die(
     cart: &mut CartClient<Chan>,
     (order_id, customer, cart_skus): &(String, String, Vec<String>),
 ) -> proto::Order {
-    for sku in cart_skus {
-        cart.add_item(proto::AddCartItemRequest {
-            customer_id: customer.clone(),
-            sku: sku.clone(),
-            quantity: 1,
-            fence: None,
-        })
-        .await
-        .expect("add to cart");
-    }
+    add_one_of_each(cart, customer, cart_skus).await;
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
     let first = via1.place(checkout(order_id, customer)).await;
     assert!(
@@ -581,16 +570,7 @@ async fn a_checkout_retried_while_its_first_attempt_finishes_answers_with_the_or
     // the cart. It must answer with that order, not "the cart is empty".
     let (c, _inv, _orders, skus) = cluster_with("checkout-before-cart-read=return(1000)").await;
     let mut cart = CartClient::new(channel(&c.node(2).client).await.expect("connect"));
-    for sku in &skus {
-        cart.add_item(proto::AddCartItemRequest {
-            customer_id: "frank".into(),
-            sku: sku.clone(),
-            quantity: 1,
-            fence: None,
-        })
-        .await
-        .expect("add to cart");
-    }
+    add_one_of_each(&mut cart, "frank", &skus).await;
     let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
     let first = tokio::spawn(async move { via1.place(checkout("raced", "frank")).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
