@@ -12,7 +12,8 @@
 //! customer, the cart of its last checkout emptied if that order exists and
 //! untouched if not.
 //!
-//! `SHOPKV_CHAOS_ORDERS_SECS` (default 30) and `SHOPKV_CHAOS_SEED` change the run.
+//! `SHOPKV_CHAOS_ORDERS_SECS` (default 30), `SHOPKV_CHAOS_SEED` and
+//! `SHOPKV_CHAOS_NODES=5` change the run.
 
 mod common;
 
@@ -423,7 +424,12 @@ async fn chaos_orders() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64 % 1_000_000),
     );
-    eprintln!("chaos_orders: seed={seed} secs={secs}");
+    let nodes = env_u64("SHOPKV_CHAOS_NODES", 3);
+    assert!(
+        nodes == 3 || nodes == 5,
+        "SHOPKV_CHAOS_NODES must be 3 or 5"
+    );
+    eprintln!("chaos_orders: seed={seed} secs={secs} nodes={nodes}");
     let mut rng = StdRng::seed_from_u64(seed);
     let extra = [
         "--order-payment-timeout-ms",
@@ -431,7 +437,7 @@ async fn chaos_orders() {
         "--txn-timeout-ms",
         "3000",
     ];
-    let mut c = TestCluster::start_with_proxies(3, &extra).await;
+    let mut c = TestCluster::start_with_proxies(nodes, &extra).await;
     c.init(SHARDS).await;
     c.wait_ready(Duration::from_secs(30)).await;
 
@@ -502,23 +508,23 @@ async fn chaos_orders() {
         match rng.random_range(0..4) {
             0 => {
                 let group = rng.random_range(0..=u64::from(SHARDS));
-                if let Some(l) = c.leader_of(group, rng.random_range(1..=3)).await {
+                if let Some(l) = c.leader_of(group, rng.random_range(1..=nodes)).await {
                     c.kill(l);
                     kills += 1;
                 }
             }
             1 => {
-                c.kill(rng.random_range(1..=3));
+                c.kill(rng.random_range(1..=nodes));
                 kills += 1;
             }
             2 => {
-                c.pause(rng.random_range(1..=3));
+                c.pause(rng.random_range(1..=nodes));
                 pauses += 1;
             }
             _ => {
                 // Isolate one node (a coordinator or anchor may be cut off mid-2PC).
-                let id = rng.random_range(1..=3u64);
-                let others: Vec<u64> = (1..=3).filter(|n| *n != id).collect();
+                let id = rng.random_range(1..=nodes);
+                let others: Vec<u64> = (1..=nodes).filter(|n| *n != id).collect();
                 c.set_links(&[id], &others, LinkMode::Blackhole, true);
                 partitions += 1;
             }
@@ -727,7 +733,7 @@ async fn chaos_orders() {
         }
     }
     let summary = format!(
-        "CHAOS_ORDERS seed={seed} secs={secs} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} carts={checked_carts} violations={}",
+        "CHAOS_ORDERS seed={seed} secs={secs} nodes={nodes} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} carts={checked_carts} violations={}",
         run.ops.load(Ordering::Relaxed),
         run.unknown.load(Ordering::Relaxed),
         violations.len()
