@@ -13,8 +13,8 @@ use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::payment::PaymentError;
 use crate::router::ClusterMap;
 use crate::sm::commerce::{
-    CaptureOwed, CartClearOwed, CommerceCommand, CommerceRead, CommerceReadResult,
-    CommerceResponse, OrderView, PaymentOutcome,
+    CaptureOwed, CommerceCommand, CommerceRead, CommerceReadResult, CommerceResponse, OrderView,
+    PaymentOutcome,
 };
 use crate::sm::{self, Command, Fence, Response};
 use crate::storage::keys::GroupId;
@@ -359,23 +359,24 @@ pub async fn clear_cart_at_version(
     }
 }
 
-/// Finishes a checkout's owed cart clear (the sweeper, for a checkout whose
-/// node may have died after the order): reads the cart first — the clear is
-/// nearly always done, and a read costs no log entry — and clears it only
-/// if it still has the checked-out version.
+/// Makes sure a placed checkout's cart is emptied (the sweeper, or a
+/// retry, for a checkout whose node may have died after the order): reads
+/// the cart first — the clear is nearly always done, and a read costs no log
+/// entry — and clears it only if it still has the checked-out `version`.
 pub async fn finish_cart_clear(
     node: &Node,
     map: &ClusterMap,
-    owed: &CartClearOwed,
+    customer: &str,
+    version: u64,
     deadline: Instant,
 ) -> Result<(), CommerceError> {
-    let shard = map.shard_of_customer(&owed.customer);
+    let shard = map.shard_of_customer(customer);
     let op = CommerceRead::Cart {
-        customer: owed.customer.clone(),
+        customer: customer.to_string(),
     };
     match read(node, shard, op, true, deadline).await? {
-        CommerceReadResult::Cart(c) if c.version == owed.cart_version => {
-            clear_cart_at_version(node, shard, &owed.customer, owed.cart_version, deadline).await
+        CommerceReadResult::Cart(c) if c.version == version => {
+            clear_cart_at_version(node, shard, customer, version, deadline).await
         }
         _ => Ok(()),
     }

@@ -101,9 +101,6 @@ async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceErro
         ReadResult::Commerce(CommerceReadResult::CapturesOwed(due)) => due,
         _ => Vec::new(),
     };
-    if let Err(e) = finish_cart_clears(node, group, now, deadline).await {
-        tracing::warn!(group, error = %e, "owed cart clears not finished; will retry");
-    }
     for (order_id, owed) in captures {
         match commerce::capture_owed(node, group, &order_id, &owed, deadline).await {
             Ok(_) => tracing::info!(group, order_id, "recorded a capture its payment flow left"),
@@ -117,6 +114,9 @@ async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceErro
                 tracing::warn!(group, order_id, error = %e, "capture not recorded; will retry")
             }
         }
+    }
+    if let Err(e) = finish_cart_clears(node, group, now, deadline).await {
+        tracing::warn!(group, error = %e, "owed cart clears not finished; will retry");
     }
     Ok(())
 }
@@ -159,7 +159,9 @@ async fn finish_cart_clears(
     // cart's shard has no leader), not one per entry.
     let map = &map;
     let finished = futures::future::join_all(due.into_iter().map(|(order_id, owed)| async move {
-        let res = commerce::finish_cart_clear(node, map, &owed, deadline).await;
+        let res =
+            commerce::finish_cart_clear(node, map, &owed.customer, owed.cart_version, deadline)
+                .await;
         (order_id, res)
     }))
     .await;

@@ -129,11 +129,19 @@ impl OrdersService {
         let shard = map.shard_of_order(order_id);
         match commerce::get_order(&self.ctx.node, shard, order_id, deadline).await {
             Ok(v) if v.order.record.customer == customer => {
-                if let Some(version) = v.order.record.checkout_cart_version {
-                    let cart_shard = map.shard_of_customer(customer);
-                    let node = &self.ctx.node;
-                    clear_cart_best_effort(node, cart_shard, customer.into(), version, deadline)
-                        .await;
+                // Read first: usually the cart was emptied already, and a
+                // retry need not spend a log entry learning that.
+                if let Some(version) = v.order.record.checkout_cart_version
+                    && let Err(e) = commerce::finish_cart_clear(
+                        &self.ctx.node,
+                        map,
+                        customer,
+                        version,
+                        deadline,
+                    )
+                    .await
+                {
+                    tracing::info!(error = %e, "cart not cleared on retry; the sweeper will");
                 }
                 Ok(Some(v))
             }
@@ -149,7 +157,9 @@ impl OrdersService {
 }
 
 /// Empties `customer`'s cart on `shard` after a checkout placed its order,
-/// if the cart still has `version` (the one the checkout read).
+/// if the cart still has `version` (the one the checkout read). Best effort:
+/// the order stands either way, and the order shard's sweeper empties the
+/// cart later (the order owes it).
 async fn clear_checked_out_cart(
     node: &Node,
     shard: u64,
@@ -159,19 +169,6 @@ async fn clear_checked_out_cart(
 ) {
     crash_point!("checkout-after-order");
     delay_point!("checkout-before-clear");
-    clear_cart_best_effort(node, shard, customer, version, deadline).await
-}
-
-/// [`commerce::clear_cart_at_version`], its failure only logged: the order
-/// stands either way, and the order shard's sweeper empties the cart later
-/// (the order owes it).
-async fn clear_cart_best_effort(
-    node: &Node,
-    shard: u64,
-    customer: String,
-    version: u64,
-    deadline: Instant,
-) {
     if let Err(e) = commerce::clear_cart_at_version(node, shard, &customer, version, deadline).await
     {
         tracing::info!(error = %e, "cart not cleared after checkout; the sweeper will");
