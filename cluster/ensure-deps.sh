@@ -2,7 +2,12 @@
 # Sourced by bootstrap.sh and test.sh: makes sure the native build prerequisites
 # (clang and libclang-dev for RocksDB, make for jemalloc) are installed,
 # installing them as root on Debian.
-have_libclang() { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; }
+# bindgen loads libclang.so / libclang-<version>.so; libclang-cpp (which other
+# LLVM packages bring) is not it.
+have_libclang() {
+  ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 ||
+    ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9][0-9.]*)?\.so'
+}
 if ! command -v clang >/dev/null 2>&1 || ! have_libclang || ! command -v make >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing clang, libclang-dev and make (the RocksDB and jemalloc builds need them)" >&2
