@@ -931,8 +931,21 @@ fn record_payment(
     };
     if let Some((what, amount_minor)) = money {
         if payment.captured_minor > 0 && payment.idempotency_key == attempt_key {
-            // A retried Pay: this key's capture is already recorded.
-            return Ok(order_response(stored, payment));
+            // A retried Pay: this key's capture is already recorded. It gets
+            // what Pay answers now: the order while it stays paid, the
+            // refusal Pay gives a cancelled one (its refund is already owed).
+            return Ok(match stored.record.status {
+                OrderStatus::Paid | OrderStatus::Shipped | OrderStatus::Delivered => {
+                    order_response(stored, payment)
+                }
+                other => match transition(order_id, other, OrderEvent::Pay) {
+                    Err(r) => CommerceResponse::Rejected(r),
+                    Ok(_) => reject(
+                        RejectCode::Inconsistent,
+                        format!("order {order_id} is {other:?} with its capture recorded"),
+                    ),
+                },
+            });
         }
         if *amount_minor != stored.record.total_minor {
             return Ok(reject(
@@ -1563,6 +1576,44 @@ mod tests {
             RejectCode::IllegalTransition
         );
         assert_eq!(due(&m, u64::MAX), CommerceReadResult::CapturesOwed(vec![]));
+    }
+
+    #[test]
+    fn a_replayed_capture_answers_with_the_order_only_while_it_is_paid() {
+        let (mut m, i) = shop();
+        order(apply(&mut m, i, &place("o1", &[("A", 2)])).unwrap());
+        let captured = CommerceCommand::RecordPayment {
+            order_id: "o1".into(),
+            attempt_key: "o1:1".into(),
+            outcome: PaymentOutcome::Captured {
+                provider_ref: "cap".into(),
+                amount_minor: 500,
+                card_last4: "4242".into(),
+            },
+            now_ms: 2_000,
+        };
+        let paid = order(apply(&mut m, i + 1, &captured).unwrap());
+        assert_eq!(paid.order.record.status, OrderStatus::Paid);
+        // A second Pay that charged under the same key (a retry, or a
+        // concurrent Pay of the same attempt) gets the paid order back.
+        let again = order(apply(&mut m, i + 2, &captured).unwrap());
+        assert_eq!(again, paid);
+        // Once the order is cancelled, the same record answers what Pay
+        // answers a cancelled order, and owes nothing more back.
+        let cancel = CommerceCommand::Transition {
+            order_id: "o1".into(),
+            event: OrderEvent::Cancel,
+            now_ms: 2_100,
+        };
+        let cancelled = order(apply(&mut m, i + 3, &cancel).unwrap());
+        assert_eq!(cancelled.order.record.status, OrderStatus::Cancelled);
+        assert_eq!(cancelled.payment.refund_due_minor, 500);
+        let before = m.clone();
+        assert_eq!(
+            rejected(apply(&mut m, i + 4, &captured).unwrap()),
+            RejectCode::IllegalTransition
+        );
+        assert_eq!(m, before);
     }
 
     #[test]
