@@ -401,6 +401,60 @@ async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pay_of_the_same_attempt_that_lands_after_a_cancel_is_refused() {
+    // Two Pays of one order (a client's retry while its first call still
+    // runs), 500 ms apart, each waiting 1.5 s before its capture: both charge
+    // under the same key. The first pays the order, which is cancelled before
+    // the second records its capture. The second must not answer OK with a
+    // cancelled order, nor owe the money back twice.
+    let (c, _inv, mut orders, skus) = cluster_with("pay-before-capture=return(1500)").await;
+    let order_id = "paid-twice-then-cancelled";
+    let placed = orders
+        .place(two_of_each(order_id, &skus))
+        .await
+        .expect("place")
+        .into_inner();
+    let ch = channel(&c.node(1).client).await.expect("connect 1");
+    let pay = |after: Duration| {
+        let mut via1 = OrdersClient::new(ch.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            via1.pay(proto::PayOrderRequest {
+                fence: None,
+                order_id: order_id.into(),
+                card_number: shopkv::payment::CARD_APPROVE.into(),
+            })
+            .await
+        })
+    };
+    let first = pay(Duration::ZERO);
+    let second = pay(Duration::from_millis(500));
+    let paid = first.await.expect("join").expect("first pay").into_inner();
+    assert_eq!(paid.status(), OrderStatus::Paid);
+    let cancelled = orders
+        .cancel(proto::OrderIdRequest {
+            order_id: order_id.into(),
+            fence: None,
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    let e = second
+        .await
+        .expect("join")
+        .expect_err("a Pay answered after the cancel does not report the order paid");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let got = get_order(&mut orders, order_id).await.expect("get");
+    assert_eq!(got.status(), OrderStatus::Cancelled);
+    let p = got.payment.expect("payment");
+    assert_eq!(
+        (p.captured_minor, p.refunded_minor, p.refund_due_minor),
+        (placed.total_minor, placed.total_minor, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_shard_checkout_whose_caller_leaves_still_empties_a_cart_elsewhere() {
     // A 1PC order (its SKU and id on one shard) checked out from a cart on
     // another shard: the cart is emptied by a second command, which the
