@@ -367,37 +367,16 @@ async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_onc
         .await
         .expect("place")
         .into_inner();
-    let mut via1 = OrdersClient::new(channel(&c.node(1).client).await.expect("connect 1"));
-    let pay = tokio::spawn(async move {
-        via1.pay(proto::PayOrderRequest {
-            fence: None,
-            order_id: order_id.into(),
-            card_number: shopkv::payment::CARD_APPROVE.into(),
-        })
-        .await
-    });
+    let via1 = channel(&c.node(1).client).await.expect("connect 1");
+    let pay = pay_after(&via1, order_id, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cancelled = orders
-        .cancel(proto::OrderIdRequest {
-            order_id: order_id.into(),
-            fence: None,
-        })
-        .await
-        .expect("cancel")
-        .into_inner();
-    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    cancel(&mut orders, order_id).await;
     let e = pay
         .await
         .expect("join")
         .expect_err("a cancelled order is not paid");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    let got = get_order(&mut orders, order_id).await.expect("get");
-    assert_eq!(got.status(), OrderStatus::Cancelled);
-    let p = got.payment.expect("payment");
-    assert_eq!(
-        (p.captured_minor, p.refunded_minor, p.refund_due_minor),
-        (placed.total_minor, placed.total_minor, 0)
-    );
+    assert_cancelled_and_refunded_once(&mut orders, &placed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,23 +393,41 @@ async fn a_second_pay_of_the_same_attempt_that_lands_after_a_cancel_is_refused()
         .await
         .expect("place")
         .into_inner();
-    let ch = channel(&c.node(1).client).await.expect("connect 1");
-    let pay = |after: Duration| {
-        let mut via1 = OrdersClient::new(ch.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            via1.pay(proto::PayOrderRequest {
-                fence: None,
-                order_id: order_id.into(),
-                card_number: shopkv::payment::CARD_APPROVE.into(),
-            })
-            .await
-        })
-    };
-    let first = pay(Duration::ZERO);
-    let second = pay(Duration::from_millis(500));
+    let via1 = channel(&c.node(1).client).await.expect("connect 1");
+    let first = pay_after(&via1, order_id, Duration::ZERO);
+    let second = pay_after(&via1, order_id, Duration::from_millis(500));
     let paid = first.await.expect("join").expect("first pay").into_inner();
     assert_eq!(paid.status(), OrderStatus::Paid);
+    cancel(&mut orders, order_id).await;
+    let e = second
+        .await
+        .expect("join")
+        .expect_err("a Pay answered after the cancel does not report the order paid");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_cancelled_and_refunded_once(&mut orders, &placed).await;
+}
+
+/// A Pay of `order_id` with an approved card through `ch`, `after` from now,
+/// in a task of its own.
+fn pay_after(
+    ch: &Chan,
+    order_id: &str,
+    after: Duration,
+) -> tokio::task::JoinHandle<Result<tonic::Response<proto::Order>, tonic::Status>> {
+    let mut orders = OrdersClient::new(ch.clone());
+    let req = proto::PayOrderRequest {
+        fence: None,
+        order_id: order_id.into(),
+        card_number: shopkv::payment::CARD_APPROVE.into(),
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        orders.pay(req).await
+    })
+}
+
+/// Cancels `order_id`, which must answer cancelled.
+async fn cancel(orders: &mut OrdersClient<Chan>, order_id: &str) {
     let cancelled = orders
         .cancel(proto::OrderIdRequest {
             order_id: order_id.into(),
@@ -440,12 +437,14 @@ async fn a_second_pay_of_the_same_attempt_that_lands_after_a_cancel_is_refused()
         .expect("cancel")
         .into_inner();
     assert_eq!(cancelled.status(), OrderStatus::Cancelled);
-    let e = second
-        .await
-        .expect("join")
-        .expect_err("a Pay answered after the cancel does not report the order paid");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    let got = get_order(&mut orders, order_id).await.expect("get");
+}
+
+/// `placed` is cancelled, its total captured once and refunded once.
+async fn assert_cancelled_and_refunded_once(
+    orders: &mut OrdersClient<Chan>,
+    placed: &proto::Order,
+) {
+    let got = get_order(orders, &placed.order_id).await.expect("get");
     assert_eq!(got.status(), OrderStatus::Cancelled);
     let p = got.payment.expect("payment");
     assert_eq!(
