@@ -2078,6 +2078,50 @@ mod tests {
         assert_eq!(v.status, TxnStatus::Committed);
         let placed = v.order.unwrap().order.record;
         assert!(placed.two_phase);
+        // The order is the record of the commit: the transaction record goes,
+        // and every later step of this transaction reads the order.
+        assert!(
+            load::<txn::TxnRecord>(&mut m, &keys::txn_key("t2"))
+                .unwrap()
+                .is_none()
+        );
+        let after_commit = m.clone();
+        let late_abort = CommerceCommand::DecideTxn {
+            order_id: "t2".into(),
+            decision: Decision::Abort(Rejection::new(RejectCode::OrderAborted, "late")),
+            now_ms: 3,
+        };
+        let late_begin = CommerceCommand::BeginTxn {
+            order_id: "t2".into(),
+            customer: "c1".into(),
+            lines: vec![("A".to_string(), 3)],
+            now_ms: 3,
+            deadline_ms: 100,
+        };
+        let recovery = CommerceCommand::AbortTxn {
+            order_id: "t2".into(),
+            now_ms: 1_000,
+        };
+        for (n, late) in [&decide, &late_abort, &late_begin, &recovery]
+            .into_iter()
+            .enumerate()
+        {
+            let v = txn(apply(&mut m, i + 3 + n as u64, late).unwrap());
+            assert_eq!(v.status, TxnStatus::Committed, "{late}");
+            assert_eq!(v.order.map(|o| o.order.record), Some(placed.clone()));
+        }
+        assert_eq!(m, after_commit, "late steps change nothing");
+        match read(
+            &m,
+            &CommerceRead::Txn {
+                order_id: "t2".into(),
+            },
+        )
+        .unwrap()
+        {
+            CommerceReadResult::Txn(Some(v)) => assert_eq!(v.status, TxnStatus::Committed),
+            other => panic!("{other:?}"),
+        }
         // A retried checkout reads which cart version the order came from,
         // and the sweeper finds the clear owed.
         assert_eq!(placed.checkout_cart_version, Some(77));

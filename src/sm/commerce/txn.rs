@@ -1,7 +1,9 @@
 //! 2PC records of cross-shard orders. On the **anchor** (the order id's
 //! shard): the transaction record `T` (PENDING → COMMITTED | ABORTED, one
 //! compare-and-set each: the decide write is the commit point and writes the
-//! order in the same apply) and `S`, the settlement the participants are owed.
+//! order in the same apply; from then on the order is the record of the
+//! commit and `T` is deleted, so only aborted records stay to stop late
+//! steps) and `S`, the settlement the participants are owed.
 //! On each **participant** (a SKU's shard): escrow reservations held under
 //! the order id, `H` listing them until the decision is applied here (a
 //! commit only deletes `H`; the reservations stay as they are), and
@@ -311,6 +313,10 @@ pub(super) fn decide(
     decision: &Decision,
     now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
+    // Committed already: the order is the record of it.
+    if let Some(order) = load_order(state, order_id)? {
+        return Ok(committed(order));
+    }
     let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
         return Ok(reject(
             RejectCode::Inconsistent,
@@ -318,6 +324,8 @@ pub(super) fn decide(
         ));
     };
     match rec.record.status {
+        // Not written any more (a commit deletes the record); read as the
+        // order it committed.
         TxnStatus::Committed => {
             let order = load_order(state, order_id)?;
             return Ok(view(&rec.record, order));
@@ -366,18 +374,19 @@ pub(super) fn decide(
                 keys::order_deadline_key(*expires_at_ms, order_id),
                 Vec::new(),
             )?;
-            rec.record.status = TxnStatus::Committed;
-            save(state, keys::txn_key(order_id), index, &rec.record)?;
+            // The order now answers for the transaction (every step reads
+            // it first), so its record goes: only aborted records, which stop
+            // late steps, stay behind.
+            state.delete(keys::txn_key(order_id))?;
             state.delete(keys::txn_pending_key(order_id))?;
             owe_settlement(state, index, order_id, Settlement::Commit, skus, now_ms)?;
-            let view_order = OrderView {
+            Ok(committed(OrderView {
                 order: Stored {
                     version: index,
                     record: order,
                 },
                 payment: Payment::default(),
-            };
-            Ok(view(&rec.record, Some(view_order)))
+            }))
         }
         Decision::Abort(reason) => {
             rec.record.status = TxnStatus::Aborted;
