@@ -313,11 +313,12 @@ pub(super) fn decide(
     decision: &Decision,
     now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
-    // Committed already: the order is the record of it.
-    if let Some(order) = load_order(state, order_id)? {
-        return Ok(committed(order));
-    }
     let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+        // Committed already: the order is the record of it (looked for only
+        // here, off the path of a first decision).
+        if let Some(order) = load_order(state, order_id)? {
+            return Ok(committed(order));
+        }
         return Ok(reject(
             RejectCode::Inconsistent,
             format!("no transaction record for order {order_id}"),
