@@ -360,60 +360,68 @@ async fn a_capture_that_lands_on_an_order_cancelled_meanwhile_is_refunded_at_onc
     // Node 1's Pay waits 1.5 s between the recorded authorization and the
     // capture; the order is cancelled meanwhile. The capture still happens
     // (the flow cannot know it is unwanted) and must be given back.
-    let (c, _inv, mut orders, skus) = cluster_with("pay-before-capture=return(1500)").await;
     let order_id = "cancelled-mid-payment";
-    let placed = orders
-        .place(two_of_each(order_id, &skus))
-        .await
-        .expect("place")
-        .into_inner();
-    let via1 = channel(&c.node(1).client).await.expect("connect 1");
+    let (_c, mut orders, via1, placed) = placed_with_slow_captures(order_id, 1500).await;
     let pay = pay_after(&via1, order_id, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cancel(&mut orders, order_id).await;
-    let e = pay
-        .await
-        .expect("join")
-        .expect_err("a cancelled order is not paid");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    expect_refused(pay, "a cancelled order is not paid").await;
     assert_cancelled_and_refunded_once(&mut orders, &placed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_pay_of_the_same_attempt_that_lands_after_a_cancel_is_refused() {
     // Two Pays of one order (a client's retry while its first call still
-    // runs), 500 ms apart, each waiting 1.5 s before its capture: both charge
-    // under the same key. The first pays the order, which is cancelled before
-    // the second records its capture. The second must not answer OK with a
-    // cancelled order, nor owe the money back twice.
-    let (c, _inv, mut orders, skus) = cluster_with("pay-before-capture=return(1500)").await;
+    // runs), 1 s apart, each waiting 3 s before its capture: both read the
+    // order unpaid and charge under the same key. The first pays the order,
+    // which is cancelled before the second records its capture (≈ 1 s later).
+    // The second must not answer OK with a cancelled order, nor owe the money
+    // back twice.
     let order_id = "paid-twice-then-cancelled";
+    let (_c, mut orders, via1, placed) = placed_with_slow_captures(order_id, 3000).await;
+    let first = pay_after(&via1, order_id, Duration::ZERO);
+    let second = pay_after(&via1, order_id, Duration::from_millis(1000));
+    let paid = first.await.expect("join").expect("first pay").into_inner();
+    assert_eq!(paid.status(), OrderStatus::Paid);
+    cancel(&mut orders, order_id).await;
+    expect_refused(
+        second,
+        "a Pay answered after the cancel does not report the order paid",
+    )
+    .await;
+    assert_cancelled_and_refunded_once(&mut orders, &placed).await;
+}
+
+/// A cluster whose nodes wait `hold_ms` before each capture, with `order_id`
+/// placed (two of each SKU): the cluster, an Orders client, a channel to
+/// node 1 and the order.
+async fn placed_with_slow_captures(
+    order_id: &str,
+    hold_ms: u64,
+) -> (TestCluster, OrdersClient<Chan>, Chan, proto::Order) {
+    let failpoint = format!("pay-before-capture=return({hold_ms})");
+    let (c, _inv, mut orders, skus) = cluster_with(&failpoint).await;
     let placed = orders
         .place(two_of_each(order_id, &skus))
         .await
         .expect("place")
         .into_inner();
     let via1 = channel(&c.node(1).client).await.expect("connect 1");
-    let first = pay_after(&via1, order_id, Duration::ZERO);
-    let second = pay_after(&via1, order_id, Duration::from_millis(500));
-    let paid = first.await.expect("join").expect("first pay").into_inner();
-    assert_eq!(paid.status(), OrderStatus::Paid);
-    cancel(&mut orders, order_id).await;
-    let e = second
-        .await
-        .expect("join")
-        .expect_err("a Pay answered after the cancel does not report the order paid");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert_cancelled_and_refunded_once(&mut orders, &placed).await;
+    (c, orders, via1, placed)
 }
+
+/// `pay` ends in FAILED_PRECONDITION (`why` says why it must not succeed).
+async fn expect_refused(pay: PayCall, why: &str) {
+    let e = pay.await.expect("join").expect_err(why);
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+}
+
+/// A Pay running in a task of its own.
+type PayCall = tokio::task::JoinHandle<Result<tonic::Response<proto::Order>, tonic::Status>>;
 
 /// A Pay of `order_id` with an approved card through `ch`, `after` from now,
 /// in a task of its own.
-fn pay_after(
-    ch: &Chan,
-    order_id: &str,
-    after: Duration,
-) -> tokio::task::JoinHandle<Result<tonic::Response<proto::Order>, tonic::Status>> {
+fn pay_after(ch: &Chan, order_id: &str, after: Duration) -> PayCall {
     let mut orders = OrdersClient::new(ch.clone());
     let req = proto::PayOrderRequest {
         fence: None,
