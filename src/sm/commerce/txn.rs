@@ -29,7 +29,8 @@ use crate::storage::keys;
 pub enum TxnStatus {
     /// Begun; participants may be preparing.
     Pending,
-    /// Decided: the order exists.
+    /// Decided: the order exists. Reported by views; not stored (a commit
+    /// deletes the record, the order answers for it).
     Committed,
     /// Decided: nothing of the order remains once participants release.
     Aborted,
