@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::now_ms;
-use crate::domain::order::{OrderEvent, OrderStatus, transition};
+use crate::domain::order::{OrderEvent, transition};
 use crate::domain::{RejectCode, Rejection};
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::payment::PaymentError;
@@ -174,13 +174,10 @@ pub async fn pay(
     }
     let view = get_order(node, shard, order_id, deadline).await?;
     let order = &view.order.record;
-    match order.status {
-        OrderStatus::PendingPayment => {}
-        OrderStatus::Paid | OrderStatus::Shipped | OrderStatus::Delivered => return Ok(view),
-        other => {
-            transition(order_id, other, OrderEvent::Pay)?;
-        }
+    if order.status.is_paid() {
+        return Ok(view);
     }
+    transition(order_id, order.status, OrderEvent::Pay)?;
     let (_, key) = view.payment.next_attempt_key(order_id);
     let amount = order.total_minor;
     let authorized = node

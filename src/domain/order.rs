@@ -50,6 +50,15 @@ impl OrderStatus {
     pub fn holds_stock(self) -> bool {
         matches!(self, OrderStatus::PendingPayment | OrderStatus::Paid)
     }
+
+    /// Whether it has been paid and not cancelled since: what Pay returns as
+    /// it is, however it got there (a retry, another attempt, the sweeper).
+    pub fn is_paid(self) -> bool {
+        matches!(
+            self,
+            OrderStatus::Paid | OrderStatus::Shipped | OrderStatus::Delivered
+        )
+    }
 }
 
 /// What moves an order from one status to the next.
@@ -276,6 +285,19 @@ mod tests {
         }
         assert!(transition("o", S::Paid, E::Expire).is_err());
         assert!(transition("o", S::PendingPayment, E::Ship).is_err());
+        // Paid stays paid through shipping; a cancel ends it.
+        let paid: Vec<S> = [
+            S::PendingPayment,
+            S::Paid,
+            S::Shipped,
+            S::Delivered,
+            S::Cancelled,
+            S::Expired,
+        ]
+        .into_iter()
+        .filter(|s| s.is_paid())
+        .collect();
+        assert_eq!(paid, vec![S::Paid, S::Shipped, S::Delivered]);
     }
 
     #[test]

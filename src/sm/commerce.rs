@@ -934,17 +934,14 @@ fn record_payment(
             // A retried Pay: this key's capture is already recorded. It gets
             // what Pay answers now: the order while it stays paid, the
             // refusal Pay gives a cancelled one (its refund is already owed).
-            return Ok(match stored.record.status {
-                OrderStatus::Paid | OrderStatus::Shipped | OrderStatus::Delivered => {
-                    order_response(stored, payment)
-                }
-                other => match transition(order_id, other, OrderEvent::Pay) {
-                    Err(r) => CommerceResponse::Rejected(r),
-                    Ok(_) => reject(
-                        RejectCode::Inconsistent,
-                        format!("order {order_id} is {other:?} with its capture recorded"),
-                    ),
-                },
+            let status = stored.record.status;
+            return Ok(match transition(order_id, status, OrderEvent::Pay) {
+                _ if status.is_paid() => order_response(stored, payment),
+                Err(r) => CommerceResponse::Rejected(r),
+                Ok(_) => reject(
+                    RejectCode::Inconsistent,
+                    format!("order {order_id} is {status:?} with its capture recorded"),
+                ),
             });
         }
         if *amount_minor != stored.record.total_minor {
