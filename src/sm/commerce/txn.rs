@@ -325,15 +325,10 @@ pub(super) fn decide(
             format!("no transaction record for order {order_id}"),
         ));
     };
-    match rec.record.status {
-        // Not written any more (a commit deletes the record); read as the
-        // order it committed.
-        TxnStatus::Committed => {
-            let order = load_order(state, order_id)?;
-            return Ok(view(&rec.record, order));
-        }
-        TxnStatus::Aborted => return Ok(view(&rec.record, None)),
-        TxnStatus::Pending => {}
+    // Decided already: aborted (a commit leaves no record), the first
+    // decision stands.
+    if rec.record.status != TxnStatus::Pending {
+        return Ok(view(&rec.record, None));
     }
     let skus: Vec<String> = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
     match decision {
