@@ -75,13 +75,27 @@ for i in $(seq 1 "$NODES"); do
   echo "bootstrap: started node $i (pid $!, peer $peer, client $client)"
 done
 
-# Wait until every node answers.
-for ep in ${endpoints//,/ }; do
+# Wait until every node answers. A node started here that exits meanwhile
+# (its ports taken, a bad data dir) is reported at once with its log's last
+# lines, not after the whole wait.
+exited() {
+  local n
+  for n in $started; do
+    [ "${n%%:*}" = "$1" ] || continue
+    alive "${n#*:}" || return 0
+  done
+  return 1
+}
+log_tail() { tail -n 3 "$DATA_DIR/n$1/shopkv.log" 2>/dev/null; }
+for i in $(seq 1 "$NODES"); do
+  ep="127.0.0.1:$((BASE_PORT + 2 * i + 1))"
+  up=0
   for _ in $(seq 1 150); do
-    "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1 && break
+    if "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1; then up=1; break; fi
+    exited "$i" && die "node $i exited at start-up: $(log_tail "$i")"
     sleep 0.2
   done
-  "$SHOPKV_BIN" cluster status --endpoints "$ep" >/dev/null 2>&1 || die "node at $ep did not come up (see its shopkv.log)"
+  [ "$up" = 1 ] || die "node $i at $ep did not come up within 30 s; the last lines of its log: $(log_tail "$i")"
 done
 
 # Whoever answered must be the nodes started here: a node that cannot bind its
@@ -89,7 +103,7 @@ done
 # answers must not be taken for ours (nor its "already initialised").
 for _ in 1 2 3 4 5; do
   for n in $started; do
-    alive "${n#*:}" || die "node ${n%%:*} exited at start-up: $(tail -n 3 "$DATA_DIR/n${n%%:*}/shopkv.log")"
+    alive "${n#*:}" || die "node ${n%%:*} exited at start-up: $(log_tail "${n%%:*}")"
   done
   sleep 0.1
 done
