@@ -14,19 +14,57 @@ fn script(name: &str) -> String {
     format!("{}/cluster/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A base port P with P+2..=P+11 free. Each call starts its search
-/// elsewhere: tests running at once in this process would otherwise find the
-/// same free range before either binds it.
+/// A base port P with P+2..=P+11 free, outside the kernel's ephemeral range:
+/// every outgoing connection on the machine takes a port from that range,
+/// and one that lands on a port picked here before its node binds it makes
+/// that node exit at start-up. Each call starts its search elsewhere: tests
+/// running at once in this process would otherwise find the same free range
+/// before either binds it.
 fn free_base_port() -> u16 {
     static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (low, high) = ephemeral_port_range();
+    // Base ports whose ten ports all lie below or above that range.
+    let mut window: Vec<std::ops::Range<u32>> = Vec::new();
+    if low > 10_000 + 12 {
+        window.push(10_000..low - 12);
+    }
+    if high + 1 < 65_535 - 12 {
+        window.push(high + 1..65_535 - 12);
+    }
+    let span: u32 = window.iter().map(|r| r.end - r.start).sum();
+    assert!(
+        span > 0,
+        "no ports outside the ephemeral range {low}-{high}"
+    );
+    let at = |mut i: u32| -> u16 {
+        i %= span;
+        for r in &window {
+            if i < r.end - r.start {
+                return (r.start + i) as u16;
+            }
+            i -= r.end - r.start;
+        }
+        unreachable!("i < span")
+    };
     let start = std::process::id()
         .wrapping_mul(7)
         .wrapping_add(call * 2_600);
     (0..200u32)
-        .map(|i| 20_000 + (start.wrapping_add(i * 13) % 40_000) as u16)
+        .map(|i| at(start.wrapping_add(i * 13)))
         .find(|p| (2..=11).all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok()))
         .expect("a free port range")
+}
+
+/// The kernel's ephemeral port range (Linux's default when unreadable).
+fn ephemeral_port_range() -> (u32, u32) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|w| w.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -303,4 +341,48 @@ async fn a_pid_file_naming_another_process_neither_skips_nor_kills_it() {
     assert!(restarted, "node 1 was not started: {text}");
     assert!(ready, "the restarted cluster is not ready");
     assert!(spared, "stop.sh killed the process a stale pid file named");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_bind_its_port_is_reported_at_once_with_its_log() {
+    // Any process may hold a port (an outgoing connection's, another
+    // server's): the node exits at start-up, and bootstrap must say so and
+    // why, not wait out its 30 s for an answer and point at the log.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port();
+    let node2_peer = base + 4;
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", node2_peer)).expect("hold a port");
+    let started = std::time::Instant::now();
+    let out = Command::new("bash")
+        .arg(script("bootstrap.sh"))
+        .args([
+            "--nodes",
+            "3",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("SHOPKV_BIN", binary())
+        .output()
+        .expect("run script");
+    let took = started.elapsed();
+    let _ = Command::new("bash")
+        .arg(script("stop.sh"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bootstrap succeeded without node 2");
+    assert!(text.contains("node 2 exited at start-up"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "cannot listen on peer address 127.0.0.1:{node2_peer}"
+        )),
+        "the node's own reason is not shown: {text}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "reported after {took:?}"
+    );
 }
