@@ -261,7 +261,7 @@ pub async fn place(
         }
         TxnStatus::Aborted => {
             // Release before answering, so the caller sees stock as it was.
-            if let Err(e) = settler.settle(order_id, skus, Settlement::Release).await {
+            if let Err(e) = settler.settle(order_id, skus, Settlement::Abort).await {
                 tracing::info!(order_id, error = %e, "abort settlement left to recovery");
             }
             Err(aborted(&view, order_id))
@@ -304,7 +304,10 @@ pub async fn settle_many(
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let resolves = per_shard.into_iter().map(|(shard, items)| async move {
         let ids: Vec<String> = items.iter().map(|i| i.order_id.clone()).collect();
-        let cmd = CommerceCommand::ResolveTxn { items };
+        let cmd = CommerceCommand::ResolveTxn {
+            items,
+            now_ms: now_ms(),
+        };
         (ids, commerce::propose(node, shard, cmd, deadline).await)
     });
     for (ids, res) in futures::future::join_all(resolves).await {
@@ -468,8 +471,10 @@ pub struct RecoveryStats {
 /// Whether the committed order `view` holds stock on `group`. A hold of a
 /// committed order on a shard where the order has lines is its own: that
 /// shard voted yes for it, so its reservation has exactly those lines, and a
-/// reservation under an order id is never written twice (settled ones stay
-/// as tombstones). Without an order to look at, keep the hold.
+/// reservation under an order id is never written twice while it matters:
+/// settled ones stay as tombstones, and the only ones pruned are an aborted
+/// attempt's, whose id no order had (a later attempt that commits under it
+/// wrote its own). Without an order to look at, keep the hold.
 fn commits_here(view: &TxnView, map: &ClusterMap, group: GroupId) -> bool {
     view.order.as_ref().is_none_or(|o| {
         o.order
@@ -548,7 +553,7 @@ pub async fn recover(
             // a Place that reused the order's id with other SKUs (its prepares
             // go out beside the begin that refuses it).
             TxnStatus::Committed => Settlement::Release,
-            TxnStatus::Aborted => Settlement::Release,
+            TxnStatus::Aborted => Settlement::Abort,
             TxnStatus::Pending => continue,
         };
         items.push(ResolveItem {
@@ -558,7 +563,8 @@ pub async fn recover(
     }
     if !items.is_empty() {
         stats.resolved += items.len() as u32;
-        commerce::propose(node, group, CommerceCommand::ResolveTxn { items }, deadline).await?;
+        let cmd = CommerceCommand::ResolveTxn { items, now_ms: now };
+        commerce::propose(node, group, cmd, deadline).await?;
     }
     Ok(stats)
 }

@@ -303,12 +303,25 @@ pub enum CommerceCommand {
     ResolveTxn {
         /// One per order.
         items: Vec<ResolveItem>,
+        /// Proposer's clock (when an abort's tombstone was left).
+        now_ms: u64,
     },
     /// 2PC, anchor: every participant applied these settlements; forget each
     /// (unless a newer settlement replaced it meanwhile).
     SettlementDone {
         /// (order id, the settlement that was applied).
         items: Vec<(String, Settlement)>,
+    },
+    /// Deletes aborted transactions' tombstones recorded before `before_ms`
+    /// (proposed by the shard leader's sweeper after the retention; apply
+    /// re-checks each).
+    PruneAborted {
+        /// Candidates, as the leader's replica indexes them.
+        tombstones: Vec<AbortedTombstone>,
+        /// Leader's clock minus the retention.
+        before_ms: u64,
+        /// Leader's clock.
+        now_ms: u64,
     },
 }
 
@@ -355,7 +368,12 @@ impl std::fmt::Display for CommerceCommand {
                 order_id, decision, ..
             } => write!(f, "DecideTxn({order_id}, commit={})", decision.is_commit()),
             CommerceCommand::AbortTxn { order_id, .. } => write!(f, "AbortTxn({order_id})"),
-            CommerceCommand::ResolveTxn { items } => write!(f, "ResolveTxn(n={})", items.len()),
+            CommerceCommand::ResolveTxn { items, .. } => {
+                write!(f, "ResolveTxn(n={})", items.len())
+            }
+            CommerceCommand::PruneAborted { tombstones, .. } => {
+                write!(f, "PruneAborted(n={})", tombstones.len())
+            }
             CommerceCommand::SettlementDone { items } => {
                 write!(f, "SettlementDone(n={})", items.len())
             }
@@ -378,6 +396,11 @@ pub enum CommerceResponse {
     Expired {
         /// Count.
         orders: u32,
+    },
+    /// How many tombstones `PruneAborted` deleted.
+    Pruned {
+        /// Count.
+        records: u32,
     },
     /// A business rule refused it. `RecordPayment` of a decline still records
     /// the failed attempt; every other rejection wrote nothing. For
@@ -411,8 +434,8 @@ macro_rules! check {
 
 mod txn;
 pub use txn::{
-    Decision, HeldEntry, InFlight, ResolveItem, SettleEntry, Settlement, TxnBegin, TxnRecord,
-    TxnStatus, TxnView, same_request,
+    AbortedTombstone, Decision, HeldEntry, InFlight, MAX_PRUNE_BATCH, ResolveItem, SettleEntry,
+    Settlement, TxnBegin, TxnRecord, TxnStatus, TxnView, same_request,
 };
 
 fn load<T: DeserializeOwned>(
@@ -610,7 +633,16 @@ pub fn apply(
         CommerceCommand::AbortTxn { order_id, now_ms } => {
             txn::abort_expired(state, index, order_id, *now_ms)
         }
-        CommerceCommand::ResolveTxn { items } => txn::resolve_all(state, index, items),
+        CommerceCommand::ResolveTxn { items, now_ms } => {
+            txn::resolve_all(state, index, items, *now_ms)
+        }
+        CommerceCommand::PruneAborted {
+            tombstones,
+            before_ms,
+            now_ms,
+        } => Ok(CommerceResponse::Pruned {
+            records: txn::prune_aborted(state, tombstones, *before_ms, *now_ms)?,
+        }),
         CommerceCommand::SettlementDone { items } => txn::settlement_done(state, items),
         CommerceCommand::CartClearsDone { order_ids } => {
             for id in order_ids.iter().take(MAX_EXPIRE_BATCH) {
@@ -1214,6 +1246,14 @@ pub enum CommerceRead {
         /// At most this many.
         limit: u32,
     },
+    /// Aborted transactions' tombstones recorded before `before_ms`, oldest
+    /// first (for the sweeper's pruner).
+    AbortedBefore {
+        /// Leader's clock minus the retention.
+        before_ms: u64,
+        /// At most this many.
+        limit: u32,
+    },
     /// Checkouts whose cart (on another shard) is still to be emptied and
     /// whose order was written at or before `placed_by_ms` (for the sweeper).
     DueCartClears {
@@ -1260,6 +1300,8 @@ pub enum CommerceReadResult {
     CapturesOwed(Vec<(String, CaptureOwed)>),
     /// `DueCartClears`: order id and the cart to empty, by order id.
     CartClearsOwed(Vec<(String, CartClearOwed)>),
+    /// `AbortedBefore`.
+    AbortedTombstones(Vec<AbortedTombstone>),
 }
 
 fn read_one<T: DeserializeOwned>(
@@ -1348,6 +1390,9 @@ pub fn read(r: &dyn RecordReader, op: &CommerceRead) -> Result<CommerceReadResul
             CommerceReadResult::OrderIds(due_deadlines(r, *now_ms, *limit as usize)?)
         }
         CommerceRead::Txn { order_id } => CommerceReadResult::Txn(txn::read_view(r, order_id)?),
+        CommerceRead::AbortedBefore { before_ms, limit } => CommerceReadResult::AbortedTombstones(
+            txn::read_aborted_before(r, *before_ms, *limit as usize)?,
+        ),
         CommerceRead::InFlight { limit } => {
             CommerceReadResult::InFlight(Box::new(txn::read_in_flight(r, *limit as usize)?))
         }
@@ -1388,6 +1433,7 @@ mod tests {
 
     use super::*;
     use crate::domain::catalog::product;
+    use crate::storage::keys::AbortedRecord;
 
     type Mem = crate::sm::MemState;
 
@@ -2010,8 +2056,9 @@ mod tests {
         let release = CommerceCommand::ResolveTxn {
             items: vec![ResolveItem {
                 order_id: "t1".into(),
-                outcome: Settlement::Release,
+                outcome: Settlement::Abort,
             }],
+            now_ms: 2_002,
         };
         apply(&mut m, i + 7, &release).unwrap();
         let after = m.clone();
@@ -2028,6 +2075,227 @@ mod tests {
             rejected(apply(&mut m, i + 9, &prepare).unwrap()),
             RejectCode::OrderAborted,
             "a late prepare finds the tombstone"
+        );
+    }
+
+    fn aborted_before(m: &Mem, before_ms: u64) -> Vec<AbortedTombstone> {
+        match read(
+            m,
+            &CommerceRead::AbortedBefore {
+                before_ms,
+                limit: 10,
+            },
+        )
+        .unwrap()
+        {
+            CommerceReadResult::AbortedTombstones(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn prune(tombstones: Vec<AbortedTombstone>, now_ms: u64) -> CommerceCommand {
+        CommerceCommand::PruneAborted {
+            tombstones,
+            before_ms: now_ms,
+            now_ms,
+        }
+    }
+
+    fn pruned(r: CommerceResponse) -> u32 {
+        match r {
+            CommerceResponse::Pruned { records } => records,
+            other => panic!("expected Pruned, got {other:?}"),
+        }
+    }
+
+    fn resolve_one(order_id: &str, outcome: Settlement, now_ms: u64) -> CommerceCommand {
+        CommerceCommand::ResolveTxn {
+            items: vec![ResolveItem {
+                order_id: order_id.into(),
+                outcome,
+            }],
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn an_aborted_transactions_tombstones_are_pruned_once_settled_and_a_committed_orders_stay() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 2), ("B".to_string(), 1)];
+        let prepare = CommerceCommand::PrepareTxn {
+            order_id: "t1".into(),
+            lines: lines.clone(),
+            now_ms: 1_000,
+            begin: Some(TxnBegin {
+                customer: "c1".into(),
+                lines: lines.clone(),
+                deadline_ms: 2_000,
+            }),
+        };
+        assert!(matches!(
+            apply(&mut m, i, &prepare).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        let abort = CommerceCommand::DecideTxn {
+            order_id: "t1".into(),
+            decision: Decision::Abort(Rejection::new(RejectCode::OutOfStock, "no")),
+            now_ms: 1_500,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 1, &abort).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        apply(&mut m, i + 2, &resolve_one("t1", Settlement::Abort, 1_600)).unwrap();
+        assert_eq!(level(&m, "A").reserved, 0);
+        // Indexed oldest first, each when its abort was recorded here.
+        let t = |aborted_ms, record| AbortedTombstone {
+            aborted_ms,
+            record,
+            order_id: "t1".into(),
+        };
+        assert_eq!(
+            aborted_before(&m, 1_550),
+            vec![t(1_500, AbortedRecord::Txn)]
+        );
+        let both = aborted_before(&m, 10_000);
+        assert_eq!(
+            both,
+            vec![
+                t(1_500, AbortedRecord::Txn),
+                t(1_600, AbortedRecord::Reservation)
+            ]
+        );
+        // Nothing younger than before_ms goes, whatever a proposer names.
+        let early = m.clone();
+        assert_eq!(
+            pruned(apply(&mut m, i + 3, &prune(both.clone(), 1_500)).unwrap()),
+            0
+        );
+        assert_eq!(m, early);
+        // The record stays while its release is owed (indexed again, from
+        // now); the settled reservation goes.
+        assert_eq!(
+            pruned(apply(&mut m, i + 4, &prune(both.clone(), 10_000)).unwrap()),
+            1
+        );
+        assert!(
+            load::<Reservation>(&mut m, &keys::reservation_key("t1"))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            txn(apply(
+                &mut m,
+                i + 5,
+                &CommerceCommand::BeginTxn {
+                    order_id: "t1".into(),
+                    customer: "c1".into(),
+                    lines: lines.clone(),
+                    now_ms: 10_001,
+                    deadline_ms: 20_000,
+                }
+            )
+            .unwrap())
+            .status,
+            TxnStatus::Aborted,
+            "a retry still finds the abort"
+        );
+        assert_eq!(
+            aborted_before(&m, 30_000),
+            vec![t(10_000, AbortedRecord::Txn)]
+        );
+        apply(
+            &mut m,
+            i + 6,
+            &CommerceCommand::SettlementDone {
+                items: vec![("t1".into(), Settlement::Abort)],
+            },
+        )
+        .unwrap();
+        let again = aborted_before(&m, 30_000);
+        assert_eq!(
+            pruned(apply(&mut m, i + 7, &prune(again.clone(), 30_000)).unwrap()),
+            1
+        );
+        assert!(
+            matches!(
+                read(
+                    &m,
+                    &CommerceRead::Txn {
+                        order_id: "t1".into()
+                    }
+                )
+                .unwrap(),
+                CommerceReadResult::Txn(None)
+            ),
+            "the aborted order is forgotten"
+        );
+        assert!(aborted_before(&m, u64::MAX).is_empty());
+        let after = m.clone();
+        assert_eq!(
+            pruned(apply(&mut m, i + 8, &prune(again, 30_000)).unwrap()),
+            0
+        );
+        assert_eq!(m, after, "a replayed prune changes nothing");
+
+        // A prepare of the old attempt arriving now holds stock, and
+        // recovery still releases it: the anchor, finding neither record
+        // nor order, aborts again (and that tombstone is indexed too).
+        let late = CommerceCommand::PrepareTxn {
+            order_id: "t1".into(),
+            lines: lines.clone(),
+            now_ms: 30_001,
+            begin: None,
+        };
+        assert!(matches!(
+            apply(&mut m, i + 9, &late).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        let recover = CommerceCommand::AbortTxn {
+            order_id: "t1".into(),
+            now_ms: 60_000,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 10, &recover).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        apply(
+            &mut m,
+            i + 11,
+            &resolve_one("t1", Settlement::Abort, 60_000),
+        )
+        .unwrap();
+        assert_eq!(level(&m, "A").reserved, 0);
+        assert_eq!(aborted_before(&m, u64::MAX).len(), 2);
+
+        // A committed order's tombstone (released by its cancel) is never
+        // indexed, and a prune naming it anyway leaves it.
+        let placed = order(apply(&mut m, i + 12, &place("o1", &[("A", 1)])).unwrap());
+        let cancel = CommerceCommand::Transition {
+            order_id: "o1".into(),
+            event: OrderEvent::Cancel,
+            now_ms: 70_000,
+        };
+        order(apply(&mut m, i + 13, &cancel).unwrap());
+        assert_eq!(placed.order.record.order_id, "o1");
+        assert!(
+            aborted_before(&m, u64::MAX)
+                .iter()
+                .all(|t| t.order_id == "t1")
+        );
+        let forged = vec![AbortedTombstone {
+            aborted_ms: 1,
+            record: AbortedRecord::Reservation,
+            order_id: "o1".into(),
+        }];
+        assert_eq!(
+            pruned(apply(&mut m, i + 14, &prune(forged, u64::MAX)).unwrap()),
+            0
+        );
+        assert!(
+            load::<Reservation>(&mut m, &keys::reservation_key("o1"))
+                .unwrap()
+                .is_some_and(|r| !r.record.is_live())
         );
     }
 
@@ -2164,6 +2432,7 @@ mod tests {
                         order_id: "t2".into(),
                         outcome,
                     }],
+                    now_ms: 3,
                 },
             )
             .unwrap();
@@ -2209,6 +2478,7 @@ mod tests {
                 order_id: "t3".into(),
                 outcome,
             }],
+            now_ms: 2,
         };
         // Twice: the same outcome again changes nothing.
         for at in [i + 1, i + 2] {

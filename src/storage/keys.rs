@@ -31,6 +31,8 @@
 //! | `S` · order id                           | settlement owed to participants |
 //! | `H` · order id                           | reservations held (participant) |
 //! | `W` · order id                           | undecided transaction index     |
+//! | `E` · order id                           | checkout cart clear owed        |
+//! | `V` · aborted_ms (8) · kind · order id   | aborted 2PC tombstone index     |
 //! | `s` · session id (8)                     | session (meta group)            |
 //! | `L` · lock name                          | lock queue and last token (meta)|
 //! | `f` · lock name                          | highest fencing token seen      |
@@ -100,6 +102,7 @@ const NS_TXN: u8 = b'T';
 const NS_SETTLEMENT: u8 = b'S';
 const NS_HELD: u8 = b'H';
 const NS_TXN_PENDING: u8 = b'W';
+const NS_ABORTED: u8 = b'V';
 
 /// Whether this is a product record (read-mostly: catalog edits are rare,
 /// every order line reads one).
@@ -434,6 +437,57 @@ pub fn held_prefix() -> Vec<u8> {
     vec![NS_HELD]
 }
 
+/// Which record of an aborted transaction an `V` index entry names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum AbortedRecord {
+    /// The anchor's aborted transaction record (`T`).
+    Txn,
+    /// A participant's reservation released by the abort (`R`).
+    Reservation,
+}
+
+impl AbortedRecord {
+    fn tag(self) -> u8 {
+        match self {
+            AbortedRecord::Txn => NS_TXN,
+            AbortedRecord::Reservation => NS_RESERVATION,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<AbortedRecord> {
+        match tag {
+            NS_TXN => Some(AbortedRecord::Txn),
+            NS_RESERVATION => Some(AbortedRecord::Reservation),
+            _ => None,
+        }
+    }
+}
+
+/// Index entry of an aborted transaction's tombstone (`T` or `R`), sorted by
+/// when the abort was recorded so the pruner finds the old ones first.
+pub fn aborted_index_key(aborted_ms: u64, record: AbortedRecord, order_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + order_id.len());
+    k.push(NS_ABORTED);
+    k.extend_from_slice(&aborted_ms.to_be_bytes());
+    k.push(record.tag());
+    k.extend_from_slice(order_id.as_bytes());
+    k
+}
+
+/// Prefix of every aborted-tombstone index entry.
+pub fn aborted_index_prefix() -> Vec<u8> {
+    vec![NS_ABORTED]
+}
+
+/// `(aborted_ms, record, order id)` of an aborted-tombstone index key.
+pub fn parse_aborted_index_key(record_key: &[u8]) -> Option<(u64, AbortedRecord, &str)> {
+    let rest = record_key.strip_prefix(&[NS_ABORTED])?;
+    let at: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let record = AbortedRecord::from_tag(*rest.get(8)?)?;
+    let id = std::str::from_utf8(rest.get(9..)?).ok()?;
+    Some((u64::from_be_bytes(at), record, id))
+}
+
 /// The order id of a `T`, `S` or `H` record key (the id after the namespace byte).
 pub fn order_id_of(record_key: &[u8]) -> Option<&str> {
     record_key
@@ -487,6 +541,17 @@ mod tests {
         assert_eq!(
             parse_order_deadline_key(&order_deadline_key(7, "o9")),
             Some((7, "o9"))
+        );
+        for record in [AbortedRecord::Txn, AbortedRecord::Reservation] {
+            assert_eq!(
+                parse_aborted_index_key(&aborted_index_key(9, record, "o7")),
+                Some((9, record, "o7"))
+            );
+        }
+        // Older aborts sort first, whatever their order ids.
+        assert!(
+            aborted_index_key(1, AbortedRecord::Reservation, "zz")
+                < aborted_index_key(2, AbortedRecord::Txn, "a")
         );
         assert_eq!(order_id_of_refund_due(&refund_due_key("o3")), Some("o3"));
         assert_eq!(

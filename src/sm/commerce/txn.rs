@@ -9,6 +9,16 @@
 //! commit only deletes `H`; the reservations stay as they are), and
 //! tombstones so a late prepare of an aborted order fails. Every command is
 //! idempotent.
+//!
+//! Tombstones of **aborted** transactions (the anchor's `T`, the
+//! participants' released `R`) are pruned after a retention
+//! (`PruneAborted`, proposed by each shard leader's sweeper), so attempts
+//! that abort (a sold-out flash sale) do not grow the store for ever. That
+//! is safe at any age: a late prepare that finds no tombstone holds stock
+//! that recovery resolves through the anchor, and the anchor, finding
+//! neither record nor order, aborts again (`AbortTxn`). Tombstones of
+//! committed orders (released on cancel, consumed on ship) stay: a hold
+//! made under a committed order's id would be resolved as that order's.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +32,10 @@ use crate::domain::money::Currency;
 use crate::domain::order::{Order, OrderLine, OrderStatus, Payment};
 use crate::domain::{RejectCode, Rejection};
 use crate::sm::SmError;
-use crate::storage::keys;
+use crate::storage::keys::{self, AbortedRecord};
+
+/// Tombstones one `PruneAborted` deletes at most.
+pub const MAX_PRUNE_BATCH: usize = 256;
 
 /// A transaction's state on its anchor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +75,9 @@ pub enum Settlement {
     Release,
     /// Reserved → consumed (shipped: units leave on_hand).
     Consume,
+    /// Reserved → released because the transaction aborted: no order has
+    /// this id, so the tombstone may be pruned after the retention.
+    Abort,
 }
 
 /// A settlement the anchor owes its participants, kept until they all applied it.
@@ -208,6 +224,19 @@ pub(super) fn owe_settlement(
         since_ms: now_ms,
     };
     save(state, keys::settlement_key(order_id), index, &entry)
+}
+
+/// Indexes an aborted transaction's tombstone for the pruner.
+fn index_aborted(
+    state: &mut dyn StateAccess,
+    record: AbortedRecord,
+    order_id: &str,
+    now_ms: u64,
+) -> Result<(), SmError> {
+    state.put(
+        keys::aborted_index_key(now_ms, record, order_id),
+        Vec::new(),
+    )
 }
 
 /// `BeginTxn` on the anchor.
@@ -390,7 +419,8 @@ pub(super) fn decide(
             rec.record.reason = Some(reason.clone());
             save(state, keys::txn_key(order_id), index, &rec.record)?;
             state.delete(keys::txn_pending_key(order_id))?;
-            owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
+            index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
+            owe_settlement(state, index, order_id, Settlement::Abort, skus, now_ms)?;
             Ok(view(&rec.record, None))
         }
     }
@@ -420,6 +450,7 @@ pub(super) fn abort_expired(
             )),
         };
         save(state, keys::txn_key(order_id), index, &rec)?;
+        index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
         return Ok(view(&rec, None));
     };
     if rec.record.status != TxnStatus::Pending || now_ms < rec.record.deadline_ms {
@@ -432,8 +463,9 @@ pub(super) fn abort_expired(
     ));
     save(state, keys::txn_key(order_id), index, &rec.record)?;
     state.delete(keys::txn_pending_key(order_id))?;
+    index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
     let skus = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
-    owe_settlement(state, index, order_id, Settlement::Release, skus, now_ms)?;
+    owe_settlement(state, index, order_id, Settlement::Abort, skus, now_ms)?;
     Ok(view(&rec.record, None))
 }
 
@@ -443,10 +475,12 @@ pub(super) fn resolve_all(
     state: &mut dyn StateAccess,
     index: u64,
     items: &[ResolveItem],
+    now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
     let mut failed = Vec::new();
     for item in items {
-        if let CommerceResponse::Rejected(r) = resolve(state, index, &item.order_id, item.outcome)?
+        if let CommerceResponse::Rejected(r) =
+            resolve(state, index, &item.order_id, item.outcome, now_ms)?
         {
             failed.push((item.order_id.clone(), r));
         }
@@ -460,6 +494,7 @@ fn resolve(
     index: u64,
     order_id: &str,
     outcome: Settlement,
+    now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
     if outcome == Settlement::Commit {
         // The reservation already counts in `reserved` and stays there until
@@ -481,6 +516,9 @@ fn resolve(
                 state: ReservationState::Released,
             };
             save(state, key, index, &tombstone)?;
+            if outcome == Settlement::Abort {
+                index_aborted(state, AbortedRecord::Reservation, order_id, now_ms)?;
+            }
         }
         Some(r) if !r.is_live() => {}
         Some(r) => {
@@ -504,6 +542,9 @@ fn resolve(
                 state: end,
             };
             save(state, key, index, &done)?;
+            if outcome == Settlement::Abort {
+                index_aborted(state, AbortedRecord::Reservation, order_id, now_ms)?;
+            }
         }
     }
     state.delete(keys::held_key(order_id))?;
@@ -523,6 +564,90 @@ pub(super) fn settlement_done(
         }
     }
     Ok(CommerceResponse::Settled { failed: Vec::new() })
+}
+
+/// One aborted transaction's tombstone, as its index entry names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortedTombstone {
+    /// When the abort was recorded here (proposer's clock).
+    pub aborted_ms: u64,
+    /// The anchor's record or a participant's reservation.
+    pub record: AbortedRecord,
+    /// Order id = transaction id.
+    pub order_id: String,
+}
+
+/// `PruneAborted`: deletes the named tombstones recorded before
+/// `before_ms`, each re-checked here. A `T` goes only while aborted and
+/// owing no settlement (otherwise it is indexed again at `now_ms`: its
+/// release is still on its way to a participant); an `R` only while settled.
+/// Returns how many records were deleted.
+pub(super) fn prune_aborted(
+    state: &mut dyn StateAccess,
+    tombstones: &[AbortedTombstone],
+    before_ms: u64,
+    now_ms: u64,
+) -> Result<u32, SmError> {
+    let mut pruned = 0;
+    for t in tombstones.iter().take(MAX_PRUNE_BATCH) {
+        let entry = keys::aborted_index_key(t.aborted_ms, t.record, &t.order_id);
+        if t.aborted_ms >= before_ms || state.get(&entry)?.is_none() {
+            continue;
+        }
+        state.delete(entry)?;
+        match t.record {
+            AbortedRecord::Txn => {
+                let key = keys::txn_key(&t.order_id);
+                let aborted = load::<TxnRecord>(state, &key)?
+                    .is_some_and(|r| r.record.status == TxnStatus::Aborted);
+                if !aborted {
+                    continue;
+                }
+                if state.get(&keys::settlement_key(&t.order_id))?.is_some() {
+                    index_aborted(state, AbortedRecord::Txn, &t.order_id, now_ms)?;
+                } else {
+                    state.delete(key)?;
+                    pruned += 1;
+                }
+            }
+            AbortedRecord::Reservation => {
+                let key = keys::reservation_key(&t.order_id);
+                if load::<Reservation>(state, &key)?.is_some_and(|r| !r.record.is_live()) {
+                    state.delete(key)?;
+                    pruned += 1;
+                }
+            }
+        }
+    }
+    Ok(pruned)
+}
+
+/// Aborted transactions' tombstones recorded before `before_ms`, oldest
+/// first (for the pruner).
+pub(super) fn read_aborted_before(
+    r: &dyn RecordReader,
+    before_ms: u64,
+    limit: usize,
+) -> Result<Vec<AbortedTombstone>, SmError> {
+    let mut out = Vec::new();
+    for (k, _) in r.scan(
+        &keys::aborted_index_prefix(),
+        None,
+        limit.min(MAX_PRUNE_BATCH),
+    )? {
+        let Some((aborted_ms, record, order_id)) = keys::parse_aborted_index_key(&k) else {
+            continue;
+        };
+        if aborted_ms >= before_ms {
+            break;
+        }
+        out.push(AbortedTombstone {
+            aborted_ms,
+            record,
+            order_id: order_id.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// A transaction's state for readers (a 1PC order reads as committed).
