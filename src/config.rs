@@ -22,6 +22,11 @@ pub const DEFAULT_ORDER_PAYMENT_TIMEOUT_MS: u64 = 15 * 60_000;
 /// Default time a cross-shard order may stay undecided: 10 s (CockroachDB
 /// aborts a transaction after 5 missed 1 s heartbeats; TiKV's lock TTL is 3–20 s).
 pub const DEFAULT_TXN_TIMEOUT_MS: u64 = 10_000;
+/// Default time an aborted cross-shard order's tombstones are kept: a day
+/// (a retry under the same order id within it is told the order aborted;
+/// later it is placed afresh, as idempotency keys expire after 24 h at
+/// payment providers).
+pub const DEFAULT_ABORTED_TXN_RETENTION_MS: u64 = 24 * 3_600_000;
 
 /// Default wait of the WAL sync thread for more appends under concurrent load
 /// (see [`crate::storage::StoreOptions`]): about one fsync on the bench machine.
@@ -105,6 +110,10 @@ pub struct ServeArgs {
     /// by anyone (its held stock is then released).
     #[arg(long, env = "SHOPKV_TXN_TIMEOUT_MS")]
     pub txn_timeout_ms: Option<u64>,
+    /// How long an aborted cross-shard order's tombstones are kept before
+    /// the shard leaders prune them.
+    #[arg(long, env = "SHOPKV_ABORTED_TXN_RETENTION_MS")]
+    pub aborted_txn_retention_ms: Option<u64>,
     /// Under concurrent writes, how long the WAL sync waits for more appends
     /// (0: never waits).
     #[arg(long, env = "SHOPKV_GROUP_COMMIT_DELAY_US")]
@@ -132,6 +141,7 @@ struct FileConfig {
     request_timeout_ms: Option<u64>,
     order_payment_timeout_ms: Option<u64>,
     txn_timeout_ms: Option<u64>,
+    aborted_txn_retention_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
@@ -165,6 +175,8 @@ pub struct Config {
     pub order_payment_timeout_ms: u64,
     /// How long a cross-shard order may stay undecided.
     pub txn_timeout_ms: u64,
+    /// How long an aborted cross-shard order's tombstones are kept.
+    pub aborted_txn_retention_ms: u64,
     /// WAL group-commit wait under concurrent load.
     pub group_commit_delay_us: u64,
     /// Node id -> address to dial instead of the advertised one.
@@ -183,6 +195,8 @@ mod limits {
     pub const ORDER_PAYMENT_TIMEOUT_MS: (u64, u64) = (1_000, 7 * 24 * 3_600_000);
     /// From one second to ten minutes.
     pub const TXN_TIMEOUT_MS: (u64, u64) = (1_000, 600_000);
+    /// From one second (tests) to 30 days.
+    pub const ABORTED_TXN_RETENTION_MS: (u64, u64) = (1_000, 30 * 24 * 3_600_000);
     /// Up to 10 ms: every write under load waits this much longer.
     pub const GROUP_COMMIT_DELAY_US: (u64, u64) = (0, 10_000);
 }
@@ -248,6 +262,10 @@ impl Config {
                 .txn_timeout_ms
                 .or(file.txn_timeout_ms)
                 .unwrap_or(DEFAULT_TXN_TIMEOUT_MS),
+            aborted_txn_retention_ms: args
+                .aborted_txn_retention_ms
+                .or(file.aborted_txn_retention_ms)
+                .unwrap_or(DEFAULT_ABORTED_TXN_RETENTION_MS),
             group_commit_delay_us: args
                 .group_commit_delay_us
                 .or(file.group_commit_delay_us)
@@ -351,6 +369,21 @@ impl Config {
             self.txn_timeout_ms,
             limits::TXN_TIMEOUT_MS,
         )?;
+        in_range(
+            "aborted_txn_retention_ms",
+            self.aborted_txn_retention_ms,
+            limits::ABORTED_TXN_RETENTION_MS,
+        )?;
+        // A retry within the transaction's own time must still find its abort.
+        if self.aborted_txn_retention_ms < self.txn_timeout_ms {
+            return invalid(
+                "aborted_txn_retention_ms",
+                format!(
+                    "{} must be at least txn_timeout_ms ({})",
+                    self.aborted_txn_retention_ms, self.txn_timeout_ms
+                ),
+            );
+        }
         in_range(
             "group_commit_delay_us",
             self.group_commit_delay_us,
@@ -520,6 +553,18 @@ mod tests {
                 .map(String::as_str),
             Some("127.0.0.1:9")
         );
+        // Shorter than the transaction timeout: a retry in time would miss the abort.
+        let mut a = args();
+        a.txn_timeout_ms = Some(5_000);
+        a.aborted_txn_retention_ms = Some(4_000);
+        assert!(
+            Config::load(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("aborted_txn_retention_ms")
+        );
+        a.aborted_txn_retention_ms = Some(5_000);
+        assert_eq!(Config::load(&a).unwrap().aborted_txn_retention_ms, 5_000);
         let mut a = args();
         a.peer_addr = Some("nonsense".into());
         assert!(

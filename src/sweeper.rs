@@ -3,8 +3,9 @@
 //! orders past their deadline (stamped with this leader's clock; apply
 //! re-checks each deadline and status), retry refunds that are owed, finish
 //! payments whose capture was never recorded (`commerce::capture_owed`),
-//! empty the carts checkouts left full (`commerce::finish_cart_clear`), and
-//! run 2PC recovery (`txn::recover`).
+//! empty the carts checkouts left full (`commerce::finish_cart_clear`),
+//! prune aborted transactions' tombstones past their retention, and run 2PC
+//! recovery (`txn::recover`).
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::clock::now_ms;
 use crate::commerce;
 use crate::node::{Node, ReadOp, ReadResult};
-use crate::sm::commerce::{CommerceCommand, CommerceRead, CommerceReadResult, MAX_EXPIRE_BATCH};
+use crate::sm::commerce::{
+    CommerceCommand, CommerceRead, CommerceReadResult, MAX_EXPIRE_BATCH, MAX_PRUNE_BATCH,
+};
 use crate::storage::keys::GroupId;
 
 /// How often a leader looks for due deadlines and refunds.
@@ -118,6 +121,40 @@ async fn sweep(node: &Node, group: GroupId) -> Result<(), commerce::CommerceErro
     if let Err(e) = finish_cart_clears(node, group, now, deadline).await {
         tracing::warn!(group, error = %e, "owed cart clears not finished; will retry");
     }
+    if let Err(e) = prune_aborted(node, group, now, deadline).await {
+        tracing::warn!(group, error = %e, "aborted orders' tombstones not pruned; will retry");
+    }
+    Ok(())
+}
+
+/// Deletes the tombstones of transactions aborted longer than the
+/// retention ago, up to [`MAX_PRUNE_BATCH`] per sweep (apply re-checks each).
+async fn prune_aborted(
+    node: &Node,
+    group: GroupId,
+    now: u64,
+    deadline: Instant,
+) -> Result<(), commerce::CommerceError> {
+    let before_ms = now.saturating_sub(node.config.aborted_txn_retention_ms);
+    let tombstones = match node.read_local(
+        group,
+        &ReadOp::Commerce(CommerceRead::AbortedBefore {
+            before_ms,
+            limit: MAX_PRUNE_BATCH as u32,
+        }),
+    )? {
+        ReadResult::Commerce(CommerceReadResult::AbortedTombstones(t)) => t,
+        _ => Vec::new(),
+    };
+    if tombstones.is_empty() {
+        return Ok(());
+    }
+    let cmd = CommerceCommand::PruneAborted {
+        tombstones,
+        before_ms,
+        now_ms: now,
+    };
+    commerce::propose(node, group, cmd, deadline).await?;
     Ok(())
 }
 

@@ -532,3 +532,136 @@ async fn reusing_a_placed_order_id_with_other_skus_holds_no_stock() {
     assert_eq!(o.status(), OrderStatus::PendingPayment);
     assert_eq!(o.lines.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_orders_tombstones_are_pruned_after_the_retention_and_a_committed_orders_stay() {
+    let c = TestCluster::start_initialised(
+        3,
+        SHARDS,
+        &[
+            "--txn-timeout-ms",
+            "1000",
+            "--aborted-txn-retention-ms",
+            "1000",
+        ],
+    )
+    .await;
+    let mut s = shop(&c, 1).await;
+    let skus = skus_on_every_shard("P");
+    s.add_product(&skus[0], 100, "EUR", 10).await;
+    s.add_product(&skus[1], 100, "EUR", 2).await;
+    let m = map();
+
+    // Committed, then cancelled: its tombstones must outlive any retention.
+    let kept = order_id_on("o-kept", 3);
+    s.place(
+        "cust",
+        &kept,
+        &[(skus[0].as_str(), 1), (skus[1].as_str(), 1)],
+    )
+    .await
+    .expect("committed order");
+    s.orders
+        .cancel(proto::OrderIdRequest {
+            order_id: kept.clone(),
+            fence: None,
+        })
+        .await
+        .expect("cancel");
+    let before = vec![(10, 0), (2, 0)];
+    wait_stocks(
+        &mut s,
+        &skus[..2],
+        &before,
+        Duration::from_secs(10),
+        "cancel releases",
+    )
+    .await;
+
+    // Aborted: out of stock on the second shard, after the first held a unit.
+    let id = order_id_on("o-gone", 1);
+    let lines = [(skus[0].as_str(), 1), (skus[1].as_str(), 5)];
+    let err = s
+        .place("cust", &id, &lines)
+        .await
+        .expect_err("out of stock");
+    assert_eq!(reason(&err), "OUT_OF_STOCK", "{err:?}");
+
+    // Past the retention every shard leader prunes its tombstones: the
+    // anchor forgets the order, and a prepare of it is no longer refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match s.order(&id).await {
+            Err(e) if e.code() == Code::NotFound => break,
+            Err(e) if reason(&e) == "ORDER_ABORTED" => {}
+            other => panic!("unexpected read of the aborted order: {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aborted order was not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let late = CommerceCommand::PrepareTxn {
+        order_id: id.clone(),
+        lines: vec![(skus[0].clone(), 1)],
+        now_ms: shopkv::clock::now_ms(),
+        begin: None,
+    };
+    loop {
+        match propose_raw(&c, 2, m.shard_of_sku(&skus[0]), late.clone()).await {
+            CommerceResponse::Prepared(_) => break,
+            CommerceResponse::Rejected(r) => {
+                assert_eq!(r.code, shopkv::domain::RejectCode::OrderAborted);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aborted reservation was not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(s.stocks(&skus[..1]).await, vec![(10, 1)]);
+    // That hold is still released: recovery asks the anchor, which finds
+    // neither record nor order and aborts the id again.
+    wait_stocks(
+        &mut s,
+        &skus[..2],
+        &before,
+        Duration::from_secs(20),
+        "recovery releases a hold of a pruned order",
+    )
+    .await;
+
+    // The committed order's tombstones were not pruned with it.
+    late_prepare_votes_no(
+        &c,
+        3,
+        &kept,
+        &skus[1],
+        1,
+        "a prepare of the cancelled order",
+    )
+    .await;
+    assert_eq!(
+        s.order(&kept).await.expect("kept order").status(),
+        OrderStatus::Cancelled
+    );
+
+    // Once forgotten again, the id places afresh.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let placed = loop {
+        match s
+            .place("cust", &id, &[(skus[0].as_str(), 1), (skus[1].as_str(), 1)])
+            .await
+        {
+            Ok(o) => break o,
+            Err(e) => assert_eq!(reason(&e), "ORDER_ABORTED", "{e:?}"),
+        }
+        assert!(Instant::now() < deadline, "the id stayed aborted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(placed.status(), OrderStatus::PendingPayment);
+    assert_eq!(s.stocks(&skus[..2]).await, vec![(10, 1), (2, 1)]);
+}
