@@ -1,8 +1,8 @@
 //! Chaos for the commerce records: concurrent single-shard (1PC) and
 //! cross-shard (2PC) orders, checkouts of carts, a flash sale of one SKU, pays, cancels and
 //! shipments on a 3-node, 3-shard cluster while a seeded nemesis kills
-//! (SIGKILL), pauses (SIGSTOP) and partitions nodes, with orders expiring and
-//! transactions timing out meanwhile. After heal and a bounded settle it
+//! (SIGKILL), pauses (SIGSTOP) and partitions nodes, with orders expiring,
+//! transactions timing out and aborted orders' tombstones pruned meanwhile. After heal and a bounded settle it
 //! checks, per SKU, stock conservation (initial = on_hand + shipped),
 //! reserved = Σ open orders (anchor and participants agree on every
 //! outcome), no oversell ever observed, nothing left in flight (no pending
@@ -10,7 +10,8 @@
 //! acknowledged order lost or changed, no duplicate, final statuses
 //! consistent with every acknowledged transition, and money settled; per
 //! customer, the cart of its last checkout emptied if that order exists and
-//! untouched if not.
+//! untouched if not; and every aborted order forgotten once its tombstones
+//! pass the retention.
 //!
 //! `SHOPKV_CHAOS_ORDERS_SECS` (default 30), `SHOPKV_CHAOS_SEED` and
 //! `SHOPKV_CHAOS_NODES=5` change the run.
@@ -436,6 +437,9 @@ async fn chaos_orders() {
         "6000",
         "--txn-timeout-ms",
         "3000",
+        // Aborted orders' tombstones are pruned while the faults run.
+        "--aborted-txn-retention-ms",
+        "3000",
     ];
     let mut c = TestCluster::start_with_proxies(nodes, &extra).await;
     c.init(SHARDS).await;
@@ -546,6 +550,8 @@ async fn chaos_orders() {
     let mut inventory = InventoryClient::new(ch);
     let known = run.orders.lock().map(|o| o.clone()).unwrap_or_default();
     let deadline = Instant::now() + SETTLE;
+    // Orders read as aborted at some point after heal (they must be pruned).
+    let mut seen_aborted = std::collections::BTreeSet::new();
     let finals: BTreeMap<String, Option<proto::Order>> = loop {
         let mut finals = BTreeMap::new();
         let mut unsettled = 0;
@@ -565,13 +571,17 @@ async fn chaos_orders() {
                     }
                     finals.insert(id.clone(), Some(o));
                 }
-                // Never placed, or a cross-shard order that aborted.
+                // Never placed, or a cross-shard order that aborted (and
+                // maybe pruned already).
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    finals.insert(id.clone(), None);
+                }
                 Err(s)
-                    if s.code() == tonic::Code::NotFound
-                        || s.metadata()
-                            .get("x-shopkv-reason")
-                            .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
+                    if s.metadata()
+                        .get("x-shopkv-reason")
+                        .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
                 {
+                    seen_aborted.insert(id.clone());
                     finals.insert(id.clone(), None);
                 }
                 // A cross-shard order still being decided (recovery will).
@@ -732,10 +742,43 @@ async fn chaos_orders() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    // Aborted orders are forgotten once their tombstones pass the retention
+    // (3 s) on their anchor: each reads NOT_FOUND within a bound.
+    let pruned_by = Instant::now() + Duration::from_secs(20);
+    for id in finals.iter().filter(|(_, o)| o.is_none()).map(|(id, _)| id) {
+        loop {
+            let got = orders
+                .get(proto::GetOrderRequest {
+                    order_id: id.clone(),
+                    serializable: false,
+                })
+                .await;
+            match got {
+                Err(s) if s.code() == tonic::Code::NotFound => break,
+                Err(s)
+                    if s.metadata()
+                        .get("x-shopkv-reason")
+                        .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
+                {
+                    seen_aborted.insert(id.clone());
+                }
+                other => {
+                    violations.push(format!("aborted order {id} now reads {other:?}"));
+                    break;
+                }
+            }
+            if Instant::now() >= pruned_by {
+                violations.push(format!("aborted order {id} not pruned within 20 s"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let summary = format!(
-        "CHAOS_ORDERS seed={seed} secs={secs} nodes={nodes} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} carts={checked_carts} violations={}",
+        "CHAOS_ORDERS seed={seed} secs={secs} nodes={nodes} kills={kills} pauses={pauses} partitions={partitions} ops={} unknown={} orders={placed} aborted={} carts={checked_carts} violations={}",
         run.ops.load(Ordering::Relaxed),
         run.unknown.load(Ordering::Relaxed),
+        seen_aborted.len(),
         violations.len()
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{summary}\n").as_bytes());
