@@ -2237,6 +2237,24 @@ mod tests {
             0
         );
         assert_eq!(m, after, "a replayed prune changes nothing");
+        // A commit decision that was on its way meanwhile finds the abort
+        // (written again), not a record to commit.
+        let late_commit = CommerceCommand::DecideTxn {
+            order_id: "t1".into(),
+            decision: Decision::Commit {
+                lines: vec![],
+                currency: crate::domain::money::Currency::parse("EUR").unwrap(),
+                total_minor: 0,
+                expires_at_ms: 90_000,
+                checkout_cart_version: None,
+            },
+            now_ms: 30_001,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 8, &late_commit).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        assert!(load_order(&mut m, "t1").unwrap().is_none());
 
         // A prepare of the old attempt arriving now holds stock, and
         // recovery still releases it: the anchor, finding neither record

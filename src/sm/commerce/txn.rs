@@ -349,10 +349,10 @@ pub(super) fn decide(
         if let Some(order) = load_order(state, order_id)? {
             return Ok(committed(order));
         }
-        return Ok(reject(
-            RejectCode::Inconsistent,
-            format!("no transaction record for order {order_id}"),
-        ));
+        // Neither: aborted and pruned while this decision was on its way
+        // (recovery aborted it at its deadline), so it stays aborted.
+        let why = format!("order {order_id} was aborted before this decision");
+        return abort_marker(state, index, order_id, now_ms, why);
     };
     // Decided already: aborted (a commit leaves no record), the first
     // decision stands.
@@ -426,6 +426,28 @@ pub(super) fn decide(
     }
 }
 
+/// Writes an ABORTED record where there is none (and no order): a late begin
+/// or decide of the id then finds the abort.
+fn abort_marker(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    now_ms: u64,
+    why: String,
+) -> Result<CommerceResponse, SmError> {
+    let rec = TxnRecord {
+        customer: String::new(),
+        lines: Vec::new(),
+        status: TxnStatus::Aborted,
+        created_ms: now_ms,
+        deadline_ms: now_ms,
+        reason: Some(Rejection::new(RejectCode::OrderAborted, why)),
+    };
+    save(state, keys::txn_key(order_id), index, &rec)?;
+    index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
+    Ok(view(&rec, None))
+}
+
 /// `AbortTxn` on the anchor (recovery).
 pub(super) fn abort_expired(
     state: &mut dyn StateAccess,
@@ -438,20 +460,8 @@ pub(super) fn abort_expired(
     }
     let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
         // Only a coordinator creates records; this marker stops a late one.
-        let rec = TxnRecord {
-            customer: String::new(),
-            lines: Vec::new(),
-            status: TxnStatus::Aborted,
-            created_ms: now_ms,
-            deadline_ms: now_ms,
-            reason: Some(Rejection::new(
-                RejectCode::OrderAborted,
-                format!("order {order_id} was aborted by recovery before it began"),
-            )),
-        };
-        save(state, keys::txn_key(order_id), index, &rec)?;
-        index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
-        return Ok(view(&rec, None));
+        let why = format!("order {order_id} was aborted by recovery before it began");
+        return abort_marker(state, index, order_id, now_ms, why);
     };
     if rec.record.status != TxnStatus::Pending || now_ms < rec.record.deadline_ms {
         return Ok(view(&rec.record, None));
@@ -629,12 +639,18 @@ pub(super) fn read_aborted_before(
     before_ms: u64,
     limit: usize,
 ) -> Result<Vec<AbortedTombstone>, SmError> {
+    let prefix = keys::aborted_index_prefix();
+    // Most sweeps find nothing due: look at the oldest entry before reading a batch.
+    let due = |k: &[u8]| keys::parse_aborted_index_key(k).is_some_and(|(at, ..)| at < before_ms);
+    if !r
+        .scan(&prefix, None, 1)?
+        .first()
+        .is_some_and(|(k, _)| due(k))
+    {
+        return Ok(Vec::new());
+    }
     let mut out = Vec::new();
-    for (k, _) in r.scan(
-        &keys::aborted_index_prefix(),
-        None,
-        limit.min(MAX_PRUNE_BATCH),
-    )? {
+    for (k, _) in r.scan(&prefix, None, limit.min(MAX_PRUNE_BATCH))? {
         let Some((aborted_ms, record, order_id)) = keys::parse_aborted_index_key(&k) else {
             continue;
         };
