@@ -128,6 +128,29 @@ fn not_applied(s: &tonic::Status) -> bool {
     }
 }
 
+/// The reason code a refusal carries (`x-shopkv-reason`), or "".
+fn reason(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("x-shopkv-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `Orders.Get`, linearizable.
+async fn get_order(
+    orders: &mut OrdersClient<Channel>,
+    order_id: &str,
+) -> Result<proto::Order, tonic::Status> {
+    orders
+        .get(proto::GetOrderRequest {
+            order_id: order_id.to_string(),
+            serializable: false,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 struct Clients {
     orders: Vec<OrdersClient<Channel>>,
     inventory: Vec<InventoryClient<Channel>>,
@@ -339,14 +362,8 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
                     });
                 }
                 Answer::Rejected(s) => {
-                    let reason = s
-                        .metadata()
-                        .get("x-shopkv-reason")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
                     // ORDER_ABORTED: recovery aborted it while we retried.
-                    if !matches!(reason.as_str(), "OUT_OF_STOCK" | "ORDER_ABORTED" | "") {
+                    if !matches!(reason(&s).as_str(), "OUT_OF_STOCK" | "ORDER_ABORTED" | "") {
                         run.violation(format!("{id}: unexpected rejection {s:?}"));
                     }
                 }
@@ -556,15 +573,8 @@ async fn chaos_orders() {
         let mut finals = BTreeMap::new();
         let mut unsettled = 0;
         for id in known.keys() {
-            let got = orders
-                .get(proto::GetOrderRequest {
-                    order_id: id.clone(),
-                    serializable: false,
-                })
-                .await;
-            match got {
+            match get_order(&mut orders, id).await {
                 Ok(o) => {
-                    let o = o.into_inner();
                     let p = o.payment.clone().unwrap_or_default();
                     if o.status() == OrderStatus::PendingPayment || p.refund_due_minor > 0 {
                         unsettled += 1;
@@ -576,11 +586,7 @@ async fn chaos_orders() {
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     finals.insert(id.clone(), None);
                 }
-                Err(s)
-                    if s.metadata()
-                        .get("x-shopkv-reason")
-                        .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
-                {
+                Err(s) if reason(&s) == "ORDER_ABORTED" => {
                     seen_aborted.insert(id.clone());
                     finals.insert(id.clone(), None);
                 }
@@ -747,19 +753,9 @@ async fn chaos_orders() {
     let pruned_by = Instant::now() + Duration::from_secs(20);
     for id in finals.iter().filter(|(_, o)| o.is_none()).map(|(id, _)| id) {
         loop {
-            let got = orders
-                .get(proto::GetOrderRequest {
-                    order_id: id.clone(),
-                    serializable: false,
-                })
-                .await;
-            match got {
+            match get_order(&mut orders, id).await {
                 Err(s) if s.code() == tonic::Code::NotFound => break,
-                Err(s)
-                    if s.metadata()
-                        .get("x-shopkv-reason")
-                        .is_some_and(|r| r.as_bytes() == b"ORDER_ABORTED") =>
-                {
+                Err(s) if reason(&s) == "ORDER_ABORTED" => {
                     seen_aborted.insert(id.clone());
                 }
                 other => {

@@ -622,9 +622,9 @@ async fn an_aborted_orders_tombstones_are_pruned_after_the_retention_and_a_commi
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(s.stocks(&skus[..1]).await, vec![(10, 1)]);
-    // That hold is still released: recovery asks the anchor, which finds
-    // neither record nor order and aborts the id again.
+    // That hold (Prepared: the unit is reserved again) is still released:
+    // recovery asks the anchor, which finds neither record nor order and
+    // aborts the id again.
     wait_stocks(
         &mut s,
         &skus[..2],
