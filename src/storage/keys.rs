@@ -405,9 +405,9 @@ pub fn txn_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN, order_id)
 }
 
-/// Record key of an undecided transaction's index entry (decided records
-/// stay in `T` for retries and late prepares; this keeps the undecided ones
-/// cheap to find).
+/// Record key of an undecided transaction's index entry (aborted records
+/// stay in `T` for retries and late prepares until pruned; this keeps the
+/// undecided ones cheap to find).
 pub fn txn_pending_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN_PENDING, order_id)
 }
