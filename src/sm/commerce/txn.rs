@@ -343,7 +343,7 @@ pub(super) fn decide(
     decision: &Decision,
     now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
-    let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+    let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
         // Committed already: the order is the record of it (looked for only
         // here, off the path of a first decision).
         if let Some(order) = load_order(state, order_id)? {
@@ -359,7 +359,6 @@ pub(super) fn decide(
     if rec.record.status != TxnStatus::Pending {
         return Ok(view(&rec.record, None));
     }
-    let skus: Vec<String> = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
     match decision {
         Decision::Commit {
             lines,
@@ -405,6 +404,7 @@ pub(super) fn decide(
             // late steps, stay behind.
             state.delete(keys::txn_key(order_id))?;
             state.delete(keys::txn_pending_key(order_id))?;
+            let skus = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
             owe_settlement(state, index, order_id, Settlement::Commit, skus, now_ms)?;
             Ok(committed(OrderView {
                 order: Stored {
@@ -415,15 +415,29 @@ pub(super) fn decide(
             }))
         }
         Decision::Abort(reason) => {
-            rec.record.status = TxnStatus::Aborted;
-            rec.record.reason = Some(reason.clone());
-            save(state, keys::txn_key(order_id), index, &rec.record)?;
-            state.delete(keys::txn_pending_key(order_id))?;
-            index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
-            owe_settlement(state, index, order_id, Settlement::Abort, skus, now_ms)?;
-            Ok(view(&rec.record, None))
+            abort_pending(state, index, order_id, rec.record, reason.clone(), now_ms)
         }
     }
+}
+
+/// PENDING → ABORTED with `reason`: the record stays (indexed for the
+/// pruner) and the participants are owed the abort's release.
+fn abort_pending(
+    state: &mut dyn StateAccess,
+    index: u64,
+    order_id: &str,
+    mut rec: TxnRecord,
+    reason: Rejection,
+    now_ms: u64,
+) -> Result<CommerceResponse, SmError> {
+    rec.status = TxnStatus::Aborted;
+    rec.reason = Some(reason);
+    save(state, keys::txn_key(order_id), index, &rec)?;
+    state.delete(keys::txn_pending_key(order_id))?;
+    index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
+    let skus = rec.lines.iter().map(|(s, _)| s.clone()).collect();
+    owe_settlement(state, index, order_id, Settlement::Abort, skus, now_ms)?;
+    Ok(view(&rec, None))
 }
 
 /// Writes an ABORTED record where there is none (and no order): a late begin
@@ -458,7 +472,7 @@ pub(super) fn abort_expired(
     if let Some(order) = load_order(state, order_id)? {
         return Ok(committed(order));
     }
-    let Some(mut rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+    let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
         // Only a coordinator creates records; this marker stops a late one.
         let why = format!("order {order_id} was aborted by recovery before it began");
         return abort_marker(state, index, order_id, now_ms, why);
@@ -466,17 +480,11 @@ pub(super) fn abort_expired(
     if rec.record.status != TxnStatus::Pending || now_ms < rec.record.deadline_ms {
         return Ok(view(&rec.record, None));
     }
-    rec.record.status = TxnStatus::Aborted;
-    rec.record.reason = Some(Rejection::new(
+    let reason = Rejection::new(
         RejectCode::OrderAborted,
         format!("order {order_id} was not decided before its deadline"),
-    ));
-    save(state, keys::txn_key(order_id), index, &rec.record)?;
-    state.delete(keys::txn_pending_key(order_id))?;
-    index_aborted(state, AbortedRecord::Txn, order_id, now_ms)?;
-    let skus = rec.record.lines.iter().map(|(s, _)| s.clone()).collect();
-    owe_settlement(state, index, order_id, Settlement::Abort, skus, now_ms)?;
-    Ok(view(&rec.record, None))
+    );
+    abort_pending(state, index, order_id, rec.record, reason, now_ms)
 }
 
 /// `ResolveTxn` on a participant: each item on its own (a refused one does
