@@ -2037,19 +2037,8 @@ mod tests {
             TxnStatus::Aborted
         );
         // The commit point is a compare-and-set: too late now.
-        let decide = CommerceCommand::DecideTxn {
-            order_id: "t1".into(),
-            decision: Decision::Commit {
-                lines: vec![],
-                currency: crate::domain::money::Currency::parse("EUR").unwrap(),
-                total_minor: 0,
-                expires_at_ms: 9_000,
-                checkout_cart_version: None,
-            },
-            now_ms: 2_001,
-        };
         assert_eq!(
-            txn(apply(&mut m, i + 6, &decide).unwrap()).status,
+            txn(apply(&mut m, i + 6, &commit_nothing("t1", 2_001)).unwrap()).status,
             TxnStatus::Aborted
         );
         assert!(load_order(&mut m, "t1").unwrap().is_none());
@@ -2076,6 +2065,21 @@ mod tests {
             RejectCode::OrderAborted,
             "a late prepare finds the tombstone"
         );
+    }
+
+    /// A commit decision of `order_id` (no lines: only its outcome matters).
+    fn commit_nothing(order_id: &str, now_ms: u64) -> CommerceCommand {
+        CommerceCommand::DecideTxn {
+            order_id: order_id.into(),
+            decision: Decision::Commit {
+                lines: vec![],
+                currency: crate::domain::money::Currency::parse("EUR").unwrap(),
+                total_minor: 0,
+                expires_at_ms: now_ms + 60_000,
+                checkout_cart_version: None,
+            },
+            now_ms,
+        }
     }
 
     fn aborted_before(m: &Mem, before_ms: u64) -> Vec<AbortedTombstone> {
@@ -2239,19 +2243,8 @@ mod tests {
         assert_eq!(m, after, "a replayed prune changes nothing");
         // A commit decision that was on its way meanwhile finds the abort
         // (written again), not a record to commit.
-        let late_commit = CommerceCommand::DecideTxn {
-            order_id: "t1".into(),
-            decision: Decision::Commit {
-                lines: vec![],
-                currency: crate::domain::money::Currency::parse("EUR").unwrap(),
-                total_minor: 0,
-                expires_at_ms: 90_000,
-                checkout_cart_version: None,
-            },
-            now_ms: 30_001,
-        };
         assert_eq!(
-            txn(apply(&mut m, i + 8, &late_commit).unwrap()).status,
+            txn(apply(&mut m, i + 8, &commit_nothing("t1", 30_001)).unwrap()).status,
             TxnStatus::Aborted
         );
         assert!(load_order(&mut m, "t1").unwrap().is_none());
