@@ -2042,13 +2042,7 @@ mod tests {
             TxnStatus::Aborted
         );
         assert!(load_order(&mut m, "t1").unwrap().is_none());
-        let release = CommerceCommand::ResolveTxn {
-            items: vec![ResolveItem {
-                order_id: "t1".into(),
-                outcome: Settlement::Abort,
-            }],
-            now_ms: 2_002,
-        };
+        let release = resolve_one("t1", Settlement::Abort, 2_002);
         apply(&mut m, i + 7, &release).unwrap();
         let after = m.clone();
         apply(&mut m, i + 8, &release).unwrap();
@@ -2308,6 +2302,19 @@ mod tests {
                 .unwrap()
                 .is_some_and(|r| !r.record.is_live())
         );
+        // An abort's release that arrives before its prepare leaves an
+        // indexed tombstone too.
+        apply(
+            &mut m,
+            i + 15,
+            &resolve_one("t9", Settlement::Abort, 80_000),
+        )
+        .unwrap();
+        assert!(aborted_before(&m, u64::MAX).contains(&AbortedTombstone {
+            aborted_ms: 80_000,
+            record: AbortedRecord::Reservation,
+            order_id: "t9".into(),
+        }));
     }
 
     #[test]
@@ -2435,18 +2442,7 @@ mod tests {
         }
         // The commit settlement arriving after the release changes nothing.
         for outcome in [Settlement::Release, Settlement::Commit] {
-            apply(
-                &mut m,
-                i + 4,
-                &CommerceCommand::ResolveTxn {
-                    items: vec![ResolveItem {
-                        order_id: "t2".into(),
-                        outcome,
-                    }],
-                    now_ms: 3,
-                },
-            )
-            .unwrap();
+            apply(&mut m, i + 4, &resolve_one("t2", outcome, 3)).unwrap();
         }
         assert_eq!(level(&m, "A").reserved, 0);
         apply(
@@ -2484,13 +2480,7 @@ mod tests {
             apply(&mut m, i, &prepare).unwrap(),
             CommerceResponse::Prepared(_)
         ));
-        let resolve = |outcome| CommerceCommand::ResolveTxn {
-            items: vec![ResolveItem {
-                order_id: "t3".into(),
-                outcome,
-            }],
-            now_ms: 2,
-        };
+        let resolve = |outcome| resolve_one("t3", outcome, 2);
         // Twice: the same outcome again changes nothing.
         for at in [i + 1, i + 2] {
             apply(&mut m, at, &resolve(Settlement::Commit)).unwrap();

@@ -526,19 +526,15 @@ fn resolve(
     } else {
         ReservationState::Released
     };
-    match load::<Reservation>(state, &key)?.map(|s| s.record) {
+    // The tombstone this settlement leaves, if it leaves one (a settled
+    // reservation stays as it is).
+    let tombstone = match load::<Reservation>(state, &key)?.map(|s| s.record) {
         // Nothing held here: remember the outcome so a late prepare fails.
-        None => {
-            let tombstone = Reservation {
-                lines: Vec::new(),
-                state: ReservationState::Released,
-            };
-            save(state, key, index, &tombstone)?;
-            if outcome == Settlement::Abort {
-                index_aborted(state, AbortedRecord::Reservation, order_id, now_ms)?;
-            }
-        }
-        Some(r) if !r.is_live() => {}
+        None => Some(Reservation {
+            lines: Vec::new(),
+            state: ReservationState::Released,
+        }),
+        Some(r) if !r.is_live() => None,
         Some(r) => {
             // Compute every change first: a rejection must write nothing.
             let mut levels = Vec::with_capacity(r.lines.len());
@@ -555,14 +551,16 @@ fn resolve(
             for ((sku, _), level) in r.lines.iter().zip(&levels) {
                 save(state, keys::inventory_key(sku), index, level)?;
             }
-            let done = Reservation {
+            Some(Reservation {
                 lines: r.lines,
                 state: end,
-            };
-            save(state, key, index, &done)?;
-            if outcome == Settlement::Abort {
-                index_aborted(state, AbortedRecord::Reservation, order_id, now_ms)?;
-            }
+            })
+        }
+    };
+    if let Some(tombstone) = tombstone {
+        save(state, key, index, &tombstone)?;
+        if outcome == Settlement::Abort {
+            index_aborted(state, AbortedRecord::Reservation, order_id, now_ms)?;
         }
     }
     state.delete(keys::held_key(order_id))?;
