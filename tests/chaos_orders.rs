@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::TestCluster;
 use common::proxy::LinkMode;
+use common::shop::{get_order, reason};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shopkv::proto::cart_client::CartClient;
@@ -126,29 +127,6 @@ fn not_applied(s: &tonic::Status) -> bool {
         Some(v) => v.as_bytes() == b"not-applied",
         None => s.code() == tonic::Code::Unavailable && s.message().contains("tcp connect error"),
     }
-}
-
-/// The reason code a refusal carries (`x-shopkv-reason`), or "".
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("x-shopkv-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// `Orders.Get`, linearizable.
-async fn get_order(
-    orders: &mut OrdersClient<Channel>,
-    order_id: &str,
-) -> Result<proto::Order, tonic::Status> {
-    orders
-        .get(proto::GetOrderRequest {
-            order_id: order_id.to_string(),
-            serializable: false,
-        })
-        .await
-        .map(|r| r.into_inner())
 }
 
 struct Clients {

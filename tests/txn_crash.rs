@@ -12,6 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::shop::get_order;
 use common::{TestCluster, channel};
 use shopkv::proto::cart_client::CartClient;
 use shopkv::proto::catalog_client::CatalogClient;
@@ -112,20 +113,6 @@ fn two_of_each(order_id: &str, skus: &[String]) -> proto::PlaceOrderRequest {
             .collect(),
         from_cart: false,
     }
-}
-
-/// A linearizable `Orders.Get` of `order_id`.
-async fn get_order(
-    orders: &mut OrdersClient<Chan>,
-    order_id: &str,
-) -> Result<proto::Order, tonic::Status> {
-    orders
-        .get(proto::GetOrderRequest {
-            order_id: order_id.into(),
-            serializable: false,
-        })
-        .await
-        .map(|r| r.into_inner())
 }
 
 /// Adds one of each of `skus` to `customer`'s cart.

@@ -108,13 +108,7 @@ impl Shop {
     }
 
     pub async fn order(&mut self, order_id: &str) -> Result<proto::Order, tonic::Status> {
-        self.orders
-            .get(proto::GetOrderRequest {
-                order_id: order_id.into(),
-                serializable: false,
-            })
-            .await
-            .map(|r| r.into_inner())
+        get_order(&mut self.orders, order_id).await
     }
 
     pub async fn pay(&mut self, order_id: &str, card: &str) -> Result<proto::Order, tonic::Status> {
@@ -164,6 +158,20 @@ impl Shop {
         }
         out
     }
+}
+
+/// A linearizable `Orders.Get` of `order_id`.
+pub async fn get_order(
+    orders: &mut OrdersClient<Channel>,
+    order_id: &str,
+) -> Result<proto::Order, tonic::Status> {
+    orders
+        .get(proto::GetOrderRequest {
+            order_id: order_id.into(),
+            serializable: false,
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// The `x-shopkv-reason` of a status ("" if none).
