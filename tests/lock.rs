@@ -1,8 +1,9 @@
 //! Fair locks on a real 3-node cluster: waiters acquire in FIFO order with
 //! strictly increasing fencing tokens, shared holders coexist, a holder whose
 //! process is SIGKILLed loses the lock after its session's TTL and the next
-//! waiter gets a higher token, and `shopkv lock acquire NAME -- COMMAND` hands
-//! COMMAND the token and releases afterwards.
+//! waiter gets a higher token, a waiter whose call ends leaves the queue (also
+//! when the meta leader dies with that leave in flight), and `shopkv lock
+//! acquire NAME -- COMMAND` hands COMMAND the token and releases afterwards.
 
 mod common;
 
@@ -622,6 +623,61 @@ async fn a_waiter_whose_call_ends_early_leaves_the_queue() {
     l.acquire(acquire_req("jobs/nightly", next, false, 0))
         .await
         .expect("a try-lock finds the lock free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_call_ends_as_the_meta_leader_dies_leaves_once_one_is_back() {
+    let mut c = TestCluster::start_initialised(3, 1, &[]).await;
+    let leader = c.leader_of(0, 1).await.expect("a meta leader");
+    let via = if leader == 1 { 2 } else { 1 };
+    let (mut s, mut l) = clients(&c, via).await;
+    // TTLs far beyond the test: only a leave can take the waiter out.
+    let holder = session(&mut s, 60_000).await;
+    l.acquire(acquire_req("jobs/hourly", holder, false, 1000))
+        .await
+        .expect("holder acquires");
+    let gone = session(&mut s, 60_000).await;
+    let mut l2 = l.clone();
+    let call = tokio::spawn(async move {
+        l2.acquire(acquire_req("jobs/hourly", gone, false, 60_000))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inspect(&mut l, "jobs/hourly").await.waiters.is_empty() {
+        assert!(Instant::now() < deadline, "the waiter did not queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The caller goes away while the meta leader is stopped, which then
+    // dies: the leave its node proposed on the caller's behalf was in flight
+    // to it (outcome unknown), and must be proposed again to the next leader.
+    c.pause(leader);
+    call.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.kill(leader);
+    c.wait_new_leader(0, leader, via, Duration::from_secs(10))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // A read may meet the election's aftermath: only an answer counts.
+        if let Ok(st) = l
+            .inspect(proto::InspectRequest {
+                name: "jobs/hourly".into(),
+            })
+            .await
+            && st.get_ref().waiters.is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a waiter whose caller left while the meta leader was stopped is still queued: {:?}",
+            l.inspect(proto::InspectRequest {
+                name: "jobs/hourly".into(),
+            })
+            .await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// With the `failpoints` feature only (`test.sh` runs this file again with

@@ -114,13 +114,39 @@ impl Drop for LeaveOnDrop {
                 // Whatever it came to: only its end matters here.
                 let _ = join.await;
             }
-            let deadline = Instant::now() + Duration::from_millis(node.config.request_timeout_ms);
-            if let Err(e) = propose_lock(&node, leave, deadline).await
-                && e.code() != tonic::Code::NotFound
-            {
-                tracing::warn!(error = %e, "leaving a lock queue after the caller went away failed");
-            }
+            leave_for_gone_caller(&node, leave).await;
         });
+    }
+}
+
+/// How long a leave on a gone caller's behalf is retried while the meta group
+/// cannot commit it (an election, a leader that died with it in flight).
+const LEAVE_RETRY_FOR: Duration = Duration::from_secs(30);
+/// The longest pause between two such tries.
+const LEAVE_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Proposes `leave` until it is applied. Nobody waits for its answer, so
+/// UNAVAILABLE (no leader, or a leader that died with it in flight) is
+/// retried: a leave given up would leave the session queued, and the lock
+/// would later pass to it while its client believes it does not hold it.
+/// A release is idempotent, so a retry after an unknown outcome is safe.
+async fn leave_for_gone_caller(node: &Node, leave: LockCommand) {
+    let timeout = Duration::from_millis(node.config.request_timeout_ms);
+    let give_up_at = Instant::now() + LEAVE_RETRY_FOR;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let e = match propose_lock(node, leave.clone(), Instant::now() + timeout).await {
+            Ok(_) => return,
+            Err(e) if e.code() == tonic::Code::NotFound => return,
+            Err(e) => e,
+        };
+        if e.code() != tonic::Code::Unavailable || Instant::now() + backoff >= give_up_at {
+            tracing::warn!(error = %e, "leaving a lock queue after the caller went away failed");
+            return;
+        }
+        tracing::debug!(error = %e, "leaving a lock queue: retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(LEAVE_RETRY_MAX_BACKOFF);
     }
 }
 
