@@ -294,5 +294,11 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
             "only {n} increments acknowledged: the run did too little"
         ));
     }
-    assert!(violations.is_empty(), "violations: {violations:#?}");
+    if !violations.is_empty() {
+        let kept = c.keep();
+        panic!(
+            "violations (seed {seed}; data dirs and node logs kept in {}): {violations:#?}",
+            kept.display()
+        );
+    }
 }
