@@ -14,57 +14,20 @@ fn script(name: &str) -> String {
     format!("{}/cluster/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A base port P with P+2..=P+11 free, outside the kernel's ephemeral range:
-/// every outgoing connection on the machine takes a port from that range,
-/// and one that lands on a port picked here before its node binds it makes
-/// that node exit at start-up. Each call starts its search elsewhere: tests
+/// A base port P with P+2..=P+11 free, outside the kernel's ephemeral range
+/// (see `common::free_port`). Each call starts its search elsewhere: tests
 /// running at once in this process would otherwise find the same free range
 /// before either binds it.
 fn free_base_port() -> u16 {
     static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (low, high) = ephemeral_port_range();
-    // Base ports whose ten ports all lie below or above that range.
-    let mut window: Vec<std::ops::Range<u32>> = Vec::new();
-    if low > 10_000 + 12 {
-        window.push(10_000..low - 12);
-    }
-    if high + 1 < 65_535 - 12 {
-        window.push(high + 1..65_535 - 12);
-    }
-    let span: u32 = window.iter().map(|r| r.end - r.start).sum();
-    assert!(
-        span > 0,
-        "no ports outside the ephemeral range {low}-{high}"
-    );
-    let at = |mut i: u32| -> u16 {
-        i %= span;
-        for r in &window {
-            if i < r.end - r.start {
-                return (r.start + i) as u16;
-            }
-            i -= r.end - r.start;
-        }
-        unreachable!("i < span")
-    };
     let start = std::process::id()
         .wrapping_mul(7)
         .wrapping_add(call * 2_600);
     (0..200u32)
-        .map(|i| at(start.wrapping_add(i * 13)))
+        .map(|i| common::port_outside_ephemeral(start.wrapping_add(i * 13), 12))
         .find(|p| (2..=11).all(|o| std::net::TcpListener::bind(("127.0.0.1", p + o)).is_ok()))
         .expect("a free port range")
-}
-
-/// The kernel's ephemeral port range (Linux's default when unreadable).
-fn ephemeral_port_range() -> (u32, u32) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|w| w.parse::<u32>().ok());
-            Some((it.next()??, it.next()??))
-        })
-        .unwrap_or((32_768, 60_999))
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -24,23 +24,62 @@ pub fn binary() -> String {
     std::env::var("SHOPKV_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shopkv").to_string())
 }
 
-/// A loopback port that was free a moment ago and that no other call in this
-/// process has returned: the OS hands a just-released ephemeral port out
-/// again, and two nodes of one cluster (or of two tests running in parallel)
-/// given the same port made one of them fail to start ("cluster init failed").
+/// A loopback port that was free a moment ago, outside the kernel's
+/// ephemeral range, that no other call in this process has returned. Outside
+/// that range because every outgoing connection takes a port from it: one
+/// that took a port picked here (a node's peer connecting to a killed node,
+/// say) before the node bound it made the node exit at start-up. Not handed
+/// out twice because two nodes of one cluster (or of two tests running at
+/// once) given the same port made one of them fail to start.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port");
+    for _ in 0..10_000 {
+        let port = port_outside_ephemeral(rand::random(), 0);
         let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if given.insert(port) {
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
+    panic!("no free loopback port outside the ephemeral range")
+}
+
+/// The `i`-th (modulo their number) of the ports from 10 000 up that lie,
+/// with the `room` ports above them, outside the ephemeral range.
+pub fn port_outside_ephemeral(i: u32, room: u32) -> u16 {
+    let (low, high) = ephemeral_port_range();
+    let mut windows: Vec<std::ops::Range<u32>> = Vec::new();
+    if low > 10_000 + room {
+        windows.push(10_000..low - room);
+    }
+    if high + 1 + room < 65_535 {
+        windows.push(high + 1..65_535 - room);
+    }
+    let span: u32 = windows.iter().map(|r| r.end - r.start).sum();
+    assert!(
+        span > 0,
+        "no ports outside the ephemeral range {low}-{high}"
+    );
+    let mut i = i % span;
+    for r in &windows {
+        if i < r.end - r.start {
+            return (r.start + i) as u16;
+        }
+        i -= r.end - r.start;
+    }
+    unreachable!("i < span")
+}
+
+/// The kernel's ephemeral port range (Linux's default when unreadable).
+pub fn ephemeral_port_range() -> (u32, u32) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|w| w.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// One node process.
