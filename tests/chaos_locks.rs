@@ -3,7 +3,9 @@
 //! read, write value + 1, both writes fenced; no compare-and-swap),
 //! on a 3-node cluster whose nodes a seeded nemesis kills (SIGKILL) and
 //! pauses (SIGSTOP). Sessions are short (2 s TTL, one per critical section)
-//! so holders regularly lose the lock mid-section to expiry and write late.
+//! so holders that dawdle lose the lock mid-section to expiry and write late;
+//! a client closes its session after each section, a failed one too, as
+//! lock clients do (an Acquire waits 4 s, past a dead holder's TTL).
 //! Checks: the final counter lies between the acknowledged increments and
 //! those plus the unknown outcomes (equal when none is unknown); every
 //! acknowledged increment wrote a distinct value; no two acknowledged writes
@@ -32,6 +34,13 @@ const LOCK: &str = "chaos/counter";
 const KEY: &[u8] = b"chaos/counter";
 const OP_TIMEOUT: Duration = Duration::from_millis(2000);
 const SESSION_TTL_MS: u64 = 2000;
+/// How long an Acquire waits in the queue: past a dead holder's TTL, so a
+/// waiter outlives a holder that went away without closing its session.
+const ACQUIRE_WAIT_MS: u64 = 4000;
+/// The Acquire call's own deadline: its wait and a margin to answer.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(ACQUIRE_WAIT_MS + 1000);
+/// How long a client keeps trying to close its session.
+const CLOSE_RETRY_FOR: Duration = Duration::from_secs(5);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -62,21 +71,51 @@ struct Conn {
 }
 
 fn conns(endpoints: &[String]) -> Vec<Conn> {
+    let channel = |e: &String, timeout: Duration| {
+        tonic::transport::Endpoint::from_shared(format!("http://{e}"))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(timeout)
+            .connect_lazy()
+    };
     endpoints
         .iter()
         .map(|e| {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{e}"))
-                .expect("endpoint")
-                .connect_timeout(Duration::from_millis(300))
-                .timeout(OP_TIMEOUT)
-                .connect_lazy();
+            let ch = channel(e, OP_TIMEOUT);
             Conn {
                 sessions: SessionClient::new(ch.clone()),
-                locks: LockClient::new(ch.clone()),
+                locks: LockClient::new(channel(e, ACQUIRE_TIMEOUT)),
                 kv: KvClient::new(ch),
             }
         })
         .collect()
+}
+
+/// Ends `session` (and so its place in the lock's queue) through any node
+/// that answers, as a lock client does when its critical section failed,
+/// retrying through an election: left to its TTL, a session whose acquire
+/// died with its node stays queued and is handed the lock in turn, holding
+/// the others up — for longer while the meta leader keeps changing, as each
+/// new leader grants every session an election timeout more.
+async fn close_session(cs: &mut [Conn], at: usize, session: u64) {
+    let give_up_at = Instant::now() + CLOSE_RETRY_FOR;
+    for i in 0.. {
+        let c = &mut cs[(at + i) % cs.len()];
+        match c
+            .sessions
+            .close(proto::CloseSessionRequest {
+                session_id: session,
+            })
+            .await
+        {
+            Ok(_) => return,
+            Err(s) if s.code() == tonic::Code::NotFound => return,
+            Err(_) if Instant::now() < give_up_at => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// A write of `value` to `key` under the lock's `token`.
@@ -91,25 +130,22 @@ fn fenced_put(key: &[u8], value: String, token: u64) -> proto::PutRequest {
     }
 }
 
-/// One critical section through `c`: session, lock, claim, read, fenced
-/// put, close. `Err(())` when a step failed before the counter write.
-async fn section(run: &Run, c: &mut Conn, client: u32, rng: &mut StdRng) -> Result<(), ()> {
-    let session = c
-        .sessions
-        .create(proto::CreateSessionRequest {
-            ttl_ms: SESSION_TTL_MS,
-        })
-        .await
-        .map_err(|_| ())?
-        .into_inner()
-        .session_id;
+/// One critical section through `c` in `session`: lock, claim, read, fenced
+/// put. `Err(())` when a step failed before the counter write.
+async fn section(
+    run: &Run,
+    c: &mut Conn,
+    session: u64,
+    client: u32,
+    rng: &mut StdRng,
+) -> Result<(), ()> {
     let token = c
         .locks
         .acquire(proto::AcquireRequest {
             name: LOCK.into(),
             session_id: session,
             mode: proto::LockMode::Exclusive as i32,
-            wait_timeout_ms: 4000,
+            wait_timeout_ms: ACQUIRE_WAIT_MS,
         })
         .await
         .map_err(|_| ())?
@@ -167,12 +203,6 @@ async fn section(run: &Run, c: &mut Conn, client: u32, rng: &mut StdRng) -> Resu
             run.unknown.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let _ = c
-        .sessions
-        .close(proto::CloseSessionRequest {
-            session_id: session,
-        })
-        .await;
     Ok(())
 }
 
@@ -181,12 +211,26 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
     let mut cs = conns(&endpoints);
     let mut at = (client as usize) % cs.len();
     while !run.stop.load(Ordering::Relaxed) {
-        let ok = tokio::time::timeout(
-            Duration::from_secs(10),
-            section(&run, &mut cs[at], client, &mut rng),
-        )
-        .await;
-        if !matches!(ok, Ok(Ok(()))) {
+        let created = cs[at]
+            .sessions
+            .create(proto::CreateSessionRequest {
+                ttl_ms: SESSION_TTL_MS,
+            })
+            .await;
+        let ok = match created {
+            Ok(r) => {
+                let session = r.into_inner().session_id;
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    section(&run, &mut cs[at], session, client, &mut rng),
+                )
+                .await;
+                close_session(&mut cs, at, session).await;
+                matches!(ok, Ok(Ok(())))
+            }
+            Err(_) => false,
+        };
+        if !ok {
             at = (at + 1) % cs.len();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
