@@ -721,3 +721,64 @@ async fn a_caller_that_leaves_while_its_join_is_in_flight_is_not_queued_after_it
     let st = inspect(&mut l, "jobs/weekly").await;
     assert!(st.holders.is_empty(), "the lock passed on to {st:?}");
 }
+
+/// With the `failpoints` feature only: every node holds the leave of a gone
+/// caller back 1.5 s before proposing it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_callers_late_leave_does_not_take_the_lock_from_a_later_call_of_its_session() {
+    let mut c =
+        TestCluster::start_with_env(3, &[], &[("FAILPOINTS", "lock-before-leave=return(1500)")]);
+    c.init(1).await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let holder = session(&mut s, 10_000).await;
+    l.acquire(acquire_req("jobs/daily", holder, false, 5_000))
+        .await
+        .expect("holder acquires");
+    // A caller queues its session, then goes away (its call dropped).
+    let retried = session(&mut s, 10_000).await;
+    let mut l2 = l.clone();
+    let first = tokio::spawn(async move {
+        l2.acquire(acquire_req("jobs/daily", retried, false, 30_000))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inspect(&mut l, "jobs/daily").await.waiters.is_empty() {
+        assert!(Instant::now() < deadline, "the waiter did not queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.abort();
+    // Its client asks again with the same session before the first call's
+    // leave lands, and gets the lock once the holder lets go.
+    let mut l3 = l.clone();
+    let second = tokio::spawn(async move {
+        l3.acquire(acquire_req("jobs/daily", retried, false, 10_000))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    l.release(proto::ReleaseRequest {
+        name: "jobs/daily".into(),
+        session_id: holder,
+    })
+    .await
+    .expect("release");
+    let token = second
+        .await
+        .expect("second call")
+        .expect("the later call holds")
+        .into_inner()
+        .fencing_token;
+    // The first call's leave lands after that: it must leave the later
+    // call's hold alone.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let st = inspect(&mut l, "jobs/daily").await;
+    assert_eq!(
+        st.holders
+            .iter()
+            .map(|h| (h.session_id, h.fencing_token))
+            .collect::<Vec<_>>(),
+        vec![(retried, token)],
+        "a gone call's late leave released the lock a later call of its session holds: {st:?}"
+    );
+}

@@ -154,10 +154,11 @@ impl Election for ElectionService {
         } else {
             r.wait_timeout_ms
         };
-        let cmd = LockCommand::Campaign {
+        let cmd = |call_id| LockCommand::Campaign {
             name: r.name.clone(),
             session: r.session_id,
             value: r.value,
+            call_id,
         };
         let token = acquire_or_leave(
             &self.node,

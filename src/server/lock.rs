@@ -2,7 +2,9 @@
 //! Raft write) and, if it must wait, follows the lock's changes in this node's
 //! watch hub until its session holds it or the wait ends.
 
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
@@ -91,6 +93,7 @@ struct LeaveOnDrop {
     node: Arc<Node>,
     name: String,
     session: u64,
+    call_id: u64,
     armed: bool,
     join: Option<JoinTask>,
 }
@@ -104,9 +107,10 @@ impl Drop for LeaveOnDrop {
             return;
         };
         let node = Arc::clone(&self.node);
-        let leave = LockCommand::Release {
+        let leave = LockCommand::Leave {
             name: std::mem::take(&mut self.name),
             session: self.session,
+            call_id: self.call_id,
         };
         let join = self.join.take();
         rt.spawn(async move {
@@ -114,6 +118,7 @@ impl Drop for LeaveOnDrop {
                 // Whatever it came to: only its end matters here.
                 let _ = join.await;
             }
+            delay_point!("lock-before-leave");
             leave_for_gone_caller(&node, leave).await;
         });
     }
@@ -129,7 +134,8 @@ const LEAVE_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// UNAVAILABLE (no leader, or a leader that died with it in flight) is
 /// retried: a leave given up would leave the session queued, and the lock
 /// would later pass to it while its client believes it does not hold it.
-/// A release is idempotent, so a retry after an unknown outcome is safe.
+/// A retry after an unknown outcome is safe: the leave removes the entry
+/// only while its call's, so never one the session joined again since.
 async fn leave_for_gone_caller(node: &Node, leave: LockCommand) {
     let timeout = Duration::from_millis(node.config.request_timeout_ms);
     let give_up_at = Instant::now() + LEAVE_RETRY_FOR;
@@ -154,20 +160,33 @@ async fn leave_for_gone_caller(node: &Node, leave: LockCommand) {
 /// and answer DEADLINE_EXCEEDED while the caller still listens.
 const LEAVE_MARGIN: Duration = Duration::from_millis(250);
 
-/// Proposes `join` (an Acquire or Campaign of `session` on `name`) and waits
-/// up to `wait_ms` (and no later than shortly before `caller_deadline`) until
-/// the session holds: its token. Out of time, the session leaves the queue:
-/// FAILED_PRECONDITION when `wait_ms` is 0 (a try-lock), DEADLINE_EXCEEDED
-/// otherwise. If the handler is dropped first, it leaves all the same.
+/// A fresh id for one Acquire or Campaign call: a per-process random base
+/// (std's `RandomState` is seeded by the OS) plus a counter.
+fn new_call_id() -> u64 {
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| std::hash::RandomState::new().hash_one(std::process::id()));
+    base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Proposes `join(call_id)` (an Acquire or Campaign of `session` on `name`
+/// by this call) and waits up to `wait_ms` (and no later than shortly before
+/// `caller_deadline`) until the session holds: its token. Out of time, the
+/// session leaves the queue: FAILED_PRECONDITION when `wait_ms` is 0 (a
+/// try-lock), DEADLINE_EXCEEDED otherwise. If the handler is dropped first,
+/// it leaves all the same. Either leave removes the entry only while it is
+/// this call's (a later call with the same session takes it over).
 pub async fn acquire_or_leave(
     node: &Arc<Node>,
     name: &str,
     session: u64,
-    join: LockCommand,
+    join: impl FnOnce(u64) -> LockCommand,
     deadline: Instant,
     wait_ms: u64,
     caller_deadline: Option<Instant>,
 ) -> Result<u64, Status> {
+    let call_id = new_call_id();
+    let join = join(call_id);
     let asked_until = Instant::now() + Duration::from_millis(wait_ms);
     let wait_until = match caller_deadline {
         Some(gives_up) => asked_until.min(gives_up.checked_sub(LEAVE_MARGIN).unwrap_or(gives_up)),
@@ -187,6 +206,7 @@ pub async fn acquire_or_leave(
         node: Arc::clone(node),
         name: name.to_string(),
         session,
+        call_id,
         armed: true,
         join: Some(joining),
     };
@@ -258,9 +278,10 @@ pub async fn acquire_or_leave(
         }
     }
     // Out of time: leave the queue (if it came to hold meanwhile, that is released too).
-    let leave = LockCommand::Release {
+    let leave = LockCommand::Leave {
         name: name.to_string(),
         session,
+        call_id,
     };
     propose_lock(node, leave, Instant::now() + timeout).await?;
     guard.armed = false;
@@ -336,10 +357,11 @@ impl Lock for LockService {
                 "wait_timeout_ms must be at most {MAX_LOCK_WAIT_MS}"
             )));
         }
-        let join = LockCommand::Acquire {
+        let join = |call_id| LockCommand::Acquire {
             name: r.name.clone(),
             session: r.session_id,
             mode,
+            call_id,
         };
         let token = acquire_or_leave(
             &self.node,

@@ -37,6 +37,10 @@ pub struct LockEntry {
     pub token: u64,
     /// An election candidate's proclaimed value (empty for a plain lock).
     pub value: Vec<u8>,
+    /// The Acquire or Campaign call that last joined (or joined again) with
+    /// this session: a leave owed on a gone caller's behalf removes the entry
+    /// only while it is still that call's, not one a later call took over.
+    pub call_id: u64,
 }
 
 /// A lock: its queue in arrival order, holders first.
@@ -51,7 +55,8 @@ pub struct LockRecord {
 /// A lock state change (meta group).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockCommand {
-    /// Joins the queue (or finds the session already in it).
+    /// Joins the queue (or finds the session already in it, and takes its
+    /// entry over for this call).
     Acquire {
         /// Lock name.
         name: String,
@@ -59,6 +64,8 @@ pub enum LockCommand {
         session: u64,
         /// Mode.
         mode: LockMode,
+        /// This call's id (see [`LockEntry::call_id`]).
+        call_id: u64,
     },
     /// Leaves the queue (holding or waiting).
     Release {
@@ -76,6 +83,18 @@ pub enum LockCommand {
         session: u64,
         /// The candidate's value.
         value: Vec<u8>,
+        /// This call's id (see [`LockEntry::call_id`]).
+        call_id: u64,
+    },
+    /// Leaves the queue on behalf of the call `call_id`, whose caller went
+    /// away: nothing if the session's entry is now another call's.
+    Leave {
+        /// Lock name.
+        name: String,
+        /// Owner session.
+        session: u64,
+        /// The call that joined.
+        call_id: u64,
     },
     /// Election: the leader replaces its value.
     Proclaim {
@@ -182,11 +201,13 @@ pub fn apply(
             name,
             session,
             mode,
-        } => join(state, index, name, *session, *mode, Vec::new()),
+            call_id,
+        } => join(state, index, name, *session, *mode, Vec::new(), *call_id),
         LockCommand::Campaign {
             name,
             session,
             value,
+            call_id,
         } => join(
             state,
             index,
@@ -194,7 +215,21 @@ pub fn apply(
             *session,
             LockMode::Exclusive,
             value.clone(),
+            *call_id,
         ),
+        LockCommand::Leave {
+            name,
+            session,
+            call_id,
+        } => {
+            let rec = load(state, name)?;
+            let ours = rec
+                .queue
+                .iter()
+                .any(|e| e.session == *session && e.call_id == *call_id);
+            let existed = ours && release(state, index, name, *session)?;
+            Ok(LockResponse::Released { existed })
+        }
         LockCommand::Proclaim {
             name,
             session,
@@ -238,7 +273,8 @@ fn not_leader(name: &str, session: u64) -> LockResponse {
     ))
 }
 
-/// Adds `session` to `name`'s queue (once) and answers where it stands.
+/// Adds `session` to `name`'s queue (once; a later call takes the entry
+/// over) and answers where it stands.
 fn join(
     state: &mut dyn StateAccess,
     index: u64,
@@ -246,6 +282,7 @@ fn join(
     session: u64,
     mode: LockMode,
     value: Vec<u8>,
+    call_id: u64,
 ) -> Result<LockResponse, SmError> {
     let Some(mut owner) = session::load_record(state, session)? else {
         return Ok(LockResponse::Rejected(Rejection::new(
@@ -254,7 +291,12 @@ fn join(
         )));
     };
     let mut rec = load(state, name)?;
-    if position(&rec, session).is_none() {
+    if let Some(e) = rec.queue.iter_mut().find(|e| e.session == session) {
+        if e.call_id != call_id {
+            e.call_id = call_id;
+            store(state, name, &rec)?;
+        }
+    } else {
         if owner.locks.len() >= MAX_LOCKS_PER_SESSION {
             return Ok(LockResponse::Rejected(Rejection::new(
                 RejectCode::TooManyLocks,
@@ -266,6 +308,7 @@ fn join(
             mode,
             token: 0,
             value,
+            call_id,
         });
         grant(&mut rec, index);
         store(state, name, &rec)?;
@@ -335,11 +378,32 @@ mod tests {
         m
     }
 
+    /// An Acquire by a call with id `index`.
     fn acquire(m: &mut MemState, index: u64, session: u64, mode: LockMode) -> LockResponse {
+        acquire_as(m, index, session, mode, index)
+    }
+
+    fn acquire_as(
+        m: &mut MemState,
+        index: u64,
+        session: u64,
+        mode: LockMode,
+        call_id: u64,
+    ) -> LockResponse {
         let cmd = LockCommand::Acquire {
             name: "l".into(),
             session,
             mode,
+            call_id,
+        };
+        apply(m, index, &cmd).unwrap()
+    }
+
+    fn leave(m: &mut MemState, index: u64, session: u64, call_id: u64) -> LockResponse {
+        let cmd = LockCommand::Leave {
+            name: "l".into(),
+            session,
+            call_id,
         };
         apply(m, index, &cmd).unwrap()
     }
@@ -378,6 +442,47 @@ mod tests {
             rel(&mut m, 18, 9),
             LockResponse::Released { existed: false }
         );
+    }
+
+    #[test]
+    fn a_leave_removes_the_entry_only_while_it_is_its_calls() {
+        let mut m = with_sessions(&[1, 2]);
+        use LockMode::Exclusive as X;
+        assert_eq!(
+            acquire_as(&mut m, 10, 1, X, 100),
+            LockResponse::Held { token: 10 }
+        );
+        assert_eq!(
+            acquire_as(&mut m, 11, 2, X, 200),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        // Session 2 asks again in a new call, which takes its entry over: the
+        // first call's leave (its caller gone) must not remove it.
+        assert_eq!(
+            acquire_as(&mut m, 12, 2, X, 201),
+            LockResponse::Waiting { ahead: 1 }
+        );
+        assert_eq!(
+            leave(&mut m, 13, 2, 200),
+            LockResponse::Released { existed: false }
+        );
+        assert_eq!(load(&mut m, "l").unwrap().queue.len(), 2);
+        // A holder's own call leaves: the lock passes on.
+        assert_eq!(
+            leave(&mut m, 14, 1, 100),
+            LockResponse::Released { existed: true }
+        );
+        assert_eq!(
+            acquire_as(&mut m, 15, 2, X, 201),
+            LockResponse::Held { token: 14 }
+        );
+        assert_eq!(
+            leave(&mut m, 16, 2, 201),
+            LockResponse::Released { existed: true }
+        );
+        assert!(load(&mut m, "l").unwrap().queue.is_empty());
+        let owner = session::load_record(&mut m, 2).unwrap().unwrap();
+        assert!(owner.locks.is_empty(), "{owner:?}");
     }
 
     #[test]
@@ -431,6 +536,7 @@ mod tests {
             name: "l".into(),
             session,
             value: v.as_bytes().to_vec(),
+            call_id: session,
         };
         assert_eq!(
             apply(&mut m, 10, &campaign(1, "a")).unwrap(),
