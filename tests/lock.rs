@@ -50,6 +50,36 @@ async fn inspect(l: &mut LockClient<Channel>, name: &str) -> proto::LockState {
         .into_inner()
 }
 
+/// Waits until `name` has a waiter (a call started elsewhere has queued).
+async fn wait_until_queued(l: &mut LockClient<Channel>, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inspect(l, name).await.waiters.is_empty() {
+        assert!(Instant::now() < deadline, "the waiter did not queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An exclusive Acquire of `name` by `session`, waiting up to `wait_ms`, as
+/// a call of its own (abort it to drop the call: the client goes away).
+fn spawn_acquire(
+    l: &LockClient<Channel>,
+    name: &'static str,
+    session: u64,
+    wait_ms: u64,
+) -> tokio::task::JoinHandle<Result<tonic::Response<proto::AcquireResponse>, tonic::Status>> {
+    let mut l = l.clone();
+    tokio::spawn(async move { l.acquire(acquire_req(name, session, false, wait_ms)).await })
+}
+
+/// A ready 3-node cluster whose nodes run with `FAILPOINTS=spec`.
+#[cfg(feature = "failpoints")]
+async fn start_with_failpoints(spec: &str) -> TestCluster {
+    let mut c = TestCluster::start_with_env(3, &[], &[("FAILPOINTS", spec)]);
+    c.init(1).await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_acquire_in_fifo_order_with_increasing_tokens() {
     let c = TestCluster::start_initialised(3, 1, &[]).await;
@@ -599,16 +629,8 @@ async fn a_waiter_whose_call_ends_early_leaves_the_queue() {
     // A waiter whose client goes away (the call dropped: RST_STREAM).
     let (_, l3) = clients(&c, 3).await;
     let gone = session(&mut s, 10_000).await;
-    let call = tokio::spawn(async move {
-        let mut l3 = l3;
-        l3.acquire(acquire_req("jobs/nightly", gone, false, 30_000))
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while inspect(&mut l, "jobs/nightly").await.waiters.is_empty() {
-        assert!(Instant::now() < deadline, "the waiter did not queue");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let call = spawn_acquire(&l3, "jobs/nightly", gone, 30_000);
+    wait_until_queued(&mut l, "jobs/nightly").await;
     call.abort();
     left(l.clone()).await;
 
@@ -637,16 +659,8 @@ async fn a_waiter_whose_call_ends_as_the_meta_leader_dies_leaves_once_one_is_bac
         .await
         .expect("holder acquires");
     let gone = session(&mut s, 60_000).await;
-    let mut l2 = l.clone();
-    let call = tokio::spawn(async move {
-        l2.acquire(acquire_req("jobs/hourly", gone, false, 60_000))
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while inspect(&mut l, "jobs/hourly").await.waiters.is_empty() {
-        assert!(Instant::now() < deadline, "the waiter did not queue");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let call = spawn_acquire(&l, "jobs/hourly", gone, 60_000);
+    wait_until_queued(&mut l, "jobs/hourly").await;
     // The caller goes away while the meta leader is stopped, which then
     // dies: the leave its node proposed on the caller's behalf was in flight
     // to it (outcome unknown), and must be proposed again to the next leader.
@@ -685,10 +699,7 @@ async fn a_waiter_whose_call_ends_as_the_meta_leader_dies_leaves_once_one_is_bac
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_leaves_while_its_join_is_in_flight_is_not_queued_after_it() {
-    let mut c =
-        TestCluster::start_with_env(3, &[], &[("FAILPOINTS", "lock-before-join=return(1000)")]);
-    c.init(1).await;
-    c.wait_ready(Duration::from_secs(30)).await;
+    let c = start_with_failpoints("lock-before-join=return(1000)").await;
     let (mut s, mut l) = clients(&c, 1).await;
     let holder = session(&mut s, 10_000).await;
     l.acquire(acquire_req("jobs/weekly", holder, false, 5_000))
@@ -699,11 +710,7 @@ async fn a_caller_that_leaves_while_its_join_is_in_flight_is_not_queued_after_it
     // the join queues the session for good and it is later handed a lock
     // its client was told nothing of.
     let gone = session(&mut s, 10_000).await;
-    let mut l2 = l.clone();
-    let call = tokio::spawn(async move {
-        l2.acquire(acquire_req("jobs/weekly", gone, false, 30_000))
-            .await
-    });
+    let call = spawn_acquire(&l, "jobs/weekly", gone, 30_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     call.abort();
     tokio::time::sleep(Duration::from_millis(2_000)).await;
@@ -727,10 +734,7 @@ async fn a_caller_that_leaves_while_its_join_is_in_flight_is_not_queued_after_it
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_callers_late_leave_does_not_take_the_lock_from_a_later_call_of_its_session() {
-    let mut c =
-        TestCluster::start_with_env(3, &[], &[("FAILPOINTS", "lock-before-leave=return(1500)")]);
-    c.init(1).await;
-    c.wait_ready(Duration::from_secs(30)).await;
+    let c = start_with_failpoints("lock-before-leave=return(1500)").await;
     let (mut s, mut l) = clients(&c, 1).await;
     let holder = session(&mut s, 10_000).await;
     l.acquire(acquire_req("jobs/daily", holder, false, 5_000))
@@ -738,24 +742,12 @@ async fn a_gone_callers_late_leave_does_not_take_the_lock_from_a_later_call_of_i
         .expect("holder acquires");
     // A caller queues its session, then goes away (its call dropped).
     let retried = session(&mut s, 10_000).await;
-    let mut l2 = l.clone();
-    let first = tokio::spawn(async move {
-        l2.acquire(acquire_req("jobs/daily", retried, false, 30_000))
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while inspect(&mut l, "jobs/daily").await.waiters.is_empty() {
-        assert!(Instant::now() < deadline, "the waiter did not queue");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = spawn_acquire(&l, "jobs/daily", retried, 30_000);
+    wait_until_queued(&mut l, "jobs/daily").await;
     first.abort();
     // Its client asks again with the same session before the first call's
     // leave lands, and gets the lock once the holder lets go.
-    let mut l3 = l.clone();
-    let second = tokio::spawn(async move {
-        l3.acquire(acquire_req("jobs/daily", retried, false, 10_000))
-            .await
-    });
+    let second = spawn_acquire(&l, "jobs/daily", retried, 10_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     l.release(proto::ReleaseRequest {
         name: "jobs/daily".into(),
