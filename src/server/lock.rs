@@ -85,7 +85,7 @@ type JoinTask = tokio::task::JoinHandle<Result<LockResponse, Status>>;
 /// (the caller's deadline passed or it went away: hyper drops the handler of a
 /// reset stream): a queue entry whose session would come to hold the lock
 /// although its client was told nothing. Armed from before the join until the
-/// outcome is the caller's; dropped armed, it proposes the session's leave —
+/// outcome is the caller's; dropped armed, it proposes this call's leave —
 /// after the join, if that is still in flight: a leave applied before its
 /// join would find nothing to remove, and the join would then queue the
 /// session for good.
@@ -135,7 +135,7 @@ const LEAVE_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// retried: a leave given up would leave the session queued, and the lock
 /// would later pass to it while its client believes it does not hold it.
 /// A retry after an unknown outcome is safe: the leave removes the entry
-/// only while its call's, so never one the session joined again since.
+/// only while it is its call's, so never one a later call took over.
 async fn leave_for_gone_caller(node: &Node, leave: LockCommand) {
     let timeout = Duration::from_millis(node.config.request_timeout_ms);
     let give_up_at = Instant::now() + LEAVE_RETRY_FOR;
