@@ -222,12 +222,7 @@ pub fn apply(
             session,
             call_id,
         } => {
-            let rec = load(state, name)?;
-            let ours = rec
-                .queue
-                .iter()
-                .any(|e| e.session == *session && e.call_id == *call_id);
-            let existed = ours && release(state, index, name, *session)?;
+            let existed = release_if(state, index, name, *session, |e| e.call_id == *call_id)?;
             Ok(LockResponse::Released { existed })
         }
         LockCommand::Proclaim {
@@ -249,13 +244,13 @@ pub fn apply(
             session,
             token,
         } => {
-            let rec = load(state, name)?;
-            let leads = rec.queue.iter().any(|e| holds_as(e, *session, *token));
-            let existed = leads && release(state, index, name, *session)?;
+            let existed = release_if(state, index, name, *session, |e| {
+                holds_as(e, *session, *token)
+            })?;
             Ok(LockResponse::Released { existed })
         }
         LockCommand::Release { name, session } => {
-            let existed = release(state, index, name, *session)?;
+            let existed = release_if(state, index, name, *session, |_| true)?;
             Ok(LockResponse::Released { existed })
         }
     }
@@ -318,16 +313,18 @@ fn join(
     Ok(answer(&rec, session))
 }
 
-/// Removes `session` from lock `name` and promotes the next entries.
-pub fn release(
+/// Removes `session`'s entry from lock `name` if `which` accepts it (one
+/// read of the record), and promotes the next entries.
+fn release_if(
     state: &mut dyn StateAccess,
     index: u64,
     name: &str,
     session: u64,
+    which: impl Fn(&LockEntry) -> bool,
 ) -> Result<bool, SmError> {
     let mut rec = load(state, name)?;
     let before = rec.queue.len();
-    rec.queue.retain(|e| e.session != session);
+    rec.queue.retain(|e| e.session != session || !which(e));
     let existed = rec.queue.len() != before;
     if existed {
         grant(&mut rec, index);
