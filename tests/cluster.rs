@@ -307,10 +307,40 @@ async fn lagging_node_catches_up_by_snapshot_and_the_log_is_purged() {
     }
 }
 
+/// What node `id`'s peer port answers a (garbage) meta-group Vote RPC from node 1:
+/// the error text, or the transport error while it is not up.
+async fn vote_answer(c: &TestCluster, id: u64) -> Result<String, String> {
+    let ch = common::channel(&c.node(id).peer).await?;
+    let reply = proto::peer_client::PeerClient::new(ch)
+        .raft(proto::RaftRequest {
+            group_id: META_GROUP,
+            kind: proto::RaftKind::Vote as i32,
+            payload: b"not a vote".to_vec(),
+            from_node: 1,
+            cluster_id: 0,
+        })
+        .await
+        .map_err(|s| s.to_string())?;
+    Ok(reply.into_inner().error)
+}
+
+/// The first answer node `id` gives a Vote RPC after a restart at `restarted`.
+async fn first_vote_answer(c: &TestCluster, id: u64, restarted: Instant) -> String {
+    loop {
+        match vote_answer(c, id).await {
+            Ok(error) => return error,
+            Err(_) if restarted.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("restarted node never answered: {e}"),
+        }
+    }
+}
+
 /// Leaders serve linearizable reads on their lease, which followers keep only in
-/// memory. A node that restarts must therefore neither vote nor campaign for one
-/// lease (election_timeout_max): it refuses Vote RPCs in that window, answers them
-/// after it, and the cluster keeps serving writes and linearizable reads meanwhile.
+/// memory. A node that restarts at once must therefore neither vote nor campaign
+/// for one lease (election_timeout_max): it refuses Vote RPCs in that window, answers
+/// them after it, and the cluster keeps serving writes and linearizable reads meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
     const LEASE_MS: u64 = 3000;
@@ -323,29 +353,7 @@ async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
     let mut c = TestCluster::start_initialised(3, 1, &extra).await;
     c.restart(3);
     let restarted = Instant::now();
-    let vote = || async {
-        let ch = common::channel(&c.node(3).peer).await?;
-        let reply = proto::peer_client::PeerClient::new(ch)
-            .raft(proto::RaftRequest {
-                group_id: META_GROUP,
-                kind: proto::RaftKind::Vote as i32,
-                payload: b"not a vote".to_vec(),
-                from_node: 1,
-                cluster_id: 0,
-            })
-            .await
-            .map_err(|s| s.to_string())?;
-        Ok::<_, String>(reply.into_inner().error)
-    };
-    let first = loop {
-        match vote().await {
-            Ok(error) => break error,
-            Err(_) if restarted.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("restarted node never answered: {e}"),
-        }
-    };
+    let first = first_vote_answer(&c, 3, restarted).await;
     assert!(
         restarted.elapsed() < Duration::from_millis(LEASE_MS),
         "node took too long to start for the check to mean anything"
@@ -360,16 +368,43 @@ async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
         Some("v1".into())
     );
 
-    // The window starts when the process has opened its store, a little after spawn.
+    // The window ends a lease plus the alive stamp's bound (300 ms) after the
+    // last stamp of the killed process, a little before the restart.
     let window_over = Duration::from_millis(LEASE_MS + 1500);
     tokio::time::sleep(window_over.saturating_sub(restarted.elapsed())).await;
-    let later = vote().await.expect("vote rpc");
+    let later = vote_answer(&c, 3).await.expect("vote rpc");
     assert!(
         !later.contains("not voting yet"),
         "still holding off: {later}"
     );
     assert!(
         !later.is_empty(),
+        "a garbage vote must be refused by the decoder"
+    );
+    c.wait_ready(Duration::from_secs(20)).await;
+}
+
+/// The hold-off is owed only for leases the node's last run may have granted: a
+/// node that was down longer than a lease (plus the alive stamp's 300 ms bound)
+/// votes from its first answer, so a restart does not cost its group a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_longer_than_a_leader_lease_votes_at_once_after_its_restart() {
+    const LEASE_MS: u64 = 3000;
+    let extra = [
+        "--election-timeout-min-ms",
+        "1500",
+        "--election-timeout-max-ms",
+        "3000",
+    ];
+    let mut c = TestCluster::start_initialised(3, 1, &extra).await;
+    c.kill(3);
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 300 + 200)).await;
+    c.restart(3);
+    let restarted = Instant::now();
+    let first = first_vote_answer(&c, 3, restarted).await;
+    assert!(!first.contains("not voting yet"), "held off: {first}");
+    assert!(
+        !first.is_empty(),
         "a garbage vote must be refused by the decoder"
     );
     c.wait_ready(Duration::from_secs(20)).await;

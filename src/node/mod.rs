@@ -7,6 +7,7 @@
 //! `request` is the propose/read path (routing, forwarding, lease reads),
 //! `ops` the reads a group serves, `status` what `Cluster.Status` reports.
 
+mod alive;
 mod ops;
 mod request;
 mod status;
@@ -125,6 +126,8 @@ pub struct Node {
     cluster: watch::Sender<Option<Arc<ClusterMap>>>,
     /// Until then this process neither votes nor campaigns (see [`Node::in_vote_hold_off`]).
     vote_hold_off_until: Instant,
+    /// This process's alive stamp, which bounds the hold-off of its next start.
+    alive: Arc<alive::AliveStamp>,
     /// The payment provider orders are charged and refunded through.
     pub payments: Arc<dyn PaymentProvider>,
     /// Session deadlines, kept while this node leads the meta group.
@@ -192,7 +195,21 @@ impl Node {
         let (cluster, _) = watch::channel(None);
         // Followers remember a leader's lease only in memory; a restarted one must
         // not help elect anyone until every lease it may have granted has expired.
+        // Its last run's alive stamp says how much of that time has already passed.
         let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
+        let (alive, hold_off) =
+            alive::AliveStamp::start(&config.data_dir, leader_lease).map_err(|e| {
+                StartError::Open {
+                    dir: dir.clone(),
+                    source: StorageError::Io(e),
+                }
+            })?;
+        if !hold_off.is_zero() {
+            tracing::info!(
+                hold_off_ms = hold_off.as_millis(),
+                "restarted within a leader lease of its last run; not voting until it is over"
+            );
+        }
         let node = Arc::new(Node {
             id: config.id,
             config,
@@ -202,7 +219,8 @@ impl Node {
             router,
             groups: RwLock::new(BTreeMap::new()),
             cluster,
-            vote_hold_off_until: Instant::now() + leader_lease,
+            vote_hold_off_until: Instant::now() + hold_off,
+            alive,
             payments: Arc::new(SimulatedProvider::new()),
             sessions: crate::lease::SessionClock::default(),
             watches: Arc::new(WatchHub::new()),
@@ -249,13 +267,22 @@ impl Node {
         self.groups.read().ok()?.get(&group).cloned()
     }
 
-    /// True during the first leader lease (election_timeout_max) after this process
-    /// started: it then refuses votes and does not campaign. Leaders serve reads on
-    /// their lease, and followers keep the lease they granted only in memory; without
-    /// the hold-off, a follower that crashed and restarted could elect a new leader
-    /// while the old one still serves lease reads, which would then be stale.
+    /// True after a start until every leader lease this node's last run may have
+    /// granted has run out (a whole lease, election_timeout_max, if its alive stamp
+    /// says nothing; none if it was down longer than that): it then refuses votes
+    /// and does not campaign. Leaders serve reads on their lease, and followers keep
+    /// the lease they granted only in memory; without the hold-off, a follower that
+    /// crashed and restarted could elect a new leader while the old one still serves
+    /// lease reads, which would then be stale.
     pub fn in_vote_hold_off(&self) -> bool {
         Instant::now() < self.vote_hold_off_until
+    }
+
+    /// Whether this node may accept a leader's appends (and so grant it a
+    /// lease) now: only while its alive stamp is fresh, which is what lets a
+    /// restart that finds an old stamp vote without waiting a whole lease.
+    pub fn accepts_leader_appends(&self) -> bool {
+        self.alive.fresh()
     }
 
     /// The meta group's term, if this node leads it.

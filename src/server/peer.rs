@@ -45,6 +45,19 @@ impl PeerService {
         Ok(())
     }
 
+    /// A leader's append is accepted only while this node's alive stamp is
+    /// fresh: accepting it grants the leader a lease that a restart must honour.
+    fn check_alive_stamp(&self) -> Result<(), String> {
+        if self.node.accepts_leader_appends() {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {} has not written its alive stamp lately; not accepting appends",
+                self.node.id
+            ))
+        }
+    }
+
     fn group(&self, group: u64) -> Result<GroupRaft, String> {
         self.node
             .group(group)
@@ -59,6 +72,7 @@ impl PeerService {
         let enc = |res: Result<Vec<u8>, codec::CodecError>| res.map_err(|e| e.to_string());
         match kind {
             RaftKind::Append => {
+                self.check_alive_stamp()?;
                 let req = codec::from_wire(&r.payload).map_err(de)?;
                 let resp = raft.append_entries(req).await.map_err(|e| e.to_string())?;
                 enc(codec::to_wire(&resp))
@@ -136,15 +150,21 @@ async fn serve_append_stream(
             return;
         }
     };
-    let requests =
-        futures::stream::unfold((Some(first), inbound), |(first, mut inbound)| async move {
+    let node = service.node.clone();
+    let requests = futures::stream::unfold((Some(first), inbound), move |(first, mut inbound)| {
+        let node = node.clone();
+        async move {
             let frame = match first {
                 Some(frame) => frame,
                 None => inbound.message().await.ok()??,
             };
+            // A stale alive stamp ends the stream like a bad frame: the leader
+            // starts a new one, refused until the stamp is fresh again.
+            node.accepts_leader_appends().then_some(())?;
             let request = codec::from_wire::<AppendEntriesRequest<TypeConfig>>(&frame.payload);
             Some((request.ok()?, (None, inbound)))
-        });
+        }
+    });
     let results = raft.stream_append(requests);
     futures::pin_mut!(results);
     while let Some(result) = results.next().await {
@@ -315,6 +335,7 @@ impl Peer for PeerService {
         let image: SnapshotData =
             codec::from_wire(&data).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let res = async {
+            self.check_alive_stamp()?;
             let raft = self.group(group)?;
             let snapshot = Snapshot {
                 meta,
