@@ -207,7 +207,7 @@ impl Node {
         if !hold_off.is_zero() {
             tracing::info!(
                 hold_off_ms = hold_off.as_millis(),
-                "restarted within a leader lease of its last run; not voting until it is over"
+                "not voting yet: a lease this node granted before it started may still be in use"
             );
         }
         let node = Arc::new(Node {
