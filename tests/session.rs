@@ -2,7 +2,8 @@
 //! left alone they expire within it (plus a bound), closing ends them, TTLs
 //! outside the bounds are refused, and killing the meta group's leader neither
 //! expires a session that keeps alive (nor releases its lock) nor keeps a dead
-//! one alive (its lock is released).
+//! one alive (its lock is released), and a new meta leader starts a long
+//! session from its checkpointed remaining time.
 
 mod common;
 
@@ -209,5 +210,45 @@ async fn killing_the_meta_leader_neither_expires_a_live_session_nor_saves_a_dead
     assert!(
         freed.holders.is_empty(),
         "the dead session's lock was released: {freed:?}"
+    );
+}
+
+/// The meta leader records a session's remaining time only once it drifted by
+/// an eighth of its TTL (not every second for every session): a 60 s session
+/// left alone for 12 s has been checkpointed (drift 7.5 s), so the leader that
+/// takes over after the old one is killed grants its recorded ~52 s plus a 1 s
+/// grace — not a fresh TTL, which it would without checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sessions_remaining_time_outlives_a_meta_leader_change() {
+    const TTL_MS: u64 = 60_000;
+    let mut c = TestCluster::start_initialised(3, 1, &[]).await;
+    let leader = c.leader_of(META_GROUP, 1).await.expect("meta leader");
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let mut s = client(&c, others[0]).await;
+    let id = create(&mut s, TTL_MS).await;
+    let granted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    c.kill(leader);
+    let mut clients = [client(&c, others[0]).await, client(&c, others[1]).await];
+    let remaining_ms = 'asked: loop {
+        for cl in clients.iter_mut() {
+            if let Ok(r) = alive(cl, id).await {
+                break 'asked r;
+            }
+        }
+        assert!(
+            granted.elapsed() < Duration::from_secs(30),
+            "no new meta leader answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let elapsed_ms = granted.elapsed().as_millis() as u64;
+    assert!(
+        remaining_ms <= TTL_MS - 4000,
+        "remaining {remaining_ms} ms {elapsed_ms} ms after the grant: the new leader did not start from a checkpoint"
+    );
+    assert!(
+        remaining_ms + elapsed_ms >= TTL_MS - 10_000,
+        "remaining {remaining_ms} ms {elapsed_ms} ms after the grant: the session lost time"
     );
 }

@@ -314,6 +314,16 @@ impl Node {
             .map_err(NodeError::from)
     }
 
+    /// Brings the session clock to `term` with one read of every session,
+    /// following the meta group's changes from just before the read.
+    pub fn sync_sessions(&self, term: u64) -> Result<(), NodeError> {
+        let cursor = self.watches.cursor(META_GROUP, 0);
+        let sessions = self.all_sessions()?;
+        self.sessions
+            .sync(term, cursor, &sessions, self.election_timeout());
+        Ok(())
+    }
+
     /// Serves a session read on the meta leader (after the linearizable check).
     fn read_session(
         &self,
@@ -337,15 +347,15 @@ impl Node {
                 "this node no longer leads the meta group".into(),
             ));
         };
-        let synced = |clock: &crate::lease::SessionClock| -> Result<(), NodeError> {
-            clock.sync(term, &self.all_sessions()?, self.election_timeout());
-            Ok(())
-        };
+        if self.sessions.needs_sync(term) {
+            self.sync_sessions(term)?;
+        }
         match op {
             SessionRead::KeepAlive { .. } => {
-                if !self.sessions.keep_alive(term, id, rec.ttl_ms) {
-                    synced(&self.sessions)?;
-                    self.sessions.keep_alive(term, id, rec.ttl_ms);
+                if !self.sessions.keep_alive(term, id, &rec) {
+                    return Err(NodeError::Unavailable(
+                        "the meta group's leadership changed; retry".into(),
+                    ));
                 }
                 Ok(SessionReadResult::Alive {
                     ttl_ms: rec.ttl_ms,
@@ -354,13 +364,9 @@ impl Node {
                 })
             }
             SessionRead::Get { .. } => {
-                let remaining = match self.sessions.remaining(term, id) {
-                    Some(r) => Some(r),
-                    None => {
-                        synced(&self.sessions)?;
-                        self.sessions.remaining(term, id)
-                    }
-                };
+                // A session granted since the clock last caught up is not on it
+                // yet: its record's remaining time is its TTL.
+                let remaining = self.sessions.remaining(term, id);
                 Ok(SessionReadResult::Alive {
                     ttl_ms: rec.ttl_ms,
                     remaining_ms: remaining.map_or(rec.remaining_ms, |d| d.as_millis() as u64),

@@ -111,11 +111,12 @@ pub fn is_product_key(record_key: &[u8]) -> bool {
 }
 
 /// Whether changes to this record are kept for watchers (`crate::watch`):
-/// KV records, stock levels, orders and locks.
+/// KV records, stock levels, orders and locks; and sessions, which the meta
+/// leader's session clock follows.
 pub fn is_watchable(record_key: &[u8]) -> bool {
     matches!(
         record_key.first(),
-        Some(&(NS_KV | NS_INVENTORY | NS_ORDER | NS_LOCK))
+        Some(&(NS_KV | NS_INVENTORY | NS_ORDER | NS_LOCK | NS_SESSION))
     )
 }
 
