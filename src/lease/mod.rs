@@ -1,7 +1,8 @@
 //! Session liveness on the meta group's leader. Keep-alives are not logged:
 //! the leader (after confirming it still leads) moves the session's deadline
 //! on its monotonic clock. Only the leader expires sessions, by proposing
-//! `Expire{id, term, epoch}` once a deadline passes; it checkpoints sessions'
+//! `ExpireBatch{term, [(id, epoch)]}` for the deadlines that passed (up to
+//! [`MAX_EXPIRE_BATCH`] per entry); it checkpoints sessions'
 //! remaining times, and a new leader starts every session at its checkpointed
 //! remaining time plus one election timeout (so a leader change neither kills
 //! a live session nor keeps a dead one alive forever).
@@ -36,6 +37,9 @@ pub const EXPIRY_TICK: Duration = Duration::from_millis(100);
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Most sessions one checkpoint records.
 pub const MAX_CHECKPOINT_BATCH: usize = 1000;
+/// Most sessions one expiry proposal ends (each releases its locks in the
+/// same apply).
+pub const MAX_EXPIRE_BATCH: usize = 1000;
 /// A session is checkpointed once its remaining time differs from the
 /// recorded one by at least `ttl_ms / CHECKPOINT_DRIFT_DIVISOR`. Keep-alives
 /// every TTL/3 move a live session's remaining time by a third of its TTL, so
@@ -295,27 +299,39 @@ pub async fn run(node: Weak<Node>) {
             continue;
         }
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
-        for (id, epoch) in node.sessions.expired() {
-            let cmd = Command::Session(SessionCommand::Expire {
-                id,
+        for batch in node.sessions.expired().chunks(MAX_EXPIRE_BATCH) {
+            let cmd = Command::Session(SessionCommand::ExpireBatch {
                 term,
-                epoch,
+                sessions: batch.to_vec(),
                 now_ms: crate::clock::now_ms(),
             });
             match node
                 .propose(META_GROUP, cmd, deadline, MAX_FORWARD_HOPS)
                 .await
             {
-                Ok(Response::Session(SessionResponse::Ended { .. })) => {
-                    tracing::info!(session = id, "session expired");
-                    node.sessions.forget(id);
+                Ok(Response::Session(SessionResponse::ExpiredBatch { ended, missing })) => {
+                    if !ended.is_empty() {
+                        tracing::info!(
+                            sessions = ended.len(),
+                            first = ended[0],
+                            "sessions expired"
+                        );
+                    }
+                    // The rest were refused (stale epoch, or a first TTL not
+                    // over by this leader's wall clock): the next tick retries.
+                    for id in ended.iter().chain(&missing) {
+                        node.sessions.forget(*id);
+                    }
                 }
-                // Stale epoch or term: the next tick retries with fresh state.
+                // A stale term: this node no longer leads; the next tick sees it.
                 Ok(Response::Session(SessionResponse::Rejected(r))) => {
-                    tracing::debug!(session = id, reason = %r, "expiry refused");
+                    tracing::debug!(reason = %r, "expiry refused");
                 }
-                Ok(other) => tracing::warn!(session = id, ?other, "unexpected expiry result"),
-                Err(e) => tracing::warn!(session = id, error = %e, "expiry not proposed"),
+                Ok(other) => tracing::warn!(?other, "unexpected expiry result"),
+                Err(e) => {
+                    tracing::warn!(sessions = batch.len(), error = %e, "expiry not proposed");
+                    break;
+                }
             }
         }
         if let Some(items) = node.sessions.checkpoint_due() {

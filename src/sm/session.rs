@@ -57,6 +57,17 @@ pub enum SessionCommand {
         /// The proposing leader's wall clock.
         now_ms: u64,
     },
+    /// Expires sessions whose deadlines passed (the leader, up to
+    /// `lease::MAX_EXPIRE_BATCH` per entry). Each is checked as an `Expire`;
+    /// the ones refused live on.
+    ExpireBatch {
+        /// The proposing leader's term: must be this entry's term.
+        term: u64,
+        /// (session, the epoch the leader's deadline was based on).
+        sessions: Vec<(u64, u64)>,
+        /// The proposing leader's wall clock.
+        now_ms: u64,
+    },
     /// Records every live session's remaining time (the leader, periodically).
     Checkpoint {
         /// The proposing leader's term: must be this entry's term.
@@ -86,6 +97,14 @@ pub enum SessionResponse {
         /// Count.
         sessions: u32,
     },
+    /// `ExpireBatch`: which sessions it ended and which no longer existed
+    /// (the others were refused and live on).
+    ExpiredBatch {
+        /// Ended now.
+        ended: Vec<u64>,
+        /// Already gone.
+        missing: Vec<u64>,
+    },
     /// Refused (stale term or epoch, unknown session).
     Rejected(Rejection),
 }
@@ -109,10 +128,14 @@ fn set_count(state: &mut dyn StateAccess, n: u64) -> Result<(), SmError> {
 }
 
 fn stale(what: &str, got: u64, want: u64) -> SessionResponse {
-    SessionResponse::Rejected(Rejection::new(
+    SessionResponse::Rejected(stale_rejection(what, got, want))
+}
+
+fn stale_rejection(what: &str, got: u64, want: u64) -> Rejection {
+    Rejection::new(
         RejectCode::IllegalTransition,
         format!("{what} {got} is stale (current {want})"),
-    ))
+    )
 }
 
 /// Ends a session: its locks are released (their next waiters promoted) in
@@ -141,6 +164,46 @@ pub fn save_record(
     rec: &SessionRecord,
 ) -> Result<(), SmError> {
     state.put(keys::session_key(id), codec::encode(rec)?)
+}
+
+/// What an expiry of one session did.
+enum Expiry {
+    Ended,
+    Missing,
+    Refused(Rejection),
+}
+
+/// Ends session `id` if its record is still at `epoch` and its first TTL has
+/// passed by the leader's `now_ms`.
+fn expire(
+    state: &mut dyn StateAccess,
+    index: u64,
+    id: u64,
+    epoch: u64,
+    now_ms: u64,
+) -> Result<Expiry, SmError> {
+    let Some(rec) = load(state, id)? else {
+        return Ok(Expiry::Missing);
+    };
+    if rec.epoch != epoch {
+        return Ok(Expiry::Refused(stale_rejection("epoch", epoch, rec.epoch)));
+    }
+    // No session ends before its first TTL has passed (keep-alives and
+    // leader changes only ever move a deadline later). A leader whose
+    // deadlines say otherwise is wrong, or its wall clock is behind the
+    // granting leader's: either way the session lives on, and the
+    // expiry is retried on the next tick.
+    let first_ttl_ends = rec.granted_ms.saturating_add(rec.ttl_ms);
+    if now_ms < first_ttl_ends {
+        return Ok(Expiry::Refused(Rejection::new(
+            RejectCode::IllegalTransition,
+            format!(
+                "session {id} cannot expire before {first_ttl_ends} (granted + TTL), now {now_ms}"
+            ),
+        )));
+    }
+    end(state, index, id, &rec)?;
+    Ok(Expiry::Ended)
 }
 
 /// Applies `cmd` at log `index`, an entry of leader term `term`.
@@ -190,28 +253,29 @@ pub fn apply(
             if *proposed_in != term {
                 return Ok(stale("term", *proposed_in, term));
             }
-            let Some(rec) = load(state, *id)? else {
-                return Ok(SessionResponse::Ended { ended: false });
-            };
-            if rec.epoch != *epoch {
-                return Ok(stale("epoch", *epoch, rec.epoch));
+            Ok(match expire(state, index, *id, *epoch, *now_ms)? {
+                Expiry::Ended => SessionResponse::Ended { ended: true },
+                Expiry::Missing => SessionResponse::Ended { ended: false },
+                Expiry::Refused(r) => SessionResponse::Rejected(r),
+            })
+        }
+        SessionCommand::ExpireBatch {
+            term: proposed_in,
+            sessions,
+            now_ms,
+        } => {
+            if *proposed_in != term {
+                return Ok(stale("term", *proposed_in, term));
             }
-            // No session ends before its first TTL has passed (keep-alives and
-            // leader changes only ever move a deadline later). A leader whose
-            // deadlines say otherwise is wrong, or its wall clock is behind the
-            // granting leader's: either way the session lives on, and the
-            // expiry is retried on the next tick.
-            if *now_ms < rec.granted_ms.saturating_add(rec.ttl_ms) {
-                return Ok(SessionResponse::Rejected(Rejection::new(
-                    RejectCode::IllegalTransition,
-                    format!(
-                        "session {id} cannot expire before {} (granted + TTL), now {now_ms}",
-                        rec.granted_ms.saturating_add(rec.ttl_ms)
-                    ),
-                )));
+            let (mut ended, mut missing) = (Vec::new(), Vec::new());
+            for (id, epoch) in sessions {
+                match expire(state, index, *id, *epoch, *now_ms)? {
+                    Expiry::Ended => ended.push(*id),
+                    Expiry::Missing => missing.push(*id),
+                    Expiry::Refused(_) => {}
+                }
             }
-            end(state, index, *id, &rec)?;
-            Ok(SessionResponse::Ended { ended: true })
+            Ok(SessionResponse::ExpiredBatch { ended, missing })
         }
         SessionCommand::Checkpoint {
             term: proposed_in,
@@ -310,6 +374,37 @@ mod tests {
             apply(&mut m, 12, 3, &SessionCommand::Close { id: 7 }).unwrap(),
             SessionResponse::Ended { ended: false }
         );
+    }
+
+    #[test]
+    fn a_batch_expiry_ends_what_an_expiry_would_and_reports_the_missing() {
+        let mut m = Mem::default();
+        let grant = |ttl_ms| SessionCommand::Grant { ttl_ms, now_ms: 1 };
+        for (index, ttl_ms) in [(5, 3000), (6, 3000), (7, 9000)] {
+            apply(&mut m, index, 2, &grant(ttl_ms)).unwrap();
+        }
+        let batch = |term| SessionCommand::ExpireBatch {
+            term,
+            // 5: due; 6: a stale epoch; 7: its first TTL not over; 8: unknown.
+            sessions: vec![(5, 0), (6, 4), (7, 0), (8, 0)],
+            now_ms: 5000,
+        };
+        assert!(matches!(
+            apply(&mut m, 9, 3, &batch(2)).unwrap(),
+            SessionResponse::Rejected(_)
+        ));
+        assert_eq!(count(&mut m).unwrap(), 3, "a stale term ends nothing");
+        assert_eq!(
+            apply(&mut m, 10, 3, &batch(3)).unwrap(),
+            SessionResponse::ExpiredBatch {
+                ended: vec![5],
+                missing: vec![8]
+            }
+        );
+        assert!(load(&mut m, 5).unwrap().is_none());
+        assert!(load(&mut m, 6).unwrap().is_some());
+        assert!(load(&mut m, 7).unwrap().is_some());
+        assert_eq!(count(&mut m).unwrap(), 2);
     }
 
     #[test]
