@@ -337,20 +337,28 @@ async fn first_vote_answer(c: &TestCluster, id: u64, restarted: Instant) -> Stri
     }
 }
 
-/// Leaders serve linearizable reads on their lease, which followers keep only in
-/// memory. A node that restarts at once must therefore neither vote nor campaign
-/// for one lease (election_timeout_max): it refuses Vote RPCs in that window, answers
-/// them after it, and the cluster keeps serving writes and linearizable reads meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
-    const LEASE_MS: u64 = 3000;
+/// The leader lease (election_timeout_max) of [`start_with_a_long_lease`].
+const LEASE_MS: u64 = 3000;
+
+/// A 3-node cluster whose leader lease is [`LEASE_MS`] (elections in 1.5–3 s),
+/// long enough to tell a hold-off from a node's start-up time.
+async fn start_with_a_long_lease() -> TestCluster {
     let extra = [
         "--election-timeout-min-ms",
         "1500",
         "--election-timeout-max-ms",
         "3000",
     ];
-    let mut c = TestCluster::start_initialised(3, 1, &extra).await;
+    TestCluster::start_initialised(3, 1, &extra).await
+}
+
+/// Leaders serve linearizable reads on their lease, which followers keep only in
+/// memory. A node that restarts at once must therefore neither vote nor campaign
+/// for one lease (election_timeout_max): it refuses Vote RPCs in that window, answers
+/// them after it, and the cluster keeps serving writes and linearizable reads meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
+    let mut c = start_with_a_long_lease().await;
     c.restart(3);
     let restarted = Instant::now();
     let first = first_vote_answer(&c, 3, restarted).await;
@@ -389,14 +397,7 @@ async fn a_restarted_node_refuses_votes_for_one_leader_lease() {
 /// votes from its first answer, so a restart does not cost its group a voter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_longer_than_a_leader_lease_votes_at_once_after_its_restart() {
-    const LEASE_MS: u64 = 3000;
-    let extra = [
-        "--election-timeout-min-ms",
-        "1500",
-        "--election-timeout-max-ms",
-        "3000",
-    ];
-    let mut c = TestCluster::start_initialised(3, 1, &extra).await;
+    let mut c = start_with_a_long_lease().await;
     c.kill(3);
     tokio::time::sleep(Duration::from_millis(LEASE_MS + 300 + 200)).await;
     c.restart(3);

@@ -462,17 +462,10 @@ mod tests {
         assert!(clock.needs_sync(1));
     }
 
-    #[test]
-    fn a_checkpoint_takes_only_drifted_sessions_largest_drift_first_and_at_most_a_batch() {
-        let hub = WatchHub::new();
-        hub.register(META_GROUP, 1);
-        // Session i: TTL 80 s (drift bound 10 s), recorded 80 s, remaining
-        // 80 s - i ms after the sync: only i >= 10 000 have drifted enough.
-        let n = MAX_CHECKPOINT_BATCH as u64 + 500;
-        let sessions: Vec<(u64, SessionRecord)> = (0..n)
-            .map(|i| (i, record(80_000, 80_000 - i * 20, 0)))
-            .collect();
-        let clock = synced(&hub, &sessions);
+    /// A clock synced to `sessions` whose records all say 80 s remain, with
+    /// a checkpoint due.
+    fn recorded_at_80s(hub: &WatchHub, sessions: &[(u64, SessionRecord)]) -> SessionClock {
+        let clock = synced(hub, sessions);
         {
             let mut st = clock.state.lock().expect("lock");
             for t in st.sessions.values_mut() {
@@ -480,6 +473,20 @@ mod tests {
             }
             st.last_checkpoint = None;
         }
+        clock
+    }
+
+    #[test]
+    fn a_checkpoint_takes_only_drifted_sessions_largest_drift_first_and_at_most_a_batch() {
+        let hub = WatchHub::new();
+        hub.register(META_GROUP, 1);
+        // Session i: TTL 80 s (drift bound 10 s), recorded 80 s, remaining
+        // 80 s - 20 i ms after the sync: only i >= 500 have drifted enough.
+        let n = MAX_CHECKPOINT_BATCH as u64 + 500;
+        let sessions: Vec<(u64, SessionRecord)> = (0..n)
+            .map(|i| (i, record(80_000, 80_000 - i * 20, 0)))
+            .collect();
+        let clock = recorded_at_80s(&hub, &sessions);
         let items = clock.checkpoint_due().expect("due");
         // Drift i * 20 ms >= 10 000 ms: i >= 500, i.e. 1 000 sessions, all
         // fitting in one batch.
@@ -489,14 +496,7 @@ mod tests {
 
         let more: Vec<(u64, SessionRecord)> =
             (0..n).map(|i| (i, record(80_000, 40_000 - i, 0))).collect();
-        let clock = synced(&hub, &more);
-        {
-            let mut st = clock.state.lock().expect("lock");
-            for t in st.sessions.values_mut() {
-                t.recorded_ms = 80_000;
-            }
-            st.last_checkpoint = None;
-        }
+        let clock = recorded_at_80s(&hub, &more);
         let items = clock.checkpoint_due().expect("due");
         assert_eq!(items.len(), MAX_CHECKPOINT_BATCH, "capped");
         // Every one drifted; the 500 that drifted least wait for the next one.
