@@ -32,6 +32,10 @@ pub const DEFAULT_ABORTED_TXN_RETENTION_MS: u64 = 24 * 3_600_000;
 /// (see [`crate::storage::StoreOptions`]): about one fsync on the bench machine.
 pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 500;
 
+/// Default of concurrent calls per client connection (TiKV's default; a
+/// waiting lock Acquire or an open watch holds one for its whole life).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 1024;
+
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -118,6 +122,10 @@ pub struct ServeArgs {
     /// (0: never waits).
     #[arg(long, env = "SHOPKV_GROUP_COMMIT_DELAY_US")]
     pub group_commit_delay_us: Option<u64>,
+    /// Most gRPC calls one client connection may have open at once (HTTP/2
+    /// concurrent streams); a client's further calls wait for one to end.
+    #[arg(long, env = "SHOPKV_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u64>,
     /// Dial node ID at HOST:PORT instead of its advertised peer address
     /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
     #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
@@ -143,6 +151,7 @@ struct FileConfig {
     txn_timeout_ms: Option<u64>,
     aborted_txn_retention_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
+    max_concurrent_streams: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
 
@@ -179,6 +188,8 @@ pub struct Config {
     pub aborted_txn_retention_ms: u64,
     /// WAL group-commit wait under concurrent load.
     pub group_commit_delay_us: u64,
+    /// Concurrent calls (HTTP/2 streams) per client connection.
+    pub max_concurrent_streams: u64,
     /// Node id -> address to dial instead of the advertised one.
     pub peer_routes: BTreeMap<u64, String>,
 }
@@ -199,6 +210,8 @@ mod limits {
     pub const ABORTED_TXN_RETENTION_MS: (u64, u64) = (1_000, 30 * 24 * 3_600_000);
     /// Up to 10 ms: every write under load waits this much longer.
     pub const GROUP_COMMIT_DELAY_US: (u64, u64) = (0, 10_000);
+    /// TiKV's `grpc-concurrent-stream` defaults to 1 024 per connection.
+    pub const MAX_CONCURRENT_STREAMS: (u64, u64) = (1, 65_536);
 }
 
 impl Config {
@@ -270,6 +283,10 @@ impl Config {
                 .group_commit_delay_us
                 .or(file.group_commit_delay_us)
                 .unwrap_or(DEFAULT_GROUP_COMMIT_DELAY_US),
+            max_concurrent_streams: args
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
             peer_routes: parse_routes(if args.peer_routes.is_empty() {
                 file.peer_routes.as_deref().unwrap_or_default()
             } else {
@@ -373,6 +390,11 @@ impl Config {
             "aborted_txn_retention_ms",
             self.aborted_txn_retention_ms,
             limits::ABORTED_TXN_RETENTION_MS,
+        )?;
+        in_range(
+            "max_concurrent_streams",
+            self.max_concurrent_streams,
+            limits::MAX_CONCURRENT_STREAMS,
         )?;
         // A retry within the transaction's own time must still find its abort.
         if self.aborted_txn_retention_ms < self.txn_timeout_ms {
@@ -511,6 +533,7 @@ mod tests {
     fn defaults_validate_and_raft_config_is_accepted() {
         let cfg = Config::load(&args()).unwrap();
         assert_eq!(cfg.heartbeat_interval_ms, 100);
+        assert_eq!(cfg.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
         cfg.raft_config().unwrap();
     }
 
@@ -565,6 +588,16 @@ mod tests {
         );
         a.aborted_txn_retention_ms = Some(5_000);
         assert_eq!(Config::load(&a).unwrap().aborted_txn_retention_ms, 5_000);
+        for streams in [0, 65_537] {
+            let mut a = args();
+            a.max_concurrent_streams = Some(streams);
+            assert!(
+                Config::load(&a)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("max_concurrent_streams")
+            );
+        }
         let mut a = args();
         a.peer_addr = Some("nonsense".into());
         assert!(

@@ -2,7 +2,8 @@
 //! change in each shard's log order and nothing else, resumes on another node
 //! from the revisions it had (no gap, no duplicate), stock, order and lock
 //! watches follow their record, a restarted node reports revisions before its
-//! history as OUT_OF_RANGE, and bad requests are refused.
+//! history as OUT_OF_RANGE, and bad requests are refused. Also where the
+//! per-connection stream limit shows: open watches hold streams.
 
 mod common;
 
@@ -10,8 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::shop;
-use common::{TestCluster, channel, put};
+use common::{TestCluster, channel, get, put};
 use shopkv::proto;
+use shopkv::proto::kv_client::KvClient;
 use shopkv::proto::watch_client::WatchClient;
 use shopkv::proto::watch_event::Record;
 use shopkv::proto::watch_request::Target;
@@ -351,4 +353,37 @@ async fn a_node_relays_the_shards_it_has_no_replica_of_and_survives_a_replica_ki
             "event delivered twice or out of order: {more:?}"
         );
     }
+}
+
+/// `--max-concurrent-streams` bounds the calls one client connection has open
+/// (HTTP/2 streams): with two watches open on a connection limited to two, a
+/// third call on it waits — it is not refused — until one watch ends, while
+/// another connection is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_calls_beyond_its_stream_limit_wait_for_one_to_end() {
+    let c = TestCluster::start_initialised(3, 1, &["--max-concurrent-streams", "2"]).await;
+    let ch = channel(&c.node(1).client).await.expect("connect");
+    let mut w = WatchClient::new(ch.clone());
+    let first = open(&mut w, Target::KvPrefix(b"a/".to_vec()), HashMap::new())
+        .await
+        .expect("first watch");
+    let _second = open(&mut w, Target::KvPrefix(b"b/".to_vec()), HashMap::new())
+        .await
+        .expect("second watch");
+    let mut kv = KvClient::new(ch);
+    let third = tokio::spawn(async move { get(&mut kv, "a/k", true).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !third.is_finished(),
+        "a third call on the connection was served"
+    );
+    // Another connection has its own streams.
+    let mut other = KvClient::new(channel(&c.node(1).client).await.expect("connect"));
+    assert_eq!(get(&mut other, "a/k", true).await.expect("other get"), None);
+    drop(first);
+    let got = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the waiting call ran once a watch ended")
+        .expect("task");
+    assert_eq!(got.expect("get"), None);
 }

@@ -78,7 +78,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // Checked in Config::validate (at most 65 536).
+    let max_streams = u32::try_from(node.config.max_concurrent_streams).unwrap_or(u32::MAX);
     let client = tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
         .add_service(
             KvServer::new(kv::KvService::new(node.clone()))
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES),
