@@ -16,7 +16,7 @@ pub use ops::{ReadOp, ReadResult, SessionRead, SessionReadResult};
 pub use status::ReplicaInfo;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -132,6 +132,10 @@ pub struct Node {
     pub payments: Arc<dyn PaymentProvider>,
     /// Session deadlines, kept while this node leads the meta group.
     pub sessions: crate::lease::SessionClock,
+    /// Held while the session clock is read in full, so that the keep-alives
+    /// arriving as this node takes over the meta group wait for one read
+    /// instead of each starting its own.
+    session_sync: Mutex<()>,
     /// Recently applied changes of each local group, for watchers.
     pub watches: Arc<WatchHub>,
 }
@@ -223,6 +227,7 @@ impl Node {
             alive,
             payments: Arc::new(SimulatedProvider::new()),
             sessions: crate::lease::SessionClock::default(),
+            session_sync: Mutex::new(()),
             watches: Arc::new(WatchHub::new()),
         });
         let meta = node
@@ -317,6 +322,13 @@ impl Node {
     /// Brings the session clock to `term` with one read of every session,
     /// following the meta group's changes from just before the read.
     pub fn sync_sessions(&self, term: u64) -> Result<(), NodeError> {
+        let _one_at_a_time = self
+            .session_sync
+            .lock()
+            .map_err(|_| NodeError::Internal("session sync lock poisoned".into()))?;
+        if !self.sessions.needs_sync(term) {
+            return Ok(());
+        }
         let cursor = self.watches.cursor(META_GROUP, 0);
         let sessions = self.all_sessions()?;
         self.sessions
