@@ -20,4 +20,4 @@ cargo test --release --workspace -- --test-threads=1
 # node aborts itself at txn-after-begin/-prepare/-decide or pay-after-capture,
 # or waits at a delay point); the lock tests again for their delay-point test.
 cargo clippy --release --features failpoints --all-targets -- -D warnings
-cargo test --release --features failpoints --test txn_crash --test lock -- --test-threads=1
+cargo test --release --features failpoints --test txn_crash --test lock --test forward -- --test-threads=1

@@ -66,6 +66,8 @@ impl Forwarder {
             message: Some(message),
             write,
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            deadline_unix_ms: crate::clock::now_ms()
+                .saturating_add(timeout.as_millis().try_into().unwrap_or(u64::MAX)),
         };
         let (tx, rx) = oneshot::channel();
         let link = match self.link(node) {
@@ -132,6 +134,7 @@ async fn run_link(
         return;
     };
     pending.insert(first.id, reply);
+    delay_point!("forward-link-before-send");
     if frames_tx.send(first).await.is_err() {
         fail_all(&mut pending, || {
             Forwarded::NotSent(format!("link to node {node} closed"))
@@ -165,6 +168,7 @@ async fn run_link(
                 let Some((frame, reply)) = request else { break };
                 let id = frame.id;
                 pending.insert(id, reply);
+                delay_point!("forward-link-before-send");
                 if frames_tx.send(frame).await.is_err() {
                     break;
                 }

@@ -222,6 +222,30 @@ fn encoded_error(e: NodeError) -> Vec<u8> {
     codec::to_wire(&Err::<(), NodeError>(e)).unwrap_or_default()
 }
 
+/// How far a node's wall clock may be ahead of a forwarding node's before
+/// frames on time are taken for late ones (nodes' clocks are assumed synced
+/// to well within this, as order deadlines and session expiry assume).
+pub const FORWARD_CLOCK_SKEW_MS: u64 = 250;
+
+/// The time a forwarded frame may still take, received at wall-clock `now_ms`:
+/// its `timeout_ms`, cut to what is left of its sender's deadline (plus the
+/// clock skew allowed), or `None` if that passed — a frame held by a paused
+/// sender or a stalled connection must not be served as if just sent, after
+/// its caller gave up.
+fn forwarded_time_left(frame: &proto::ForwardFrame, now_ms: u64) -> Option<Duration> {
+    let timeout_ms = if frame.deadline_unix_ms == 0 {
+        frame.timeout_ms
+    } else {
+        let left_ms = frame
+            .deadline_unix_ms
+            .saturating_add(FORWARD_CLOCK_SKEW_MS)
+            .checked_sub(now_ms)
+            .filter(|ms| *ms > 0)?;
+        frame.timeout_ms.min(left_ms)
+    };
+    Some(Duration::from_millis(timeout_ms))
+}
+
 /// Replies a Forward stream has produced but not yet sent.
 const FORWARD_REPLY_QUEUE: usize = 1024;
 
@@ -236,13 +260,27 @@ async fn serve_forward_stream(
 ) {
     let max_timeout = Duration::from_millis(node.config.request_timeout_ms);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_LINK));
-    while let Ok(Some(frame)) = inbound.message().await {
-        let Some(message) = frame.message else {
+    while let Ok(Some(mut frame)) = inbound.message().await {
+        let Some(message) = frame.message.take() else {
             continue;
         };
         let (id, write) = (frame.id, frame.write);
-        let deadline = Instant::now() + Duration::from_millis(frame.timeout_ms).min(max_timeout);
         let replies = replies.clone();
+        let Some(time_left) = forwarded_time_left(&frame, crate::clock::now_ms()) else {
+            let payload = encoded_error(NodeError::Unavailable(format!(
+                "forwarded request {id} reached node {} after its sender's deadline; not served",
+                node.id
+            )));
+            if replies
+                .send(Ok(proto::ForwardReply { id, payload }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        };
+        let deadline = Instant::now() + time_left.min(max_timeout);
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             let payload = encoded_error(NodeError::Unavailable(format!(
                 "node {} has {MAX_IN_FLIGHT_PER_LINK} forwarded requests in flight",
@@ -446,6 +484,43 @@ mod tests {
     use super::*;
     use crate::node::ReadResult;
     use crate::sm::Response as SmResponse;
+
+    fn frame(timeout_ms: u64, deadline_unix_ms: u64) -> proto::ForwardFrame {
+        proto::ForwardFrame {
+            id: 1,
+            message: None,
+            write: true,
+            timeout_ms,
+            deadline_unix_ms,
+        }
+    }
+
+    #[test]
+    fn a_forwarded_frame_gets_what_is_left_of_its_senders_deadline_and_none_once_it_passed() {
+        let ms = Duration::from_millis;
+        // An older sender gives no deadline: its timeout counts from arrival.
+        assert_eq!(forwarded_time_left(&frame(2000, 0), 10_000), Some(ms(2000)));
+        // On time: the timeout, cut to the deadline plus the allowed skew.
+        assert_eq!(
+            forwarded_time_left(&frame(2000, 11_000), 10_000),
+            Some(ms(1000 + FORWARD_CLOCK_SKEW_MS))
+        );
+        assert_eq!(
+            forwarded_time_left(&frame(500, 11_000), 10_000),
+            Some(ms(500))
+        );
+        // A little past it, within the skew a receiver's clock may be ahead.
+        assert_eq!(
+            forwarded_time_left(&frame(2000, 10_000), 10_100),
+            Some(ms(FORWARD_CLOCK_SKEW_MS - 100))
+        );
+        // Held past its deadline and the skew: not served.
+        assert_eq!(
+            forwarded_time_left(&frame(2000, 10_000), 10_000 + FORWARD_CLOCK_SKEW_MS),
+            None
+        );
+        assert_eq!(forwarded_time_left(&frame(2000, 10_000), 13_000), None);
+    }
 
     #[test]
     fn an_error_reply_decodes_as_the_reply_of_a_proposal_and_of_a_read() {

@@ -98,6 +98,13 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// Sets an environment variable for this node's next start (e.g. its
+    /// own `FAILPOINTS`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("create node dir");
         let log = std::fs::OpenOptions::new()
