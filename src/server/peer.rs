@@ -246,6 +246,20 @@ fn forwarded_time_left(frame: &proto::ForwardFrame, now_ms: u64) -> Option<Durat
     Some(Duration::from_millis(timeout_ms))
 }
 
+/// Answers forwarded request `id` with `error` (it was not served); false
+/// once the stream's replies are gone.
+async fn refuse(
+    replies: &tokio::sync::mpsc::Sender<Result<proto::ForwardReply, Status>>,
+    id: u64,
+    error: NodeError,
+) -> bool {
+    let payload = encoded_error(error);
+    replies
+        .send(Ok(proto::ForwardReply { id, payload }))
+        .await
+        .is_ok()
+}
+
 /// Replies a Forward stream has produced but not yet sent.
 const FORWARD_REPLY_QUEUE: usize = 1024;
 
@@ -267,30 +281,22 @@ async fn serve_forward_stream(
         let (id, write) = (frame.id, frame.write);
         let replies = replies.clone();
         let Some(time_left) = forwarded_time_left(&frame, crate::clock::now_ms()) else {
-            let payload = encoded_error(NodeError::Unavailable(format!(
+            let late = NodeError::Unavailable(format!(
                 "forwarded request {id} reached node {} after its sender's deadline; not served",
                 node.id
-            )));
-            if replies
-                .send(Ok(proto::ForwardReply { id, payload }))
-                .await
-                .is_err()
-            {
+            ));
+            if !refuse(&replies, id, late).await {
                 return;
             }
             continue;
         };
         let deadline = Instant::now() + time_left.min(max_timeout);
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            let payload = encoded_error(NodeError::Unavailable(format!(
+            let busy = NodeError::Unavailable(format!(
                 "node {} has {MAX_IN_FLIGHT_PER_LINK} forwarded requests in flight",
                 node.id
-            )));
-            if replies
-                .send(Ok(proto::ForwardReply { id, payload }))
-                .await
-                .is_err()
-            {
+            ));
+            if !refuse(&replies, id, busy).await {
                 return;
             }
             continue;
