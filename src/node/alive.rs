@@ -11,9 +11,9 @@
 //!
 //! So a thread writes the `CLOCK_BOOTTIME` reading into `<data dir>/alive` every
 //! [`STAMP_INTERVAL`], and the peer service accepts a leader's appends only
-//! while the last stamp written is younger than [`STAMP_FRESH_FOR`] (see
+//! while the last stamp written is younger than [`STAMP_FRESH_FOR_MS`] (see
 //! [`AliveStamp::fresh`]). Every lease this process granted thus started before
-//! `last stamp + STAMP_FRESH_FOR`, and a restart need hold off only until that
+//! `last stamp + STAMP_FRESH_FOR_MS`, and a restart need hold off only until that
 //! plus a lease. No fsync: a killed process's writes stay in the page cache.
 //! After a reboot the file may hold an older stamp, or zeros, and the boot clock
 //! restarted at zero — yet every lease granted before the reboot began at least
@@ -34,8 +34,9 @@ pub const STAMP_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How old the last stamp may be while this node still accepts a leader's
 /// appends (and so grants its lease). Several intervals, so that a thread
-/// that wakes a little late does not cut the node off its groups.
-pub const STAMP_FRESH_FOR: Duration = Duration::from_millis(300);
+/// that wakes a little late does not cut the node off its groups. In the
+/// boot clock's unit (ms).
+pub const STAMP_FRESH_FOR_MS: u64 = 300;
 
 /// The stamp file's name in the data dir.
 const STAMP_FILE: &str = "alive";
@@ -57,8 +58,9 @@ pub fn hold_off_after(previous: Option<u64>, now_ms: u64, lease: Duration) -> Du
         // A stamp from the future: the clock cannot have gone back, so the
         // file is not what this module wrote. Assume the worst.
         Some(stamp) if stamp <= now_ms => {
-            let fresh_ms = u64::try_from(STAMP_FRESH_FOR.as_millis()).unwrap_or(u64::MAX);
-            let until = stamp.saturating_add(fresh_ms).saturating_add(lease_ms);
+            let until = stamp
+                .saturating_add(STAMP_FRESH_FOR_MS)
+                .saturating_add(lease_ms);
             Duration::from_millis(until.saturating_sub(now_ms))
         }
         _ => lease,
@@ -97,13 +99,12 @@ impl AliveStamp {
         Ok((stamp, hold_off))
     }
 
-    /// True while the last stamp is younger than [`STAMP_FRESH_FOR`]: only
+    /// True while the last stamp is younger than [`STAMP_FRESH_FOR_MS`]: only
     /// then may this node accept a leader's appends, since a lease granted now
     /// must begin before what a restart would read plus that bound.
     pub fn fresh(&self) -> bool {
         let last = self.last_written_ms.load(Ordering::Acquire);
-        let fresh_ms = u64::try_from(STAMP_FRESH_FOR.as_millis()).unwrap_or(u64::MAX);
-        last != 0 && boot_clock_ms().saturating_sub(last) < fresh_ms
+        last != 0 && boot_clock_ms().saturating_sub(last) < STAMP_FRESH_FOR_MS
     }
 
     fn write(&self) -> std::io::Result<()> {
@@ -192,10 +193,9 @@ mod tests {
         assert!(!stamp.fresh(), "no stamp yet is stale");
         stamp.write().expect("write");
         assert!(stamp.fresh());
-        let stale_ms = u64::try_from(STAMP_FRESH_FOR.as_millis()).expect("small");
         stamp
             .last_written_ms
-            .store(boot_clock_ms() - stale_ms, Ordering::Release);
+            .store(boot_clock_ms() - STAMP_FRESH_FOR_MS, Ordering::Release);
         assert!(!stamp.fresh(), "a stamp as old as the bound is stale");
     }
 
@@ -204,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (stamp, _) = AliveStamp::start(dir.path(), LEASE).expect("start");
         let first = stamp.last_written_ms.load(Ordering::Acquire);
-        std::thread::sleep(STAMP_FRESH_FOR * 2);
+        std::thread::sleep(Duration::from_millis(2 * STAMP_FRESH_FOR_MS));
         let later = stamp.last_written_ms.load(Ordering::Acquire);
         assert!(later > first, "no stamp written after the first");
         let on_disk = read_stamp(&dir.path().join(STAMP_FILE)).expect("stamp file");
@@ -225,7 +225,7 @@ mod tests {
         drop(stamp);
         let (_again, hold_off) = AliveStamp::start(dir.path(), LEASE).expect("restart");
         assert!(
-            hold_off > LEASE && hold_off <= LEASE + STAMP_FRESH_FOR,
+            hold_off > LEASE && hold_off <= LEASE + Duration::from_millis(STAMP_FRESH_FOR_MS),
             "{hold_off:?}"
         );
     }
