@@ -59,8 +59,7 @@ pub async fn propose_fenced(
     match node.propose(shard, cmd, deadline, MAX_FORWARD_HOPS).await? {
         Response::Commerce(CommerceResponse::Rejected(r)) => Err(r.into()),
         Response::Commerce(r) => Ok(r),
-        Response::StaleFence { highest } => Err(sm::stale_fence(highest).into()),
-        other => Err(NodeError::Internal(format!("unexpected apply result {other:?}")).into()),
+        other => Err(refused_or_unexpected(other)),
     }
 }
 
@@ -82,8 +81,16 @@ pub async fn check_fence(
         .await?
     {
         Response::Empty => Ok(()),
-        Response::StaleFence { highest } => Err(sm::stale_fence(highest).into()),
-        other => Err(NodeError::Internal(format!("unexpected apply result {other:?}")).into()),
+        other => Err(refused_or_unexpected(other)),
+    }
+}
+
+/// A fenced write's refusal (a stale or expired token), or an internal error
+/// for any other result a command should not have.
+fn refused_or_unexpected(resp: Response) -> CommerceError {
+    match sm::fence_rejection(&resp) {
+        Some(rejection) => rejection.into(),
+        None => NodeError::Internal(format!("unexpected apply result {resp:?}")).into(),
     }
 }
 

@@ -36,6 +36,11 @@ pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 500;
 /// waiting lock Acquire or an open watch holds one for its whole life).
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 1024;
 
+/// Default time between lock collections: idle lock records forgotten, the
+/// shards' fence floors raised and their fence records below it deleted (a
+/// minute, ZooKeeper's container-node check interval).
+pub const DEFAULT_LOCK_GC_INTERVAL_MS: u64 = 60_000;
+
 /// Errors loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -126,6 +131,10 @@ pub struct ServeArgs {
     /// concurrent streams); a client's further calls wait for one to end.
     #[arg(long, env = "SHOPKV_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u64>,
+    /// Time between lock collections (idle lock records forgotten, fence
+    /// records of holds that are over deleted).
+    #[arg(long, env = "SHOPKV_LOCK_GC_INTERVAL_MS")]
+    pub lock_gc_interval_ms: Option<u64>,
     /// Dial node ID at HOST:PORT instead of its advertised peer address
     /// (`ID=HOST:PORT`, repeatable; behind NAT, a proxy, or a test's fault injector).
     #[arg(long = "peer-route", env = "SHOPKV_PEER_ROUTES", value_delimiter = ',')]
@@ -152,6 +161,7 @@ struct FileConfig {
     aborted_txn_retention_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
     max_concurrent_streams: Option<u64>,
+    lock_gc_interval_ms: Option<u64>,
     peer_routes: Option<Vec<String>>,
 }
 
@@ -190,6 +200,8 @@ pub struct Config {
     pub group_commit_delay_us: u64,
     /// Concurrent calls (HTTP/2 streams) per client connection.
     pub max_concurrent_streams: u64,
+    /// Time between lock collections.
+    pub lock_gc_interval_ms: u64,
     /// Node id -> address to dial instead of the advertised one.
     pub peer_routes: BTreeMap<u64, String>,
 }
@@ -212,6 +224,8 @@ mod limits {
     pub const GROUP_COMMIT_DELAY_US: (u64, u64) = (0, 10_000);
     /// TiKV's `grpc-concurrent-stream` defaults to 1 024 per connection.
     pub const MAX_CONCURRENT_STREAMS: (u64, u64) = (1, 65_536);
+    /// From 100 ms (tests) to a day.
+    pub const LOCK_GC_INTERVAL_MS: (u64, u64) = (100, 24 * 3_600_000);
 }
 
 impl Config {
@@ -287,6 +301,10 @@ impl Config {
                 .max_concurrent_streams
                 .or(file.max_concurrent_streams)
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+            lock_gc_interval_ms: args
+                .lock_gc_interval_ms
+                .or(file.lock_gc_interval_ms)
+                .unwrap_or(DEFAULT_LOCK_GC_INTERVAL_MS),
             peer_routes: parse_routes(if args.peer_routes.is_empty() {
                 file.peer_routes.as_deref().unwrap_or_default()
             } else {
@@ -395,6 +413,11 @@ impl Config {
             "max_concurrent_streams",
             self.max_concurrent_streams,
             limits::MAX_CONCURRENT_STREAMS,
+        )?;
+        in_range(
+            "lock_gc_interval_ms",
+            self.lock_gc_interval_ms,
+            limits::LOCK_GC_INTERVAL_MS,
         )?;
         // A retry within the transaction's own time must still find its abort.
         if self.aborted_txn_retention_ms < self.txn_timeout_ms {
@@ -596,6 +619,16 @@ mod tests {
                     .unwrap_err()
                     .to_string()
                     .contains("max_concurrent_streams")
+            );
+        }
+        for interval in [99, 24 * 3_600_000 + 1] {
+            let mut a = args();
+            a.lock_gc_interval_ms = Some(interval);
+            assert!(
+                Config::load(&a)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("lock_gc_interval_ms")
             );
         }
         let mut a = args();

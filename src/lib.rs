@@ -16,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod forward;
 pub mod lease;
+pub mod lockgc;
 pub mod node;
 pub mod payment;
 pub mod raft;

@@ -3,7 +3,8 @@
 //! process is SIGKILLed loses the lock after its session's TTL and the next
 //! waiter gets a higher token, a waiter whose call ends leaves the queue (also
 //! when the meta leader dies with that leave in flight), and `shopkv lock
-//! acquire NAME -- COMMAND` hands COMMAND the token and releases afterwards.
+//! acquire NAME -- COMMAND` hands COMMAND the token and releases afterwards;
+//! a lock name whose holds are over is forgotten, fence records included.
 
 mod common;
 
@@ -353,6 +354,107 @@ async fn a_write_with_a_superseded_fencing_token_is_refused_by_the_store() {
         .await
         .expect_err("empty lock name");
     assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
+    let c = TestCluster::start_initialised(3, 2, &["--lock-gc-interval-ms", "200"]).await;
+    let (mut s, mut l) = clients(&c, 1).await;
+    let mut kv = c.kv(2).await;
+    let put = |key: &str, lock: &str, token| proto::PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        fence: Some(proto::Fence {
+            lock_name: lock.into(),
+            token,
+        }),
+    };
+    let a = session(&mut s, 10_000).await;
+    let once = |i| format!("order/{i}");
+    // Names used once: a fenced write on every shard, then released.
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        let ta = l
+            .acquire(acquire_req(&once(i), a, false, 1000))
+            .await
+            .expect("acquire")
+            .into_inner()
+            .fencing_token;
+        for k in 0..4 {
+            kv.put(put(&format!("k{i}-{k}"), &once(i), ta))
+                .await
+                .expect("fenced write while held");
+        }
+        l.release(proto::ReleaseRequest {
+            name: once(i),
+            session_id: a,
+        })
+        .await
+        .expect("release");
+        tokens.push(ta);
+    }
+    // One still held, by another session.
+    let b = session(&mut s, 10_000).await;
+    let tb = l
+        .acquire(acquire_req("held", b, false, 1000))
+        .await
+        .expect("B acquires")
+        .into_inner()
+        .fencing_token;
+    kv.put(put("kb", "held", tb)).await.expect("B writes");
+
+    // The idle locks are forgotten, and the shards drop their fence records.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut idle = 0;
+        for i in 0..4 {
+            idle += u32::from(inspect(&mut l, &once(i)).await.last_token != 0);
+        }
+        let logs = c.log_tails(10_000);
+        let dropped = logs.matches("fence records dropped").count();
+        if idle == 0 && dropped > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{idle} idle locks left, {dropped} fence drops\n{}",
+            c.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A token whose hold is over is refused — the record that would have
+    // said so is gone, the shard's floor says it now — for its own lock and
+    // any other; the held one is not.
+    for (i, ta) in tokens.iter().enumerate() {
+        let e = kv
+            .put(put(&format!("k{i}-0"), &once(i), *ta))
+            .await
+            .expect_err("a token whose hold is over");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("stale fencing token"), "{e:?}");
+    }
+    let e = kv
+        .put(put("elsewhere", "never-used", tokens[3]))
+        .await
+        .expect_err("an old token on a new name");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    kv.put(put("kb", "held", tb))
+        .await
+        .expect("the holder still writes");
+    let st = inspect(&mut l, "held").await;
+    assert_eq!(st.holders.len(), 1, "{st:?}");
+    assert_eq!(st.holders[0].fencing_token, tb);
+    // A forgotten name is a new lock whose next token is still larger.
+    let again = l
+        .acquire(acquire_req(&once(0), a, false, 1000))
+        .await
+        .expect("acquire again")
+        .into_inner()
+        .fencing_token;
+    assert!(again > tb, "{again} after {tb}");
+    kv.put(put("k0-0", &once(0), again))
+        .await
+        .expect("the new holder writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,6 +241,7 @@ impl Node {
         tokio::spawn(Node::balance_leaders(Arc::downgrade(&node)));
         tokio::spawn(crate::sweeper::run(Arc::downgrade(&node)));
         tokio::spawn(crate::lease::run(Arc::downgrade(&node)));
+        tokio::spawn(crate::lockgc::run(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -412,12 +413,23 @@ impl Node {
             .store
             .sm_meta(group, keys::SmMetaTag::LastApplied)
             .map_err(|e| NodeError::Internal(format!("read applied index: {e}")))?;
-        match stored {
-            Some(b) => codec::decode::<openraft::type_config::alias::LogIdOf<TypeConfig>>(&b)
-                .map(|l| l.index)
-                .map_err(|e| NodeError::Internal(format!("decode applied index: {e}"))),
-            None => Ok(0),
-        }
+        applied_index_of(stored)
+    }
+
+    /// Visits this replica's records of `group` under `prefix`, in key order
+    /// and all from one point-in-time view, until `visit` returns false;
+    /// returns the log index that view had applied (0 before any apply).
+    pub fn visit_records_as_applied(
+        &self,
+        group: GroupId,
+        prefix: &[u8],
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<u64, NodeError> {
+        let stored = self
+            .store
+            .visit_records_as_applied(group, prefix, visit)
+            .map_err(|e| NodeError::Internal(format!("scan records: {e}")))?;
+        applied_index_of(stored)
     }
 
     async fn start_group(&self, group: GroupId) -> Result<GroupRaft, NodeError> {
@@ -636,3 +648,13 @@ fn random_u64() -> u64 {
 
 /// How long a starting group may take to report its loaded state (see `start_group`).
 const FIRST_METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The log index in a stored applied log id (0 when none is stored).
+fn applied_index_of(stored: Option<Vec<u8>>) -> Result<u64, NodeError> {
+    match stored {
+        Some(b) => codec::decode::<openraft::type_config::alias::LogIdOf<TypeConfig>>(&b)
+            .map(|l| l.index)
+            .map_err(|e| NodeError::Internal(format!("decode applied index: {e}"))),
+        None => Ok(0),
+    }
+}

@@ -75,15 +75,15 @@ fn fenced(cmd: Command, fence: Option<proto::Fence>) -> Result<Command, Status> 
     })
 }
 
-/// FAILED_PRECONDITION for a write whose fencing token was superseded.
-fn stale_fence(highest: u64) -> Status {
-    rejection_status(crate::sm::stale_fence(highest))
-}
-
+/// The status of a write's result other than its success: FAILED_PRECONDITION
+/// for a refused fencing token, INTERNAL for anything else.
 fn unexpected(r: SmResponse) -> Status {
-    to_status(NodeError::Internal(format!(
-        "unexpected apply result {r:?}"
-    )))
+    match crate::sm::fence_rejection(&r) {
+        Some(rejection) => rejection_status(rejection),
+        None => to_status(NodeError::Internal(format!(
+            "unexpected apply result {r:?}"
+        ))),
+    }
 }
 
 #[tonic::async_trait]
@@ -111,7 +111,6 @@ impl Kv for KvService {
             .await?
         {
             SmResponse::Put { version } => Ok(Response::new(proto::PutResponse { version, shard })),
-            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             other => Err(unexpected(other)),
         }
     }
@@ -168,7 +167,6 @@ impl Kv for KvService {
             SmResponse::Delete { deleted, revision } => {
                 Ok(Response::new(proto::DeleteResponse { deleted, revision }))
             }
-            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             other => Err(unexpected(other)),
         }
     }
@@ -264,7 +262,6 @@ impl Kv for KvService {
             .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
             .await?
         {
-            SmResponse::StaleFence { highest } => Err(stale_fence(highest)),
             SmResponse::Cas {
                 succeeded,
                 version,

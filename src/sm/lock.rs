@@ -16,6 +16,8 @@ use crate::storage::keys;
 
 /// Most locks one session may hold or wait for.
 pub const MAX_LOCKS_PER_SESSION: usize = 1000;
+/// Most lock names one `Forget` names (its proposer's batch).
+pub const MAX_FORGET_BATCH: usize = 1000;
 
 /// Exclusive or shared (read-write lock).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +119,13 @@ pub enum LockCommand {
         /// The leadership's token.
         token: u64,
     },
+    /// Forgets idle locks: deletes the record of each whose queue is empty
+    /// (its `last_token` goes with it; later tokens are later log indices
+    /// all the same). A lock joined since it was found idle is kept.
+    Forget {
+        /// Lock names, at most [`MAX_FORGET_BATCH`].
+        names: Vec<String>,
+    },
 }
 
 /// The replicated result of a [`LockCommand`].
@@ -139,6 +148,11 @@ pub enum LockResponse {
     },
     /// Refused (unknown session).
     Rejected(Rejection),
+    /// `Forget`: how many records were deleted.
+    Forgotten {
+        /// Idle locks forgotten.
+        count: u32,
+    },
 }
 
 /// Promotes waiters that may now hold: an exclusive one when first, shared
@@ -252,6 +266,21 @@ pub fn apply(
         LockCommand::Release { name, session } => {
             let existed = release_if(state, index, name, *session, |_| true)?;
             Ok(LockResponse::Released { existed })
+        }
+        LockCommand::Forget { names } => {
+            let mut count = 0;
+            for name in names {
+                let key = keys::lock_key(name);
+                let Some(bytes) = state.get(&key)? else {
+                    continue;
+                };
+                let rec: LockRecord = codec::decode(&bytes)?;
+                if rec.queue.is_empty() {
+                    state.delete(key)?;
+                    count += 1;
+                }
+            }
+            Ok(LockResponse::Forgotten { count })
         }
     }
 }
@@ -411,6 +440,35 @@ mod tests {
             session,
         };
         apply(m, index, &cmd).unwrap()
+    }
+
+    #[test]
+    fn forget_deletes_only_idle_locks() {
+        let mut m = with_sessions(&[1, 2]);
+        use LockMode::Exclusive as X;
+        acquire(&mut m, 10, 1, X);
+        rel(&mut m, 11, 1);
+        // Idle, but remembered until forgotten.
+        let idle = load(&mut m, "l").unwrap();
+        assert!(idle.queue.is_empty() && idle.last_token == 10);
+        let busy = LockCommand::Acquire {
+            name: "busy".into(),
+            session: 2,
+            mode: X,
+            call_id: 12,
+        };
+        apply(&mut m, 12, &busy).unwrap();
+        let forget = LockCommand::Forget {
+            names: vec!["l".into(), "busy".into(), "never".into()],
+        };
+        assert_eq!(
+            apply(&mut m, 13, &forget).unwrap(),
+            LockResponse::Forgotten { count: 1 }
+        );
+        assert_eq!(m.get(&keys::lock_key("l")).unwrap(), None);
+        assert_eq!(load(&mut m, "busy").unwrap().queue.len(), 1);
+        // A forgotten lock's next holder still gets a larger token.
+        assert_eq!(acquire(&mut m, 14, 1, X), LockResponse::Held { token: 14 });
     }
 
     #[test]

@@ -61,7 +61,24 @@ pub enum Command {
     /// Data shard: changes nothing (a fence checked and raised alone, e.g.
     /// before an order is charged).
     Noop,
+    /// Data shard: raises the fence floor to `floor` (never lowers it). The
+    /// meta group found every fencing token up to `floor` to belong to a
+    /// hold that is over, so a fenced write with such a token is refused
+    /// even where no later token was seen (`crate::lockgc`).
+    RaiseFenceFloor {
+        /// Tokens up to this are no longer held.
+        floor: u64,
+    },
+    /// Data shard: deletes the fence records of these locks whose highest
+    /// token is at most the fence floor (the floor refuses what they would).
+    DropFences {
+        /// Lock names, at most [`MAX_DROP_FENCES_BATCH`].
+        lock_names: Vec<String>,
+    },
 }
+
+/// Most lock names one `DropFences` names (its proposer's batch).
+pub const MAX_DROP_FENCES_BATCH: usize = 1000;
 
 /// A writer's fencing token for a lock: the store refuses the guarded write
 /// if the shard has seen a higher token for that lock.
@@ -80,6 +97,24 @@ pub fn stale_fence(highest: u64) -> crate::domain::Rejection {
         crate::domain::RejectCode::StaleFence,
         format!("stale fencing token: this lock has already seen token {highest}"),
     )
+}
+
+/// The rejection of a write whose fencing token is at or below the shard's
+/// fence floor: its hold is over (FAILED_PRECONDITION, reason `STALE_FENCE`).
+pub fn expired_fence(floor: u64) -> crate::domain::Rejection {
+    crate::domain::Rejection::new(
+        crate::domain::RejectCode::StaleFence,
+        format!("stale fencing token: every token up to {floor} belongs to a hold that is over"),
+    )
+}
+
+/// The fence refusal in `resp`, if it is one.
+pub fn fence_rejection(resp: &Response) -> Option<crate::domain::Rejection> {
+    match resp {
+        Response::StaleFence { highest } => Some(stale_fence(*highest)),
+        Response::FenceExpired { floor } => Some(expired_fence(*floor)),
+        _ => None,
+    }
 }
 
 impl Fence {
@@ -107,7 +142,9 @@ impl Command {
             | Command::Delete { .. }
             | Command::CompareAndSwap { .. }
             | Command::Commerce(_)
-            | Command::Noop => group != META_GROUP,
+            | Command::Noop
+            | Command::RaiseFenceFloor { .. }
+            | Command::DropFences { .. } => group != META_GROUP,
         }
     }
 }
@@ -135,6 +172,10 @@ impl std::fmt::Display for Command {
                 cmd,
             } => write!(f, "Fenced({lock_name}@{token}, {cmd})"),
             Command::Noop => write!(f, "Noop"),
+            Command::RaiseFenceFloor { floor } => write!(f, "RaiseFenceFloor({floor})"),
+            Command::DropFences { lock_names } => {
+                write!(f, "DropFences(locks={})", lock_names.len())
+            }
         }
     }
 }
@@ -187,6 +228,16 @@ pub enum Response {
     StaleFence {
         /// The highest token seen.
         highest: u64,
+    },
+    /// `Fenced` refused: the token is at or below the shard's fence floor.
+    FenceExpired {
+        /// The fence floor.
+        floor: u64,
+    },
+    /// `DropFences`: how many fence records were deleted.
+    FencesDropped {
+        /// Records deleted.
+        count: u32,
     },
 }
 
@@ -293,6 +344,10 @@ pub fn apply(
             token,
             cmd,
         } => {
+            let floor = fence_floor(state)?;
+            if *token <= floor {
+                return Ok(Response::FenceExpired { floor });
+            }
             let key = keys::fence_key(lock_name);
             let highest = match state.get(&key)? {
                 Some(b) => codec::decode::<u64>(&b)?,
@@ -307,6 +362,35 @@ pub fn apply(
             apply(state, group, index, term, cmd)
         }
         Command::Noop => Ok(Response::Empty),
+        Command::RaiseFenceFloor { floor } => {
+            if *floor > fence_floor(state)? {
+                state.put(keys::fence_floor_key(), codec::encode(floor)?)?;
+            }
+            Ok(Response::Empty)
+        }
+        Command::DropFences { lock_names } => {
+            let floor = fence_floor(state)?;
+            let mut count = 0;
+            for name in lock_names {
+                let key = keys::fence_key(name);
+                let Some(b) = state.get(&key)? else {
+                    continue;
+                };
+                if codec::decode::<u64>(&b)? <= floor {
+                    state.delete(key)?;
+                    count += 1;
+                }
+            }
+            Ok(Response::FencesDropped { count })
+        }
+    }
+}
+
+/// A data shard's fence floor (0 until the first `RaiseFenceFloor`).
+pub fn fence_floor(state: &mut dyn StateAccess) -> Result<u64, SmError> {
+    match state.get(&keys::fence_floor_key())? {
+        Some(b) => Ok(codec::decode::<u64>(&b)?),
+        None => Ok(0),
     }
 }
 
@@ -487,6 +571,63 @@ mod tests {
         };
         assert_eq!(
             apply(&mut m, 1, 10, 1, &nested).unwrap(),
+            Response::WrongGroup
+        );
+    }
+
+    #[test]
+    fn the_fence_floor_refuses_tokens_of_holds_that_are_over_and_lets_their_records_go() {
+        let mut m = Mem::default();
+        let fenced = |lock: &str, token| Command::Fenced {
+            lock_name: lock.into(),
+            token,
+            cmd: Box::new(put("k", lock)),
+        };
+        apply(&mut m, 1, 5, 1, &fenced("a", 4)).unwrap();
+        apply(&mut m, 1, 6, 1, &fenced("b", 3)).unwrap();
+        apply(&mut m, 1, 7, 1, &fenced("c", 8)).unwrap();
+        let raise = |floor| Command::RaiseFenceFloor { floor };
+        assert_eq!(apply(&mut m, 1, 8, 1, &raise(5)).unwrap(), Response::Empty);
+        // Never lowered (a stale meta leader's floor).
+        apply(&mut m, 1, 9, 1, &raise(2)).unwrap();
+        assert_eq!(fence_floor(&mut m).unwrap(), 5);
+        let before = m.clone();
+        assert_eq!(
+            apply(&mut m, 1, 10, 1, &fenced("a", 4)).unwrap(),
+            Response::FenceExpired { floor: 5 },
+            "a token at or below the floor is refused even as the highest seen"
+        );
+        assert_eq!(
+            apply(&mut m, 1, 11, 1, &fenced("new", 5)).unwrap(),
+            Response::FenceExpired { floor: 5 },
+            "and for a lock the shard never saw"
+        );
+        assert_eq!(m, before);
+        let drop = Command::DropFences {
+            lock_names: vec!["a".into(), "b".into(), "c".into(), "none".into()],
+        };
+        assert_eq!(
+            apply(&mut m, 1, 12, 1, &drop).unwrap(),
+            Response::FencesDropped { count: 2 }
+        );
+        assert!(m.get(&keys::fence_key("c")).unwrap().is_some());
+        assert_eq!(m.get(&keys::fence_key("a")).unwrap(), None);
+        assert_eq!(m.get(&keys::fence_key("b")).unwrap(), None);
+        // Above the floor the record still decides (c's is above it, kept).
+        assert_eq!(
+            apply(&mut m, 1, 13, 1, &fenced("c", 7)).unwrap(),
+            Response::StaleFence { highest: 8 }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 14, 1, &fenced("c", 8)).unwrap(),
+            Response::Put { version: 14 }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 15, 1, &fenced("a", 9)).unwrap(),
+            Response::Put { version: 15 }
+        );
+        assert_eq!(
+            apply(&mut m, META_GROUP, 16, 1, &raise(9)).unwrap(),
             Response::WrongGroup
         );
     }

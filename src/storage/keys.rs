@@ -231,6 +231,32 @@ pub fn fence_key(lock_name: &str) -> Vec<u8> {
     ns_id(NS_FENCE, lock_name)
 }
 
+/// Prefix of every lock record (meta group).
+pub fn lock_prefix() -> Vec<u8> {
+    vec![NS_LOCK]
+}
+
+/// Prefix of every fence record (data shards).
+pub fn fence_prefix() -> Vec<u8> {
+    vec![NS_FENCE]
+}
+
+/// The lock name in a fence record key.
+pub fn lock_name_of_fence(record_key: &[u8]) -> Option<&str> {
+    match record_key.split_first() {
+        Some((&NS_FENCE, rest)) => std::str::from_utf8(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Record key of a data shard's fence floor: every fencing token up to it
+/// belongs to a hold that is over (`crate::lockgc`).
+pub fn fence_floor_key() -> Vec<u8> {
+    let mut k = vec![NS_META];
+    k.extend_from_slice(b"fence-floor");
+    k
+}
+
 /// Record key of the cluster map in the meta group.
 pub fn cluster_map_key() -> Vec<u8> {
     let mut k = vec![NS_META];

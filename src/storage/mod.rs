@@ -357,6 +357,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Visits `group`'s records under `prefix` in key order, from one RocksDB
+    /// snapshot, until `visit` returns false; returns the stored applied log
+    /// id of that same snapshot (encoded; `None` before any apply), so the
+    /// caller knows exactly which applied prefix it saw.
+    pub fn visit_records_as_applied(
+        &self,
+        group: GroupId,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let data = self.cf(keys::CF_DATA)?;
+        let meta = self.cf(keys::CF_SM_META)?;
+        let snap = self.db.snapshot();
+        let last_applied = snap.get_cf(meta, keys::sm_meta_key(group, SmMetaTag::LastApplied))?;
+        let upper = match keys::prefix_successor(prefix) {
+            Some(succ) => keys::data_key(group, &succ),
+            None => keys::group_end(group),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        ro.set_snapshot(&snap);
+        let start = keys::data_key(group, prefix);
+        for item in
+            self.db
+                .iterator_cf_opt(data, ro, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !visit(keys::record_key_of(&k), &v) {
+                break;
+            }
+        }
+        Ok(last_applied)
+    }
+
     /// Starts a batch of applied changes for `group`.
     pub fn apply_batch(&self, group: GroupId) -> ApplyBatch {
         ApplyBatch {

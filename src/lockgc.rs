@@ -1,0 +1,261 @@
+//! Lock collection: what a lock name leaves behind is deleted once it can no
+//! longer matter, so that names used once (a lock per order, per cart) do not
+//! pile up for ever.
+//!
+//! A lock name leaves two kinds of records: its lock record in the meta group
+//! (kept while idle, with the last token given) and, on each data shard a
+//! fenced write with it reached, its fence record (the highest token seen).
+//! Every [`crate::config::Config::lock_gc_interval_ms`]:
+//!
+//! - the meta leader reads every lock record from one point-in-time view of
+//!   its replica, proposes `Forget` for the idle ones (apply keeps any joined
+//!   since), and computes the **fence floor**: min(the view's applied index,
+//!   every held token − 1). Tokens are meta log indices given when a hold
+//!   starts, so a token up to the floor was given by then and was not held in
+//!   that view: its hold is over, for good. The floor is thus safe from any
+//!   replica's view, however stale (a stale one is only lower). It proposes
+//!   `RaiseFenceFloor` to every data shard (apply never lowers it); a fenced
+//!   write with a token at or below its shard's floor is refused;
+//! - each data shard's leader deletes the fence records whose token is at or
+//!   below its floor (`DropFences`; apply re-checks each): the floor refuses
+//!   everything they would.
+//!
+//! Each pass handles at most [`MAX_BATCHES_PER_PASS`] batches of each kind;
+//! a backlog takes several passes.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use crate::codec;
+use crate::node::{MAX_FORWARD_HOPS, Node, NodeError};
+use crate::router::META_GROUP;
+use crate::sm::lock::{LockCommand, LockRecord, LockResponse, MAX_FORGET_BATCH};
+use crate::sm::{Command, MAX_DROP_FENCES_BATCH, Response};
+use crate::storage::keys::{self, GroupId};
+
+/// Most batches of each kind (forgets, fence drops per shard) one pass proposes.
+pub const MAX_BATCHES_PER_PASS: usize = 10;
+/// Deadline of each proposal a pass makes.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the meta group's lock records say, read from one view.
+#[derive(Debug, Default)]
+struct LockCensus {
+    /// The smallest token of a hold in the view.
+    min_held: Option<u64>,
+    /// A record could not be decoded (it might hold any token).
+    unreadable: bool,
+    /// Idle locks (empty queue), at most a pass's worth.
+    idle: Vec<String>,
+}
+
+impl LockCensus {
+    /// Takes in one lock record.
+    fn observe(&mut self, record_key: &[u8], value: &[u8]) {
+        let rec: LockRecord = match codec::decode(value) {
+            Ok(rec) => rec,
+            Err(_) => {
+                self.unreadable = true;
+                return;
+            }
+        };
+        for token in rec.queue.iter().map(|e| e.token).filter(|t| *t != 0) {
+            self.min_held = Some(self.min_held.map_or(token, |m| m.min(token)));
+        }
+        if rec.queue.is_empty()
+            && self.idle.len() < MAX_FORGET_BATCH * MAX_BATCHES_PER_PASS
+            && let Some(name) = keys::lock_name_of(record_key)
+        {
+            self.idle.push(name.to_string());
+        }
+    }
+
+    /// The fence floor of a view that had applied the meta log up to
+    /// `applied`: every token up to it belongs to a hold that is over.
+    /// `None` when a record could not be read.
+    fn fence_floor(&self, applied: u64) -> Option<u64> {
+        if self.unreadable {
+            return None;
+        }
+        Some(match self.min_held {
+            Some(token) => applied.min(token - 1),
+            None => applied,
+        })
+    }
+}
+
+/// The collection loop; runs until the node is dropped.
+pub async fn run(node: Weak<Node>) {
+    let Some(interval_ms) = node.upgrade().map(|n| n.config.lock_gc_interval_ms) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: a starting node has nothing to collect yet.
+    tick.tick().await;
+    // Floors raised through this node; a shard's floor is durable and never
+    // lowered, so they need not be sent again.
+    let mut floors_raised: HashMap<GroupId, u64> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.meta_leader_term().is_some()
+            && let Err(e) = collect_locks(&node, &mut floors_raised).await
+        {
+            tracing::warn!(error = %e, "lock collection failed; will retry");
+        }
+        for group in node.led_data_groups() {
+            if let Err(e) = drop_fences(&node, group).await {
+                tracing::warn!(group, error = %e, "fence records not dropped; will retry");
+            }
+        }
+    }
+}
+
+/// On the meta leader: forgets idle locks, then raises every shard's fence floor.
+async fn collect_locks(
+    node: &Node,
+    floors_raised: &mut HashMap<GroupId, u64>,
+) -> Result<(), NodeError> {
+    let mut census = LockCensus::default();
+    let applied = node.visit_records_as_applied(META_GROUP, &keys::lock_prefix(), |k, v| {
+        census.observe(k, v);
+        true
+    })?;
+    let deadline = Instant::now() + PROPOSE_TIMEOUT;
+    let mut forgotten = 0;
+    for names in census.idle.chunks(MAX_FORGET_BATCH) {
+        let cmd = Command::Lock(LockCommand::Forget {
+            names: names.to_vec(),
+        });
+        match node
+            .propose(META_GROUP, cmd, deadline, MAX_FORWARD_HOPS)
+            .await?
+        {
+            Response::Lock(LockResponse::Forgotten { count }) => forgotten += count,
+            other => {
+                return Err(NodeError::Internal(format!(
+                    "unexpected forget result {other:?}"
+                )));
+            }
+        }
+    }
+    if forgotten > 0 {
+        tracing::info!(locks = forgotten, "idle locks forgotten");
+    }
+    let Some(floor) = census.fence_floor(applied) else {
+        return Err(NodeError::Internal(
+            "a lock record could not be decoded; fence floors not raised".into(),
+        ));
+    };
+    let Some(map) = node.cluster_map() else {
+        return Ok(());
+    };
+    for shard in map.data_groups() {
+        if floors_raised.get(&shard).is_some_and(|f| *f >= floor) {
+            continue;
+        }
+        let cmd = Command::RaiseFenceFloor { floor };
+        match node.propose(shard, cmd, deadline, MAX_FORWARD_HOPS).await {
+            Ok(_) => {
+                floors_raised.insert(shard, floor);
+            }
+            // The other shards' floors need not wait for this one's leader.
+            Err(e) => tracing::warn!(shard, floor, error = %e, "fence floor not raised"),
+        }
+    }
+    Ok(())
+}
+
+/// On a data shard's leader: deletes the fence records at or below its floor.
+async fn drop_fences(node: &Node, group: GroupId) -> Result<(), NodeError> {
+    let floor_key = keys::fence_floor_key();
+    let mut floor = 0;
+    node.visit_records_as_applied(group, &floor_key, |k, v| {
+        if k == floor_key.as_slice() {
+            floor = codec::decode::<u64>(v).unwrap_or(0);
+        }
+        false
+    })?;
+    if floor == 0 {
+        return Ok(());
+    }
+    let cap = MAX_DROP_FENCES_BATCH * MAX_BATCHES_PER_PASS;
+    let mut covered = Vec::new();
+    node.visit_records_as_applied(group, &keys::fence_prefix(), |k, v| {
+        if let (Some(name), Ok(token)) = (keys::lock_name_of_fence(k), codec::decode::<u64>(v))
+            && token <= floor
+        {
+            covered.push(name.to_string());
+        }
+        covered.len() < cap
+    })?;
+    let deadline = Instant::now() + PROPOSE_TIMEOUT;
+    let mut dropped = 0;
+    for lock_names in covered.chunks(MAX_DROP_FENCES_BATCH) {
+        let cmd = Command::DropFences {
+            lock_names: lock_names.to_vec(),
+        };
+        match node.propose(group, cmd, deadline, MAX_FORWARD_HOPS).await? {
+            Response::FencesDropped { count } => dropped += count,
+            other => {
+                return Err(NodeError::Internal(format!(
+                    "unexpected fence drop result {other:?}"
+                )));
+            }
+        }
+    }
+    if dropped > 0 {
+        tracing::info!(group, floor, records = dropped, "fence records dropped");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sm::lock::{LockEntry, LockMode};
+
+    fn entry(session: u64, token: u64) -> LockEntry {
+        LockEntry {
+            session,
+            mode: LockMode::Shared,
+            token,
+            value: Vec::new(),
+            call_id: 1,
+        }
+    }
+
+    fn observe(census: &mut LockCensus, name: &str, queue: Vec<LockEntry>, last_token: u64) {
+        let rec = LockRecord { queue, last_token };
+        census.observe(&keys::lock_key(name), &codec::encode(&rec).unwrap());
+    }
+
+    #[test]
+    fn the_floor_stays_below_every_held_token_and_at_most_the_applied_index() {
+        let mut census = LockCensus::default();
+        assert_eq!(
+            census.fence_floor(40),
+            Some(40),
+            "no holds: all given tokens are over"
+        );
+        observe(&mut census, "idle", Vec::new(), 12);
+        observe(
+            &mut census,
+            "held",
+            vec![entry(1, 30), entry(2, 25), entry(3, 0)],
+            30,
+        );
+        observe(&mut census, "waiting", vec![entry(4, 33), entry(5, 0)], 33);
+        assert_eq!(census.fence_floor(40), Some(24));
+        assert_eq!(census.fence_floor(20), Some(20));
+        assert_eq!(census.idle, vec!["idle".to_string()]);
+        census.observe(&keys::lock_key("bad"), b"\xff\xff");
+        assert_eq!(
+            census.fence_floor(40),
+            None,
+            "an unreadable record might hold any token"
+        );
+    }
+}
