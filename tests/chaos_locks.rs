@@ -1,8 +1,9 @@
 //! Chaos for locks and fencing: 8 clients contend for one lock and, while
 //! holding it, increment a counter record (claim the shard with the token,
 //! read, write value + 1, both writes fenced; no compare-and-swap),
-//! on a 3-node cluster whose nodes a seeded nemesis kills (SIGKILL) and
-//! pauses (SIGSTOP). Sessions are short (2 s TTL, one per critical section)
+//! on a 3-node cluster whose nodes a seeded nemesis kills (SIGKILL), pauses
+//! (SIGSTOP) and cuts off from the others (the meta leader mostly: it may
+//! still think it leads). Sessions are short (2 s TTL, one per critical section)
 //! so holders that dawdle lose the lock mid-section to expiry and write late;
 //! a client closes its session after each section, a failed one too, as
 //! lock clients do (an Acquire waits 4 s, past a dead holder's TTL).
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestCluster;
+use common::proxy::LinkMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shopkv::proto;
@@ -249,7 +251,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, client: u32, seed: u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
+async fn fenced_counter_under_kills_pauses_and_partitions_loses_no_increment() {
     let secs = env_u64("SHOPKV_CHAOS_LOCKS_SECS", 25);
     let seed = env_u64("SHOPKV_CHAOS_SEED", rand::rng().random());
     println!("CHAOS_LOCKS seed={seed} (SHOPKV_CHAOS_SEED to repeat)");
@@ -257,7 +259,9 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
     // Lock collection every 300 ms: the meta leader raises the fence floor
     // under the kills too, and refuses late holders by it (never a live one:
     // the run would then acknowledge too little).
-    let mut c = TestCluster::start_initialised(3, 1, &["--lock-gc-interval-ms", "300"]).await;
+    let mut c = TestCluster::start_with_proxies(3, &["--lock-gc-interval-ms", "300"]).await;
+    c.init(1).await;
+    c.wait_ready(Duration::from_secs(30)).await;
     let run = Arc::new(Run {
         acked: Mutex::new(Vec::new()),
         unknown: AtomicU32::new(0),
@@ -275,18 +279,19 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
             ))
         })
         .collect();
-    let (mut kills, mut pauses) = (0u32, 0u32);
+    let (mut kills, mut pauses, mut partitions) = (0u32, 0u32, 0u32);
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         tokio::time::sleep(
             Duration::from_millis(rng.random_range(1500..3000)).min(end - Instant::now()),
         )
         .await;
+        c.heal_links();
         c.revive_all();
         if Instant::now() >= end {
             break;
         }
-        match rng.random_range(0..3) {
+        match rng.random_range(0..4) {
             0 => {
                 if let Some(l) = c.leader_of(0, rng.random_range(1..=3)).await {
                     c.kill(l);
@@ -297,12 +302,31 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
                 c.kill(rng.random_range(1..=3));
                 kills += 1;
             }
-            _ => {
+            2 => {
                 c.pause(rng.random_range(1..=3));
                 pauses += 1;
             }
+            _ => {
+                // Cut the meta leader (else any node) off from the others,
+                // both ways: it may still believe it leads and hold its
+                // sessions' deadlines, and its clients' calls hang or fail.
+                let via = rng.random_range(1..=3);
+                let id = match c.leader_of(0, via).await {
+                    Some(l) if rng.random_bool(0.7) => l,
+                    _ => rng.random_range(1..=3),
+                };
+                let others: Vec<u64> = (1..=3).filter(|n| *n != id).collect();
+                let mode = if rng.random_bool(0.5) {
+                    LinkMode::Drop
+                } else {
+                    LinkMode::Blackhole
+                };
+                c.set_links(&[id], &others, mode, true);
+                partitions += 1;
+            }
         }
     }
+    c.heal_links();
     c.revive_all();
     run.stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -321,7 +345,7 @@ async fn fenced_counter_under_kills_and_pauses_loses_no_increment() {
     let stale = run.stale_refused.load(Ordering::Relaxed);
     let floor = run.floor_refused.load(Ordering::Relaxed);
     println!(
-        "CHAOS_LOCKS seed={seed} secs={secs} kills={kills} pauses={pauses} acked={} unknown={unknown} stale_refused={stale} (by the floor {floor}) final={final_value}",
+        "CHAOS_LOCKS seed={seed} secs={secs} kills={kills} pauses={pauses} partitions={partitions} acked={} unknown={unknown} stale_refused={stale} (by the floor {floor}) final={final_value}",
         acked.len()
     );
     let mut violations = Vec::new();
