@@ -24,7 +24,7 @@
 //! a backlog takes several passes.
 
 use std::collections::HashMap;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::codec;
@@ -113,16 +113,32 @@ pub async fn run(node: Weak<Node>) {
     }
 }
 
+/// Runs a scan of this replica's records off the async workers (there may
+/// be many records).
+async fn scan<T: Send + 'static>(
+    node: &Arc<Node>,
+    read: impl FnOnce(&Node) -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || read(&node))
+        .await
+        .map_err(|e| NodeError::Internal(format!("record scan: {e}")))?
+}
+
 /// On the meta leader: forgets idle locks, then raises every shard's fence floor.
 async fn collect_locks(
-    node: &Node,
+    node: &Arc<Node>,
     floors_raised: &mut HashMap<GroupId, u64>,
 ) -> Result<(), NodeError> {
-    let mut census = LockCensus::default();
-    let applied = node.visit_records_as_applied(META_GROUP, &keys::lock_prefix(), |k, v| {
-        census.observe(k, v);
-        true
-    })?;
+    let (census, applied) = scan(node, |node| {
+        let mut census = LockCensus::default();
+        let applied = node.visit_records_as_applied(META_GROUP, &keys::lock_prefix(), |k, v| {
+            census.observe(k, v);
+            true
+        })?;
+        Ok((census, applied))
+    })
+    .await?;
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
     let mut forgotten = 0;
     for names in census.idle.chunks(MAX_FORGET_BATCH) {
@@ -169,28 +185,32 @@ async fn collect_locks(
 }
 
 /// On a data shard's leader: deletes the fence records at or below its floor.
-async fn drop_fences(node: &Node, group: GroupId) -> Result<(), NodeError> {
-    let floor_key = keys::fence_floor_key();
-    let mut floor = 0;
-    node.visit_records_as_applied(group, &floor_key, |k, v| {
-        if k == floor_key.as_slice() {
-            floor = codec::decode::<u64>(v).unwrap_or(0);
+async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<(), NodeError> {
+    let (floor, covered) = scan(node, move |node| {
+        let floor_key = keys::fence_floor_key();
+        let mut floor = 0;
+        node.visit_records_as_applied(group, &floor_key, |k, v| {
+            if k == floor_key.as_slice() {
+                floor = codec::decode::<u64>(v).unwrap_or(0);
+            }
+            false
+        })?;
+        let cap = MAX_DROP_FENCES_BATCH * MAX_BATCHES_PER_PASS;
+        let mut covered = Vec::new();
+        if floor > 0 {
+            node.visit_records_as_applied(group, &keys::fence_prefix(), |k, v| {
+                if let (Some(name), Ok(token)) =
+                    (keys::lock_name_of_fence(k), codec::decode::<u64>(v))
+                    && token <= floor
+                {
+                    covered.push(name.to_string());
+                }
+                covered.len() < cap
+            })?;
         }
-        false
-    })?;
-    if floor == 0 {
-        return Ok(());
-    }
-    let cap = MAX_DROP_FENCES_BATCH * MAX_BATCHES_PER_PASS;
-    let mut covered = Vec::new();
-    node.visit_records_as_applied(group, &keys::fence_prefix(), |k, v| {
-        if let (Some(name), Ok(token)) = (keys::lock_name_of_fence(k), codec::decode::<u64>(v))
-            && token <= floor
-        {
-            covered.push(name.to_string());
-        }
-        covered.len() < cap
-    })?;
+        Ok((floor, covered))
+    })
+    .await?;
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
     let mut dropped = 0;
     for lock_names in covered.chunks(MAX_DROP_FENCES_BATCH) {
