@@ -21,7 +21,8 @@
 //!   everything they would.
 //!
 //! Each pass handles at most [`MAX_BATCHES_PER_PASS`] batches of each kind;
-//! a backlog takes several passes.
+//! one that found more is followed by the next at once (after
+//! [`CATCH_UP_PAUSE`]), so a backlog is worked off in passes back to back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -36,6 +37,13 @@ use crate::storage::keys::{self, GroupId};
 
 /// Most batches of each kind (forgets, fence drops per shard) one pass proposes.
 pub const MAX_BATCHES_PER_PASS: usize = 10;
+/// Idle locks one pass forgets.
+const IDLE_PER_PASS: usize = MAX_FORGET_BATCH * MAX_BATCHES_PER_PASS;
+/// Fence records one pass drops on one shard.
+const DROPS_PER_PASS: usize = MAX_DROP_FENCES_BATCH * MAX_BATCHES_PER_PASS;
+/// The pause between passes while one found more than it could take (a
+/// backlog is worked off at once, not one pass per interval).
+const CATCH_UP_PAUSE: Duration = Duration::from_millis(100);
 /// Deadline of each proposal a pass makes.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,7 +72,7 @@ impl LockCensus {
             self.min_held = Some(self.min_held.map_or(token, |m| m.min(token)));
         }
         if rec.queue.is_empty()
-            && self.idle.len() < MAX_FORGET_BATCH * MAX_BATCHES_PER_PASS
+            && self.idle.len() < IDLE_PER_PASS
             && let Some(name) = keys::lock_name_of(record_key)
         {
             self.idle.push(name.to_string());
@@ -97,17 +105,27 @@ pub async fn run(node: Weak<Node>) {
     // Floors raised through this node; a shard's floor is durable and never
     // lowered, so they need not be sent again.
     let mut floors_raised: HashMap<GroupId, u64> = HashMap::new();
+    let mut more = false;
     loop {
-        tick.tick().await;
+        if more {
+            tokio::time::sleep(CATCH_UP_PAUSE).await;
+        } else {
+            tick.tick().await;
+        }
+        more = false;
         let Some(node) = node.upgrade() else { return };
-        if node.meta_leader_term().is_some()
-            && let Err(e) = collect_locks(&node, &mut floors_raised).await
-        {
-            tracing::warn!(error = %e, "lock collection failed; will retry");
+        if node.meta_leader_term().is_some() {
+            match collect_locks(&node, &mut floors_raised).await {
+                Ok(capped) => more |= capped,
+                Err(e) => tracing::warn!(error = %e, "lock collection failed; will retry"),
+            }
         }
         for group in node.led_data_groups() {
-            if let Err(e) = drop_fences(&node, group).await {
-                tracing::warn!(group, error = %e, "fence records not dropped; will retry");
+            match drop_fences(&node, group).await {
+                Ok(capped) => more |= capped,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "fence records not dropped; will retry")
+                }
             }
         }
     }
@@ -125,11 +143,12 @@ async fn scan<T: Send + 'static>(
         .map_err(|e| NodeError::Internal(format!("record scan: {e}")))?
 }
 
-/// On the meta leader: forgets idle locks, then raises every shard's fence floor.
+/// On the meta leader: forgets idle locks, then raises every shard's fence
+/// floor. True when it found more idle locks than a pass takes.
 async fn collect_locks(
     node: &Arc<Node>,
     floors_raised: &mut HashMap<GroupId, u64>,
-) -> Result<(), NodeError> {
+) -> Result<bool, NodeError> {
     let (census, applied) = scan(node, |node| {
         let mut census = LockCensus::default();
         let applied = node.visit_records_as_applied(META_GROUP, &keys::lock_prefix(), |k, v| {
@@ -160,13 +179,14 @@ async fn collect_locks(
     if forgotten > 0 {
         tracing::info!(locks = forgotten, "idle locks forgotten");
     }
+    let capped = census.idle.len() >= IDLE_PER_PASS;
     let Some(floor) = census.fence_floor(applied) else {
         return Err(NodeError::Internal(
             "a lock record could not be decoded; fence floors not raised".into(),
         ));
     };
     let Some(map) = node.cluster_map() else {
-        return Ok(());
+        return Ok(capped);
     };
     for shard in map.data_groups() {
         if floors_raised.get(&shard).is_some_and(|f| *f >= floor) {
@@ -181,11 +201,12 @@ async fn collect_locks(
             Err(e) => tracing::warn!(shard, floor, error = %e, "fence floor not raised"),
         }
     }
-    Ok(())
+    Ok(capped)
 }
 
-/// On a data shard's leader: deletes the fence records at or below its floor.
-async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<(), NodeError> {
+/// On a data shard's leader: deletes the fence records at or below its
+/// floor. True when it found more than a pass takes.
+async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<bool, NodeError> {
     let (floor, covered) = scan(node, move |node| {
         let floor_key = keys::fence_floor_key();
         let mut floor = 0;
@@ -195,7 +216,6 @@ async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<(), NodeError> 
             }
             false
         })?;
-        let cap = MAX_DROP_FENCES_BATCH * MAX_BATCHES_PER_PASS;
         let mut covered = Vec::new();
         if floor > 0 {
             node.visit_records_as_applied(group, &keys::fence_prefix(), |k, v| {
@@ -205,7 +225,7 @@ async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<(), NodeError> 
                 {
                     covered.push(name.to_string());
                 }
-                covered.len() < cap
+                covered.len() < DROPS_PER_PASS
             })?;
         }
         Ok((floor, covered))
@@ -229,7 +249,7 @@ async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<(), NodeError> 
     if dropped > 0 {
         tracing::info!(group, floor, records = dropped, "fence records dropped");
     }
-    Ok(())
+    Ok(covered.len() >= DROPS_PER_PASS)
 }
 
 #[cfg(test)]
