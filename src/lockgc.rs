@@ -9,22 +9,26 @@
 //!
 //! - the meta leader reads every lock record from one point-in-time view of
 //!   its replica, proposes `Forget` for the idle ones (apply keeps any joined
-//!   since), and computes the **fence floor**: min(the view's applied index,
-//!   every held token − 1). Tokens are meta log indices given when a hold
-//!   starts, so a token up to the floor was given by then and was not held in
-//!   that view: its hold is over, for good. The floor is thus safe from any
-//!   replica's view, however stale (a stale one is only lower). It proposes
-//!   `RaiseFenceFloor` to every data shard (apply never lowers it); a fenced
-//!   write with a token at or below its shard's floor is refused;
+//!   since), and computes the **fence floor** and the holds it excepts: the
+//!   oldest (at most [`MAX_FENCE_HELD`]) are excepted, and the floor is
+//!   min(the view's applied index, the next held token − 1). Tokens are meta
+//!   log indices given when a hold starts, so a token up to the floor was
+//!   given by then and, unless its hold is excepted, was not held in that
+//!   view: its hold is over, for good. The floor is thus safe from any
+//!   replica's view, however stale. (Without the exceptions, one long hold,
+//!   an election's leader, would pin the floor below every later token.) It
+//!   proposes `RaiseFenceFloor` to every data shard (apply takes a higher
+//!   floor with its list, never a lower one); a fenced write with a token at
+//!   or below its shard's floor, not an excepted hold's, is refused;
 //! - each data shard's leader deletes the fence records whose token is at or
-//!   below its floor (`DropFences`; apply re-checks each): the floor refuses
-//!   everything they would.
+//!   below its floor, but those of locks with an excepted hold (`DropFences`;
+//!   apply re-checks each): the floor refuses everything they would.
 //!
 //! Each pass handles at most [`MAX_BATCHES_PER_PASS`] batches of each kind;
 //! one that found more is followed by the next at once (after
 //! [`CATCH_UP_PAUSE`]), so a backlog is worked off in passes back to back.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,7 +36,7 @@ use crate::codec;
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError};
 use crate::router::META_GROUP;
 use crate::sm::lock::{LockCommand, LockRecord, LockResponse, MAX_FORGET_BATCH};
-use crate::sm::{Command, MAX_DROP_FENCES_BATCH, Response};
+use crate::sm::{Command, MAX_DROP_FENCES_BATCH, MAX_FENCE_HELD, Response};
 use crate::storage::keys::{self, GroupId};
 
 /// Most batches of each kind (forgets, fence drops per shard) one pass proposes.
@@ -50,8 +54,9 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the meta group's lock records say, read from one view.
 #[derive(Debug, Default)]
 struct LockCensus {
-    /// The smallest token of a hold in the view.
-    min_held: Option<u64>,
+    /// The oldest holds in the view (token, lock), at most
+    /// [`MAX_FENCE_HELD`] + 1: the floor excepts all but the last.
+    oldest_held: BinaryHeap<(u64, String)>,
     /// A record could not be decoded (it might hold any token).
     unreadable: bool,
     /// Idle locks (empty queue), at most a pass's worth.
@@ -68,28 +73,41 @@ impl LockCensus {
                 return;
             }
         };
+        let Some(name) = keys::lock_name_of(record_key) else {
+            self.unreadable = true;
+            return;
+        };
         for token in rec.queue.iter().map(|e| e.token).filter(|t| *t != 0) {
-            self.min_held = Some(self.min_held.map_or(token, |m| m.min(token)));
+            // A max-heap of the smallest tokens: the largest goes first.
+            self.oldest_held.push((token, name.to_string()));
+            if self.oldest_held.len() > MAX_FENCE_HELD + 1 {
+                self.oldest_held.pop();
+            }
         }
-        if rec.queue.is_empty()
-            && self.idle.len() < IDLE_PER_PASS
-            && let Some(name) = keys::lock_name_of(record_key)
-        {
+        if rec.queue.is_empty() && self.idle.len() < IDLE_PER_PASS {
             self.idle.push(name.to_string());
         }
     }
 
     /// The fence floor of a view that had applied the meta log up to
-    /// `applied`: every token up to it belongs to a hold that is over.
-    /// `None` when a record could not be read.
-    fn fence_floor(&self, applied: u64) -> Option<u64> {
+    /// `applied`, and the holds (lock, token) it excepts: every token up to
+    /// the floor belongs to a hold that is over, but the excepted ones (the
+    /// oldest, at most [`MAX_FENCE_HELD`]; past them the floor stays below
+    /// the next). `None` when a record could not be read.
+    fn fence_floor(&self, applied: u64) -> Option<(u64, Vec<(String, u64)>)> {
         if self.unreadable {
             return None;
         }
-        Some(match self.min_held {
-            Some(token) => applied.min(token - 1),
+        let mut oldest = self.oldest_held.clone().into_sorted_vec();
+        let floor = match oldest.get(MAX_FENCE_HELD) {
+            Some((next, _)) => applied.min(next - 1),
             None => applied,
-        })
+        };
+        oldest.truncate(MAX_FENCE_HELD);
+        Some((
+            floor,
+            oldest.into_iter().map(|(t, name)| (name, t)).collect(),
+        ))
     }
 }
 
@@ -180,7 +198,7 @@ async fn collect_locks(
         tracing::info!(locks = forgotten, "idle locks forgotten");
     }
     let capped = census.idle.len() >= IDLE_PER_PASS;
-    let Some(floor) = census.fence_floor(applied) else {
+    let Some((floor, held)) = census.fence_floor(applied) else {
         return Err(NodeError::Internal(
             "a lock record could not be decoded; fence floors not raised".into(),
         ));
@@ -192,7 +210,10 @@ async fn collect_locks(
         if floors_raised.get(&shard).is_some_and(|f| *f >= floor) {
             continue;
         }
-        let cmd = Command::RaiseFenceFloor { floor };
+        let cmd = Command::RaiseFenceFloor {
+            floor,
+            held: held.clone(),
+        };
         match node.propose(shard, cmd, deadline, MAX_FORWARD_HOPS).await {
             Ok(_) => {
                 floors_raised.insert(shard, floor);
@@ -208,11 +229,18 @@ async fn collect_locks(
 /// floor. True when it found more than a pass takes.
 async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<bool, NodeError> {
     let (floor, covered) = scan(node, move |node| {
-        let floor_key = keys::fence_floor_key();
         let mut floor = 0;
-        node.visit_records_as_applied(group, &floor_key, |k, v| {
-            if k == floor_key.as_slice() {
+        let mut held: Vec<(String, u64)> = Vec::new();
+        // The floor and its held locks: `m`·fence-floor, `m`·fence-held.
+        node.visit_records_as_applied(group, &keys::fence_floor_key(), |k, v| {
+            if k == keys::fence_floor_key().as_slice() {
                 floor = codec::decode::<u64>(v).unwrap_or(0);
+            }
+            false
+        })?;
+        node.visit_records_as_applied(group, &keys::fence_held_key(), |k, v| {
+            if k == keys::fence_held_key().as_slice() {
+                held = codec::decode(v).unwrap_or_default();
             }
             false
         })?;
@@ -222,6 +250,7 @@ async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<bool, NodeError
                 if let (Some(name), Ok(token)) =
                     (keys::lock_name_of_fence(k), codec::decode::<u64>(v))
                     && token <= floor
+                    && !held.iter().any(|(h, _)| h == name)
                 {
                     covered.push(name.to_string());
                 }
@@ -273,24 +302,44 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_stays_below_every_held_token_and_at_most_the_applied_index() {
+    fn the_floor_excepts_the_oldest_holds_and_stays_below_the_rest() {
         let mut census = LockCensus::default();
         assert_eq!(
             census.fence_floor(40),
-            Some(40),
+            Some((40, Vec::new())),
             "no holds: all given tokens are over"
         );
         observe(&mut census, "idle", Vec::new(), 12);
         observe(
             &mut census,
-            "held",
+            "shared",
             vec![entry(1, 30), entry(2, 25), entry(3, 0)],
             30,
         );
         observe(&mut census, "waiting", vec![entry(4, 33), entry(5, 0)], 33);
-        assert_eq!(census.fence_floor(40), Some(24));
-        assert_eq!(census.fence_floor(20), Some(20));
+        let hold = |name: &str, token| (name.to_string(), token);
+        assert_eq!(
+            census.fence_floor(40),
+            Some((
+                40,
+                vec![hold("shared", 25), hold("shared", 30), hold("waiting", 33)]
+            ))
+        );
         assert_eq!(census.idle, vec!["idle".to_string()]);
+        // More holds than a floor excepts: it stays below the first one left out.
+        for i in 0..MAX_FENCE_HELD as u64 {
+            observe(
+                &mut census,
+                &format!("job/{i}"),
+                vec![entry(9, 100 + i)],
+                100 + i,
+            );
+        }
+        let (floor, held) = census.fence_floor(500).unwrap();
+        // Held tokens: 25, 30 (shared), 33, 100.. — the 101st smallest is 100 + 97.
+        assert_eq!(floor, 100 + 97 - 1);
+        assert_eq!(held.len(), MAX_FENCE_HELD, "3 and job/0..=96");
+        assert_eq!(held.last(), Some(&hold("job/96", 196)));
         census.observe(&keys::lock_key("bad"), b"\xff\xff");
         assert_eq!(
             census.fence_floor(40),

@@ -369,10 +369,21 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
             token,
         }),
     };
+    // A long hold taken first (an election's leader, a long job): its token
+    // is older than every one below, and it must stay usable.
+    let b = session(&mut s, 30_000).await;
+    let tb = l
+        .acquire(acquire_req("held", b, false, 1000))
+        .await
+        .expect("B acquires")
+        .into_inner()
+        .fencing_token;
+    kv.put(put("kb", "held", tb)).await.expect("B writes");
     let a = session(&mut s, 10_000).await;
     let once = |i| format!("order/{i}");
-    // Names used once: a fenced write on every shard, then released.
+    // Names used once: fenced writes on both shards, then released.
     let mut tokens = Vec::new();
+    let mut fence_records = std::collections::BTreeSet::new();
     for i in 0..4 {
         let ta = l
             .acquire(acquire_req(&once(i), a, false, 1000))
@@ -381,9 +392,11 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
             .into_inner()
             .fencing_token;
         for k in 0..4 {
-            kv.put(put(&format!("k{i}-{k}"), &once(i), ta))
+            let key = format!("k{i}-{k}");
+            kv.put(put(&key, &once(i), ta))
                 .await
                 .expect("fenced write while held");
+            fence_records.insert((i, shopkv::router::shard_for(key.as_bytes(), 2)));
         }
         l.release(proto::ReleaseRequest {
             name: once(i),
@@ -393,26 +406,31 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
         .expect("release");
         tokens.push(ta);
     }
-    // One still held, by another session.
-    let b = session(&mut s, 10_000).await;
-    let tb = l
-        .acquire(acquire_req("held", b, false, 1000))
-        .await
-        .expect("B acquires")
-        .into_inner()
-        .fencing_token;
-    kv.put(put("kb", "held", tb)).await.expect("B writes");
 
-    // The idle locks are forgotten, and the shards drop their fence records.
+    // The idle locks are forgotten, and the shards drop their fence records
+    // (all of them, and not the held lock's).
+    let dropped = || -> usize {
+        c.log_tails(10_000)
+            .lines()
+            .filter(|l| l.contains("fence records dropped"))
+            .filter_map(|l| {
+                l.split("records=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut idle = 0;
         for i in 0..4 {
             idle += u32::from(inspect(&mut l, &once(i)).await.last_token != 0);
         }
-        let logs = c.log_tails(10_000);
-        let dropped = logs.matches("fence records dropped").count();
-        if idle == 0 && dropped > 0 {
+        let dropped = dropped();
+        if idle == 0 && dropped >= fence_records.len() {
             break;
         }
         assert!(
@@ -422,6 +440,8 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(dropped(), fence_records.len(), "{fence_records:?}");
     // A token whose hold is over is refused — the record that would have
     // said so is gone, the shard's floor says it now — for its own lock and
     // any other; the held one is not.
@@ -451,7 +471,7 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
         .expect("acquire again")
         .into_inner()
         .fencing_token;
-    assert!(again > tb, "{again} after {tb}");
+    assert!(again > tokens[3], "{again} after {}", tokens[3]);
     kv.put(put("k0-0", &once(0), again))
         .await
         .expect("the new holder writes");

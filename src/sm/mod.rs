@@ -63,14 +63,20 @@ pub enum Command {
     Noop,
     /// Data shard: raises the fence floor to `floor` (never lowers it). The
     /// meta group found every fencing token up to `floor` to belong to a
-    /// hold that is over, so a fenced write with such a token is refused
-    /// even where no later token was seen (`crate::lockgc`).
+    /// hold that is over, but the holds in `held`, so a fenced write with
+    /// another token up to it is refused even where no later token was seen
+    /// (`crate::lockgc`).
     RaiseFenceFloor {
-        /// Tokens up to this are no longer held.
+        /// Tokens up to this are no longer held, but `held`'s.
         floor: u64,
+        /// Holds (lock, token) with a token at or below `floor`, at most
+        /// [`MAX_FENCE_HELD`]: their writes are checked as before, and their
+        /// locks' fence records kept.
+        held: Vec<(String, u64)>,
     },
     /// Data shard: deletes the fence records of these locks whose highest
-    /// token is at most the fence floor (the floor refuses what they would).
+    /// token is at most the fence floor, but the floor's held locks' (the
+    /// floor refuses what they would).
     DropFences {
         /// Lock names, at most [`MAX_DROP_FENCES_BATCH`].
         lock_names: Vec<String>,
@@ -79,6 +85,9 @@ pub enum Command {
 
 /// Most lock names one `DropFences` names (its proposer's batch).
 pub const MAX_DROP_FENCES_BATCH: usize = 1000;
+/// Most held locks a fence floor excepts: past them the floor stays below
+/// the next held token (every fenced write at or below the floor reads the list).
+pub const MAX_FENCE_HELD: usize = 100;
 
 /// A writer's fencing token for a lock: the store refuses the guarded write
 /// if the shard has seen a higher token for that lock.
@@ -172,7 +181,9 @@ impl std::fmt::Display for Command {
                 cmd,
             } => write!(f, "Fenced({lock_name}@{token}, {cmd})"),
             Command::Noop => write!(f, "Noop"),
-            Command::RaiseFenceFloor { floor } => write!(f, "RaiseFenceFloor({floor})"),
+            Command::RaiseFenceFloor { floor, held } => {
+                write!(f, "RaiseFenceFloor({floor}, held={})", held.len())
+            }
             Command::DropFences { lock_names } => {
                 write!(f, "DropFences(locks={})", lock_names.len())
             }
@@ -345,7 +356,11 @@ pub fn apply(
             cmd,
         } => {
             let floor = fence_floor(state)?;
-            if *token <= floor {
+            if *token <= floor
+                && !fence_held(state)?
+                    .iter()
+                    .any(|(name, held)| name == lock_name && held == token)
+            {
                 return Ok(Response::FenceExpired { floor });
             }
             let key = keys::fence_key(lock_name);
@@ -362,16 +377,29 @@ pub fn apply(
             apply(state, group, index, term, cmd)
         }
         Command::Noop => Ok(Response::Empty),
-        Command::RaiseFenceFloor { floor } => {
+        Command::RaiseFenceFloor { floor, held } => {
+            // A floor and its held locks come from one view of the meta
+            // group and hold together; a lower floor is an older view's.
             if *floor > fence_floor(state)? {
                 state.put(keys::fence_floor_key(), codec::encode(floor)?)?;
+                if held.is_empty() {
+                    state.delete(keys::fence_held_key())?;
+                } else {
+                    state.put(keys::fence_held_key(), codec::encode(held)?)?;
+                }
             }
             Ok(Response::Empty)
         }
         Command::DropFences { lock_names } => {
             let floor = fence_floor(state)?;
+            let held = fence_held(state)?;
             let mut count = 0;
-            for name in lock_names {
+            // A lock with a hold the floor excepts keeps its record: that
+            // holder's write must still be refused below a later one's.
+            for name in lock_names
+                .iter()
+                .filter(|n| !held.iter().any(|(h, _)| h == *n))
+            {
                 let key = keys::fence_key(name);
                 let Some(b) = state.get(&key)? else {
                     continue;
@@ -391,6 +419,14 @@ pub fn fence_floor(state: &mut dyn StateAccess) -> Result<u64, SmError> {
     match state.get(&keys::fence_floor_key())? {
         Some(b) => Ok(codec::decode::<u64>(&b)?),
         None => Ok(0),
+    }
+}
+
+/// The holds a data shard's fence floor excepts.
+pub fn fence_held(state: &mut dyn StateAccess) -> Result<Vec<(String, u64)>, SmError> {
+    match state.get(&keys::fence_held_key())? {
+        Some(b) => Ok(codec::decode(&b)?),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -586,11 +622,30 @@ mod tests {
         apply(&mut m, 1, 5, 1, &fenced("a", 4)).unwrap();
         apply(&mut m, 1, 6, 1, &fenced("b", 3)).unwrap();
         apply(&mut m, 1, 7, 1, &fenced("c", 8)).unwrap();
-        let raise = |floor| Command::RaiseFenceFloor { floor };
-        assert_eq!(apply(&mut m, 1, 8, 1, &raise(5)).unwrap(), Response::Empty);
-        // Never lowered (a stale meta leader's floor).
-        apply(&mut m, 1, 9, 1, &raise(2)).unwrap();
+        // A long hold of "h" with token 2, still held when the floor passed it.
+        apply(&mut m, 1, 8, 1, &fenced("h", 2)).unwrap();
+        let raise = |floor, held: &[(&str, u64)]| Command::RaiseFenceFloor {
+            floor,
+            held: held.iter().map(|(h, t)| (h.to_string(), *t)).collect(),
+        };
+        assert_eq!(
+            apply(&mut m, 1, 9, 1, &raise(5, &[("h", 2)])).unwrap(),
+            Response::Empty
+        );
+        // Never lowered (an older view's floor and held locks).
+        apply(&mut m, 1, 9, 1, &raise(2, &[])).unwrap();
         assert_eq!(fence_floor(&mut m).unwrap(), 5);
+        assert_eq!(fence_held(&mut m).unwrap(), vec![("h".to_string(), 2)]);
+        // The excepted hold is checked by its record as before; another
+        // token of its lock at or below the floor is over.
+        assert_eq!(
+            apply(&mut m, 1, 10, 1, &fenced("h", 2)).unwrap(),
+            Response::Put { version: 10 }
+        );
+        assert_eq!(
+            apply(&mut m, 1, 10, 1, &fenced("h", 1)).unwrap(),
+            Response::FenceExpired { floor: 5 }
+        );
         let before = m.clone();
         assert_eq!(
             apply(&mut m, 1, 10, 1, &fenced("a", 4)).unwrap(),
@@ -604,13 +659,20 @@ mod tests {
         );
         assert_eq!(m, before);
         let drop = Command::DropFences {
-            lock_names: vec!["a".into(), "b".into(), "c".into(), "none".into()],
+            lock_names: vec![
+                "a".into(),
+                "b".into(),
+                "c".into(),
+                "h".into(),
+                "none".into(),
+            ],
         };
         assert_eq!(
             apply(&mut m, 1, 12, 1, &drop).unwrap(),
             Response::FencesDropped { count: 2 }
         );
         assert!(m.get(&keys::fence_key("c")).unwrap().is_some());
+        assert!(m.get(&keys::fence_key("h")).unwrap().is_some(), "held");
         assert_eq!(m.get(&keys::fence_key("a")).unwrap(), None);
         assert_eq!(m.get(&keys::fence_key("b")).unwrap(), None);
         // Above the floor the record still decides (c's is above it, kept).
@@ -626,8 +688,15 @@ mod tests {
             apply(&mut m, 1, 15, 1, &fenced("a", 9)).unwrap(),
             Response::Put { version: 15 }
         );
+        // Once the long hold is over too, a higher floor takes the list with it.
+        apply(&mut m, 1, 16, 1, &raise(9, &[])).unwrap();
         assert_eq!(
-            apply(&mut m, META_GROUP, 16, 1, &raise(9)).unwrap(),
+            apply(&mut m, 1, 17, 1, &fenced("h", 2)).unwrap(),
+            Response::FenceExpired { floor: 9 }
+        );
+        assert_eq!(m.get(&keys::fence_held_key()).unwrap(), None);
+        assert_eq!(
+            apply(&mut m, META_GROUP, 18, 1, &raise(12, &[])).unwrap(),
             Response::WrongGroup
         );
     }

@@ -257,6 +257,14 @@ pub fn fence_floor_key() -> Vec<u8> {
     k
 }
 
+/// Record key of the locks a data shard's fence floor excepts: held, with a
+/// token at or below the floor, when the floor was computed.
+pub fn fence_held_key() -> Vec<u8> {
+    let mut k = vec![NS_META];
+    k.extend_from_slice(b"fence-held");
+    k
+}
+
 /// Record key of the cluster map in the meta group.
 pub fn cluster_map_key() -> Vec<u8> {
     let mut k = vec![NS_META];
