@@ -252,30 +252,30 @@ pub fn lock_name_of_fence(record_key: &[u8]) -> Option<&str> {
 /// Record key of a data shard's fence floor: every fencing token up to it
 /// belongs to a hold that is over (`crate::lockgc`).
 pub fn fence_floor_key() -> Vec<u8> {
-    let mut k = vec![NS_META];
-    k.extend_from_slice(b"fence-floor");
-    k
+    meta_key(b"fence-floor")
 }
 
-/// Record key of the locks a data shard's fence floor excepts: held, with a
-/// token at or below the floor, when the floor was computed.
+/// Record key of the holds (lock, token) a data shard's fence floor
+/// excepts: held, with a token at or below the floor, when it was computed.
 pub fn fence_held_key() -> Vec<u8> {
-    let mut k = vec![NS_META];
-    k.extend_from_slice(b"fence-held");
-    k
+    meta_key(b"fence-held")
 }
 
 /// Record key of the cluster map in the meta group.
 pub fn cluster_map_key() -> Vec<u8> {
-    let mut k = vec![NS_META];
-    k.extend_from_slice(b"cluster");
-    k
+    meta_key(b"cluster")
 }
 
 /// Record key of the live session count in the meta group.
 pub fn session_count_key() -> Vec<u8> {
-    let mut k = vec![NS_META];
-    k.extend_from_slice(b"sessions");
+    meta_key(b"sessions")
+}
+
+/// `m`·name: a group's own bookkeeping record.
+fn meta_key(name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(NS_META);
+    k.extend_from_slice(name);
     k
 }
 
