@@ -44,6 +44,16 @@ fn acquire_req(name: &str, session: u64, shared: bool, wait_ms: u64) -> proto::A
     }
 }
 
+/// An exclusive Acquire of `name` by `session` that must hold within a
+/// second; its fencing token.
+async fn acquire_token(l: &mut LockClient<Channel>, name: &str, session: u64) -> u64 {
+    l.acquire(acquire_req(name, session, false, 1000))
+        .await
+        .unwrap_or_else(|e| panic!("acquire {name} by session {session}: {e:?}"))
+        .into_inner()
+        .fencing_token
+}
+
 async fn inspect(l: &mut LockClient<Channel>, name: &str) -> proto::LockState {
     l.inspect(proto::InspectRequest { name: name.into() })
         .await
@@ -86,12 +96,7 @@ async fn waiters_acquire_in_fifo_order_with_increasing_tokens() {
     let c = TestCluster::start_initialised(3, 1, &[]).await;
     let (mut s, mut l) = clients(&c, 1).await;
     let a = session(&mut s, 10_000).await;
-    let t1 = l
-        .acquire(acquire_req("orders/flush", a, false, 1000))
-        .await
-        .expect("first acquire")
-        .into_inner()
-        .fencing_token;
+    let t1 = acquire_token(&mut l, "orders/flush", a).await;
     // Already held: a try-lock fails, and leaves no trace in the queue.
     let other = session(&mut s, 10_000).await;
     let e = l
@@ -291,12 +296,7 @@ async fn a_write_with_a_superseded_fencing_token_is_refused_by_the_store() {
         fence: fence(token),
     };
     let a = session(&mut s, 10_000).await;
-    let ta = l
-        .acquire(acquire_req("inventory/writer", a, false, 1000))
-        .await
-        .expect("A acquires")
-        .into_inner()
-        .fencing_token;
+    let ta = acquire_token(&mut l, "inventory/writer", a).await;
     kv.put(put("by A", ta))
         .await
         .expect("A writes with its token");
@@ -305,12 +305,7 @@ async fn a_write_with_a_superseded_fencing_token_is_refused_by_the_store() {
         .await
         .expect("A's session ends");
     let b = session(&mut s, 10_000).await;
-    let tb = l
-        .acquire(acquire_req("inventory/writer", b, false, 1000))
-        .await
-        .expect("B acquires")
-        .into_inner()
-        .fencing_token;
+    let tb = acquire_token(&mut l, "inventory/writer", b).await;
     assert!(tb > ta);
     kv.put(put("by B", tb)).await.expect("B writes");
     // A wakes up and writes with its old token: refused, nothing changes.
@@ -372,12 +367,7 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
     // A long hold taken first (an election's leader, a long job): its token
     // is older than every one below, and it must stay usable.
     let b = session(&mut s, 30_000).await;
-    let tb = l
-        .acquire(acquire_req("held", b, false, 1000))
-        .await
-        .expect("B acquires")
-        .into_inner()
-        .fencing_token;
+    let tb = acquire_token(&mut l, "held", b).await;
     kv.put(put("kb", "held", tb)).await.expect("B writes");
     let a = session(&mut s, 10_000).await;
     let once = |i| format!("order/{i}");
@@ -385,12 +375,7 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
     let mut tokens = Vec::new();
     let mut fence_records = std::collections::BTreeSet::new();
     for i in 0..4 {
-        let ta = l
-            .acquire(acquire_req(&once(i), a, false, 1000))
-            .await
-            .expect("acquire")
-            .into_inner()
-            .fencing_token;
+        let ta = acquire_token(&mut l, &once(i), a).await;
         for k in 0..4 {
             let key = format!("k{i}-{k}");
             kv.put(put(&key, &once(i), ta))
@@ -465,12 +450,7 @@ async fn a_lock_name_leaves_nothing_behind_once_its_holds_are_over() {
     assert_eq!(st.holders.len(), 1, "{st:?}");
     assert_eq!(st.holders[0].fencing_token, tb);
     // A forgotten name is a new lock whose next token is still larger.
-    let again = l
-        .acquire(acquire_req(&once(0), a, false, 1000))
-        .await
-        .expect("acquire again")
-        .into_inner()
-        .fencing_token;
+    let again = acquire_token(&mut l, &once(0), a).await;
     assert!(again > tokens[3], "{again} after {}", tokens[3]);
     kv.put(put("k0-0", &once(0), again))
         .await
@@ -494,22 +474,12 @@ async fn commerce_writes_and_cross_shard_orders_with_a_superseded_token_are_refu
         })
     };
     let a = session(&mut s, 10_000).await;
-    let ta = l
-        .acquire(acquire_req("warehouse", a, false, 1000))
-        .await
-        .expect("A acquires")
-        .into_inner()
-        .fencing_token;
+    let ta = acquire_token(&mut l, "warehouse", a).await;
     s.close(proto::CloseSessionRequest { session_id: a })
         .await
         .expect("A's session ends");
     let b = session(&mut s, 10_000).await;
-    let tb = l
-        .acquire(acquire_req("warehouse", b, false, 1000))
-        .await
-        .expect("B acquires")
-        .into_inner()
-        .fencing_token;
+    let tb = acquire_token(&mut l, "warehouse", b).await;
     assert!(tb > ta);
 
     // B restocks the first SKU; A's late adjustment there is refused.
