@@ -229,21 +229,10 @@ async fn collect_locks(
 /// floor. True when it found more than a pass takes.
 async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<bool, NodeError> {
     let (floor, covered) = scan(node, move |node| {
-        let mut floor = 0;
-        let mut held: Vec<(String, u64)> = Vec::new();
-        // The floor and its held locks: `m`·fence-floor, `m`·fence-held.
-        node.visit_records_as_applied(group, &keys::fence_floor_key(), |k, v| {
-            if k == keys::fence_floor_key().as_slice() {
-                floor = codec::decode::<u64>(v).unwrap_or(0);
-            }
-            false
-        })?;
-        node.visit_records_as_applied(group, &keys::fence_held_key(), |k, v| {
-            if k == keys::fence_held_key().as_slice() {
-                held = codec::decode(v).unwrap_or_default();
-            }
-            false
-        })?;
+        // Read apart from each other and from the scan: apply re-checks each
+        // name against the floor and holds it has then.
+        let floor: u64 = decoded(node.local_record(group, &keys::fence_floor_key())?)?;
+        let held: Vec<(String, u64)> = decoded(node.local_record(group, &keys::fence_held_key())?)?;
         let mut covered = Vec::new();
         if floor > 0 {
             node.visit_records_as_applied(group, &keys::fence_prefix(), |k, v| {
@@ -279,6 +268,16 @@ async fn drop_fences(node: &Arc<Node>, group: GroupId) -> Result<bool, NodeError
         tracing::info!(group, floor, records = dropped, "fence records dropped");
     }
     Ok(covered.len() >= DROPS_PER_PASS)
+}
+
+/// A bookkeeping record's value, or its default when absent.
+fn decoded<T: serde::de::DeserializeOwned + Default>(
+    bytes: Option<Vec<u8>>,
+) -> Result<T, NodeError> {
+    match bytes {
+        Some(b) => Ok(codec::decode(&b)?),
+        None => Ok(T::default()),
+    }
 }
 
 #[cfg(test)]

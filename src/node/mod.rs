@@ -416,6 +416,17 @@ impl Node {
         applied_index_of(stored)
     }
 
+    /// One record of this replica's `group`, as applied here (no leader check).
+    pub fn local_record(
+        &self,
+        group: GroupId,
+        record_key: &[u8],
+    ) -> Result<Option<Vec<u8>>, NodeError> {
+        self.store
+            .get_record(group, record_key)
+            .map_err(|e| NodeError::Internal(format!("read record: {e}")))
+    }
+
     /// Visits this replica's records of `group` under `prefix`, in key order
     /// and all from one point-in-time view, until `visit` returns false;
     /// returns the log index that view had applied (0 before any apply).
