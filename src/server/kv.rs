@@ -1,14 +1,18 @@
-//! `shopkv.v1.Kv`: Put, Get, Delete, Scan, CompareAndSwap. Validates input at
-//! the edge, routes each key to its shard, and lets the node forward to the
-//! shard's leader.
+//! `shopkv.v1.Kv`: Put, Get, Delete, Scan, CompareAndSwap, and Batch (the
+//! first four's requests, many on one stream). Validates input at the edge,
+//! routes each key to its shard, and lets the node forward to the shard's
+//! leader.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
-use super::error::{invalid, rejection_status};
-use super::{deadline_of, error::to_status};
+use super::error::{OUTCOME_HEADER, REASON_HEADER, invalid, rejection_status};
+use super::{deadline_in, deadline_of, error::to_status};
 use crate::node::{MAX_FORWARD_HOPS, Node, NodeError, ReadOp, ReadResult};
 use crate::proto;
 use crate::proto::kv_server::Kv;
@@ -22,7 +26,15 @@ pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest scan limit.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
 
+/// Items one `Batch` message may carry.
+pub const MAX_BATCH_ITEMS: usize = 1024;
+/// Items of one `Batch` stream served at once; the node reads no further
+/// messages of that stream until one finishes (HTTP/2 flow control then holds
+/// the client back), so a stream's memory is bounded.
+pub const MAX_BATCH_IN_FLIGHT: usize = 4096;
+
 /// The KV service.
+#[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
 }
@@ -86,15 +98,13 @@ fn unexpected(r: SmResponse) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    #[tracing::instrument(name = "kv.put", skip_all, fields(key_len = req.get_ref().key.len()))]
-    async fn put(
+impl KvService {
+    #[tracing::instrument(name = "kv.put", skip_all, fields(key_len = r.key.len()))]
+    async fn put_op(
         &self,
-        req: Request<proto::PutRequest>,
-    ) -> Result<Response<proto::PutResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        let r = req.into_inner();
+        r: proto::PutRequest,
+        deadline: Instant,
+    ) -> Result<proto::PutResponse, Status> {
         check_key(&r.key)?;
         check_value(&r.value)?;
         let shard = self.map()?.shard_for(&r.key);
@@ -110,18 +120,17 @@ impl Kv for KvService {
             .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
             .await?
         {
-            SmResponse::Put { version } => Ok(Response::new(proto::PutResponse { version, shard })),
+            SmResponse::Put { version } => Ok(proto::PutResponse { version, shard }),
             other => Err(unexpected(other)),
         }
     }
 
     #[tracing::instrument(name = "kv.get", skip_all)]
-    async fn get(
+    async fn get_op(
         &self,
-        req: Request<proto::GetRequest>,
-    ) -> Result<Response<proto::GetResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        let r = req.into_inner();
+        r: proto::GetRequest,
+        deadline: Instant,
+    ) -> Result<proto::GetResponse, Status> {
         check_key(&r.key)?;
         let shard = self.map()?.shard_for(&r.key);
         let op = ReadOp::Get { key: r.key.clone() };
@@ -130,14 +139,14 @@ impl Kv for KvService {
             .read(shard, op, !r.serializable, deadline, MAX_FORWARD_HOPS)
             .await?
         {
-            ReadResult::Record(Some(rec)) => Ok(Response::new(proto::GetResponse {
+            ReadResult::Record(Some(rec)) => Ok(proto::GetResponse {
                 record: Some(proto::Record {
                     key: r.key,
                     value: rec.value,
                     version: rec.version,
                     shard,
                 }),
-            })),
+            }),
             ReadResult::Record(None) => Err(Status::not_found("key not found")),
             _ => Err(to_status(NodeError::Internal(
                 "wrong result for get".into(),
@@ -146,12 +155,11 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(name = "kv.delete", skip_all)]
-    async fn delete(
+    async fn delete_op(
         &self,
-        req: Request<proto::DeleteRequest>,
-    ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        let r = req.into_inner();
+        r: proto::DeleteRequest,
+        deadline: Instant,
+    ) -> Result<proto::DeleteResponse, Status> {
         check_key(&r.key)?;
         let shard = self.map()?.shard_for(&r.key);
         match self
@@ -165,10 +173,196 @@ impl Kv for KvService {
             .await?
         {
             SmResponse::Delete { deleted, revision } => {
-                Ok(Response::new(proto::DeleteResponse { deleted, revision }))
+                Ok(proto::DeleteResponse { deleted, revision })
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    #[tracing::instrument(name = "kv.cas", skip_all, fields(expected = r.expected_version))]
+    async fn compare_and_swap_op(
+        &self,
+        r: proto::CompareAndSwapRequest,
+        deadline: Instant,
+    ) -> Result<proto::CompareAndSwapResponse, Status> {
+        check_key(&r.key)?;
+        check_value(&r.value)?;
+        let shard = self.map()?.shard_for(&r.key);
+        let key = r.key.clone();
+        let cmd = fenced(
+            Command::CompareAndSwap {
+                key: r.key,
+                expected_version: r.expected_version,
+                value: r.value,
+            },
+            r.fence,
+        )?;
+        match self
+            .node
+            .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
+            .await?
+        {
+            SmResponse::Cas {
+                succeeded,
+                version,
+                current,
+            } => Ok(proto::CompareAndSwapResponse {
+                succeeded,
+                version,
+                current: current.map(|value| proto::Record {
+                    key: key.clone(),
+                    value,
+                    version,
+                    shard,
+                }),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Serves one item of a `Batch` stream as the unary call of its kind would.
+    async fn batch_item(&self, item: proto::BatchItem) -> proto::BatchResult {
+        use proto::batch_item::Op;
+        use proto::batch_result::Result as Reply;
+        let asked = (item.timeout_ms > 0).then(|| Duration::from_millis(item.timeout_ms));
+        let deadline = deadline_in(asked, self.default_timeout());
+        let reply = match item.op {
+            Some(Op::Put(r)) => self.put_op(r, deadline).await.map(Reply::Put),
+            Some(Op::Get(r)) => self.get_op(r, deadline).await.map(Reply::Get),
+            Some(Op::Delete(r)) => self.delete_op(r, deadline).await.map(Reply::Delete),
+            Some(Op::CompareAndSwap(r)) => self
+                .compare_and_swap_op(r, deadline)
+                .await
+                .map(Reply::CompareAndSwap),
+            None => Err(invalid("batch item has no operation")),
+        };
+        proto::BatchResult {
+            id: item.id,
+            result: Some(reply.unwrap_or_else(|s| Reply::Error(batch_error(&s)))),
+        }
+    }
+}
+
+/// A unary call's error status as a `Batch` item's result.
+fn batch_error(s: &Status) -> proto::BatchError {
+    let header = |name: &str| {
+        s.metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    proto::BatchError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+        outcome: header(OUTCOME_HEADER),
+        reason: header(REASON_HEADER),
+    }
+}
+
+/// The reading side of a `Batch` stream: each item runs as its own task (they
+/// finish in any order), at most [`MAX_BATCH_IN_FLIGHT`] at once. Items still
+/// running when the client goes away finish (a write may be half way through
+/// Raft); their results are dropped.
+async fn serve_batch_stream(
+    service: KvService,
+    mut inbound: Streaming<proto::BatchRequest>,
+    results: mpsc::Sender<Result<proto::BatchResult, Status>>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_BATCH_IN_FLIGHT));
+    while let Ok(Some(message)) = inbound.message().await {
+        if message.items.len() > MAX_BATCH_ITEMS {
+            let too_many = invalid(format!(
+                "batch message has {} items, limit is {MAX_BATCH_ITEMS}",
+                message.items.len()
+            ));
+            let _ = results.send(Err(too_many)).await;
+            return;
+        }
+        for item in message.items {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let service = service.clone();
+            let results = results.clone();
+            tokio::spawn(async move {
+                let result = service.batch_item(item).await;
+                // The slot is held until the result is queued: a client that
+                // does not read its results stops the reading of its requests.
+                let _ = results.send(Ok(result)).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Results of one stream's items ready at once go out as one message.
+fn batch_responses(
+    results: mpsc::Receiver<Result<proto::BatchResult, Status>>,
+) -> impl futures::Stream<Item = Result<proto::BatchResponse, Status>> {
+    ReceiverStream::new(results)
+        .ready_chunks(MAX_BATCH_ITEMS)
+        .map(|chunk| {
+            chunk
+                .into_iter()
+                .collect::<Result<Vec<_>, Status>>()
+                .map(|results| proto::BatchResponse { results })
+        })
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(
+        &self,
+        req: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        self.put_op(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+    }
+
+    async fn get(
+        &self,
+        req: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        self.get_op(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        self.delete_op(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        req: Request<proto::CompareAndSwapRequest>,
+    ) -> Result<Response<proto::CompareAndSwapResponse>, Status> {
+        let deadline = deadline_of(&req, self.default_timeout());
+        self.compare_and_swap_op(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+    }
+
+    type BatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::BatchResponse, Status>> + Send>>;
+
+    #[tracing::instrument(name = "kv.batch", skip_all)]
+    async fn batch(
+        &self,
+        req: Request<Streaming<proto::BatchRequest>>,
+    ) -> Result<Response<Self::BatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(MAX_BATCH_IN_FLIGHT);
+        tokio::spawn(serve_batch_stream(self.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(batch_responses(rx))))
     }
 
     #[tracing::instrument(name = "kv.scan", skip_all, fields(limit = req.get_ref().limit))]
@@ -236,47 +430,5 @@ impl Kv for KvService {
             more = true;
         }
         Ok(Response::new(proto::ScanResponse { records, more }))
-    }
-
-    #[tracing::instrument(name = "kv.cas", skip_all, fields(expected = req.get_ref().expected_version))]
-    async fn compare_and_swap(
-        &self,
-        req: Request<proto::CompareAndSwapRequest>,
-    ) -> Result<Response<proto::CompareAndSwapResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        let r = req.into_inner();
-        check_key(&r.key)?;
-        check_value(&r.value)?;
-        let shard = self.map()?.shard_for(&r.key);
-        let key = r.key.clone();
-        let cmd = fenced(
-            Command::CompareAndSwap {
-                key: r.key,
-                expected_version: r.expected_version,
-                value: r.value,
-            },
-            r.fence,
-        )?;
-        match self
-            .node
-            .propose(shard, cmd, deadline, MAX_FORWARD_HOPS)
-            .await?
-        {
-            SmResponse::Cas {
-                succeeded,
-                version,
-                current,
-            } => Ok(Response::new(proto::CompareAndSwapResponse {
-                succeeded,
-                version,
-                current: current.map(|value| proto::Record {
-                    key: key.clone(),
-                    value,
-                    version,
-                    shard,
-                }),
-            })),
-            other => Err(unexpected(other)),
-        }
     }
 }

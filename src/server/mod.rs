@@ -144,10 +144,13 @@ fn no_delay(listener: TcpListener) -> TcpIncoming {
 /// The deadline of a request: its `grpc-timeout`, else the node default,
 /// capped at [`MAX_REQUEST_DEADLINE`].
 pub fn deadline_of<T>(req: &tonic::Request<T>, default: Duration) -> Instant {
-    Instant::now()
-        + asked_timeout(req)
-            .unwrap_or(default)
-            .min(MAX_REQUEST_DEADLINE)
+    deadline_in(asked_timeout(req), default)
+}
+
+/// The deadline of a request that asked for `asked` (else the node default),
+/// capped at [`MAX_REQUEST_DEADLINE`].
+pub fn deadline_in(asked: Option<Duration>, default: Duration) -> Instant {
+    Instant::now() + asked.unwrap_or(default).min(MAX_REQUEST_DEADLINE)
 }
 
 /// When the caller gives up, if it said (`grpc-timeout`): its client then
