@@ -7,7 +7,9 @@
 # Debian if missing (as root), builds shopkv and shopkv-bench, then one system at a
 # time on fresh data under bench/data/: a 3-member etcd on loopback (default flags,
 # fsync on), a 3-node shopkv via cluster/bootstrap.sh (its default: 3 shards); runs every
-# workload (W1 put, W2 get, W3 lock cycles, W4 orders, W5 flash sale) against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. Prints the table and
+# workload (W1 put, W2 get, W3 lock cycles, W4 orders, W5 flash sale) against both, then shopkv alone at 5 nodes and with 1 vs 8 shards. shopkv's driver sends
+# KV requests on Kv.Batch streams; a put 64 row with one unary call per request is
+# reported beside them ("unary-calls"). Prints the table and
 # one RESULT line per compared row, and appends the tables with the date, machine
 # and commit to bench/RESULTS.md. The compared rows run twice (each system on a fresh
 # cluster each round; the report averages them and shows the spread): single runs on
@@ -74,10 +76,13 @@ echo "run.sh: $FSYNC"
 
 # SERVER_PIDS (comma separated) names the running cluster's processes: each row
 # reports their CPU time per operation beside the load generator's.
+# KV_API: how the shopkv driver sends KV requests (batch: on each connection's
+# Kv.Batch stream, as a TiKV client does; unary: one call each). etcd ignores it.
+KV_API=batch
 bench() { # system endpoints workload clients nodes shards label
   "$BENCH" run --system "$1" --endpoints "$2" --workload "$3" --clients "$4" --nodes "$5" \
     --shards "$6" --label "$7" --keys "$KEYS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" \
-    --server-pids "$SERVER_PIDS" --out "$RESULTS"
+    --kv-api "$KV_API" --server-pids "$SERVER_PIDS" --out "$RESULTS"
 }
 compare_set() { # system endpoints nodes shards
   for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
@@ -143,6 +148,8 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "run.sh: shopkv up at $ep (round $round of $ROUNDS)"
   SERVER_PIDS=$(shopkv_pids "shopkv-3n-r$round")
   compare_set shopkv "$ep" 3 3
+  # The same cluster's puts with one unary call per request, beside the batched rows.
+  KV_API=unary bench shopkv "$ep" put 64 3 3 unary-calls
   stop_shopkv "shopkv-3n-r$round"
 done
 
@@ -170,5 +177,5 @@ echo
   --note "command: \`bench/run.sh${1:+ $1}\` (${ROUNDS} round(s) of ${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
   --note "W3 hand-off latency (release → next waiter holds), per round: $(grep -h '^HANDOFF' "$WORK/handoff.log" | sed 's/^HANDOFF workload=lock //' | paste -sd ';' -)" \
-  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default), driver sends to shard leaders (--route leader)"
+  --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default), driver sends to shard leaders (--route leader), KV requests on Kv.Batch streams (--kv-api batch; unary-calls rows: one unary call each, as the etcd driver)"
 echo "run.sh: appended to bench/RESULTS.md"

@@ -20,11 +20,17 @@ const SEED: u64 = 77;
 
 /// Three connections to `cluster`.
 async fn connect(cluster: &TestCluster) -> Vec<client::Conn> {
+    connect_with(cluster, client::KvApi::Unary).await
+}
+
+/// Three connections to `cluster`, KV requests sent by `kv_api`.
+async fn connect_with(cluster: &TestCluster, kv_api: client::KvApi) -> Vec<client::Conn> {
     client::connect(
         System::Shopkv,
         &cluster.endpoints(),
         3,
         client::Routing::Leader,
+        kv_api,
     )
     .await
     .expect("connect")
@@ -95,6 +101,7 @@ async fn driver_routes_each_shard_to_its_leader() {
         &cluster.endpoints(),
         3,
         client::Routing::Any,
+        client::KvApi::Unary,
     )
     .await
     .expect("connect");
@@ -104,8 +111,18 @@ async fn driver_routes_each_shard_to_its_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_counts_operations_and_the_writes_read_back() {
+    counts_operations_and_the_writes_read_back(client::KvApi::Unary).await;
+}
+
+/// The same with the driver's KV requests on `Kv.Batch` streams (`--kv-api batch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_over_batch_streams_counts_operations_and_the_writes_read_back() {
+    counts_operations_and_the_writes_read_back(client::KvApi::Batch).await;
+}
+
+async fn counts_operations_and_the_writes_read_back(kv_api: client::KvApi) {
     let cluster = TestCluster::start_initialised(3, 4, &[]).await;
-    let conns = connect(&cluster).await;
+    let conns = connect_with(&cluster, kv_api).await;
     let space = KeySpace {
         keys: KEYS,
         value_bytes: 256,

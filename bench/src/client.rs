@@ -4,6 +4,8 @@
 //! The shopkv driver, unless told `--route any`, then sends each KV request and
 //! order to a connection to its shard's leader ([`crate::route`]), as a client
 //! of a multi-Raft store does; etcd has one leader and its client does not route.
+//! With `--kv-api batch` its KV requests go on each connection's `Kv.Batch`
+//! stream ([`crate::batch`]) instead of one unary call each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::BenchError;
+use crate::batch::BatchLink;
+use crate::proto::batch_item::Op;
+use crate::proto::batch_result::Result as Reply;
 use crate::proto::catalog_client::CatalogClient;
 use crate::proto::inventory_client::InventoryClient;
 use crate::proto::kv_client::KvClient;
@@ -56,6 +61,23 @@ pub enum OpError {
     Done,
 }
 
+/// One connection to a shopkv node, and its `Kv.Batch` stream if KV requests
+/// go that way.
+#[derive(Clone)]
+pub struct Link {
+    pub channel: Channel,
+    pub batch: Option<BatchLink>,
+}
+
+/// How the shopkv driver sends KV requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvApi {
+    /// One unary call per request (the default).
+    Unary,
+    /// Every client's requests on its connection's `Kv.Batch` stream.
+    Batch,
+}
+
 /// shopkv's services over one connection.
 #[derive(Clone)]
 pub struct ShopkvConn {
@@ -65,6 +87,8 @@ pub struct ShopkvConn {
     pub orders: OrdersClient<Channel>,
     pub sessions: SessionClient<Channel>,
     pub locks: LockClient<Channel>,
+    /// This connection's `Kv.Batch` stream, with `--kv-api batch`.
+    batch: Option<BatchLink>,
     /// Shard leaders, when routing; `slot` picks among the connections to one node.
     routes: Option<Arc<Routes>>,
     slot: usize,
@@ -74,14 +98,22 @@ impl ShopkvConn {
     /// The KV service on the leader of `key`'s shard (this connection if unknown).
     pub fn kv_for(&self, key: &[u8]) -> KvClient<Channel> {
         self.routed(|shards| route::shard_for(key, shards))
-            .map(KvClient::new)
+            .map(|link| KvClient::new(link.channel.clone()))
             .unwrap_or_else(|| self.kv.clone())
+    }
+
+    /// The `Kv.Batch` stream to the leader of `key`'s shard (this connection's if
+    /// unknown); `None` unless the driver batches.
+    fn batch_for(&self, key: &[u8]) -> Option<BatchLink> {
+        self.routed(|shards| route::shard_for(key, shards))
+            .and_then(|link| link.batch.clone())
+            .or_else(|| self.batch.clone())
     }
 
     /// The Orders service on the leader of the order's (anchor) shard.
     pub fn orders_for(&self, order_id: &str) -> OrdersClient<Channel> {
         self.routed(|shards| route::shard_of_order(order_id, shards))
-            .map(OrdersClient::new)
+            .map(|link| OrdersClient::new(link.channel.clone()))
             .unwrap_or_else(|| self.orders.clone())
     }
 
@@ -90,8 +122,8 @@ impl ShopkvConn {
         self.routes.as_ref()
     }
 
-    fn routed(&self, shard_of: impl Fn(u32) -> u64) -> Option<Channel> {
-        self.routes.as_ref()?.leader_channel(shard_of, self.slot)
+    fn routed(&self, shard_of: impl Fn(u32) -> u64) -> Option<&Link> {
+        self.routes.as_ref()?.leader_link(shard_of, self.slot)
     }
 }
 
@@ -113,26 +145,37 @@ pub enum Conn {
 }
 
 /// Opens `conns` connections to `system`, endpoint `i % endpoints.len()` for the i-th.
-/// `routing` matters to shopkv only.
+/// `routing` and `kv_api` matter to shopkv only.
 pub async fn connect(
     system: System,
     endpoints: &[String],
     conns: usize,
     routing: Routing,
+    kv_api: KvApi,
 ) -> Result<Vec<Conn>, BenchError> {
     if endpoints.is_empty() {
         return Err(BenchError::Setup("no endpoints".into()));
     }
     let pick = |i: usize| &endpoints[i % endpoints.len()];
     if system == System::Shopkv {
-        let mut channels = Vec::with_capacity(conns);
+        let mut links = Vec::with_capacity(conns);
         for i in 0..conns.max(1) {
             let endpoint = pick(i);
-            channels.push((endpoint.clone(), shopkv_channel(endpoint).await?));
+            let channel = shopkv_channel(endpoint).await?;
+            let batch = match kv_api {
+                KvApi::Unary => None,
+                KvApi::Batch => Some(BatchLink::open(channel.clone()).await.map_err(|s| {
+                    BenchError::Connect {
+                        endpoint: endpoint.clone(),
+                        reason: format!("Kv.Batch: {}", s.message()),
+                    }
+                })?),
+            };
+            links.push((endpoint.clone(), Link { channel, batch }));
         }
-        let routes = match (routing, channels.first()) {
+        let routes = match (routing, links.first()) {
             (Routing::Leader, Some((endpoint, via))) => Some(
-                Routes::start(via.clone(), channels.clone())
+                Routes::start(via.channel.clone(), links.clone())
                     .await
                     .map_err(|s| BenchError::Connect {
                         endpoint: endpoint.clone(),
@@ -141,11 +184,12 @@ pub async fn connect(
             ),
             _ => None,
         };
-        return Ok(channels
+        return Ok(links
             .into_iter()
             .enumerate()
-            .map(|(slot, (_, channel))| {
+            .map(|(slot, (_, Link { channel, batch }))| {
                 Conn::Shopkv(Box::new(ShopkvConn {
+                    batch,
                     kv: KvClient::new(channel.clone()),
                     catalog: CatalogClient::new(channel.clone()),
                     inventory: InventoryClient::new(channel.clone()),
@@ -220,16 +264,25 @@ impl Conn {
     /// Blind write of one key.
     pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), OpError> {
         match self {
-            Conn::Shopkv(c) => c
-                .kv_for(&key)
-                .put(request(PutRequest {
+            Conn::Shopkv(c) => {
+                let put = PutRequest {
                     key,
                     value,
                     fence: None,
-                }))
-                .await
-                .map(|_| ())
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
+                };
+                match c.batch_for(&put.key) {
+                    Some(link) => match link.call(Op::Put(put)).await? {
+                        Reply::Put(_) => Ok(()),
+                        other => Err(OpError::Check(format!("put answered {other:?}"))),
+                    },
+                    None => c
+                        .kv_for(&put.key)
+                        .put(request(put))
+                        .await
+                        .map(|_| ())
+                        .map_err(rpc_error),
+                }
+            }
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => kv
                 .put(key, value, None)
@@ -246,15 +299,24 @@ impl Conn {
         linearizable: bool,
     ) -> Result<Option<Vec<u8>>, OpError> {
         match self {
-            Conn::Shopkv(c) => c
-                .kv_for(&key)
-                .get(request(GetRequest {
+            Conn::Shopkv(c) => {
+                let get = GetRequest {
                     key,
                     serializable: !linearizable,
-                }))
-                .await
-                .map(|r| r.into_inner().record.map(|rec| rec.value))
-                .map_err(|s| OpError::Rpc(format!("{:?}: {}", s.code(), s.message()))),
+                };
+                match c.batch_for(&get.key) {
+                    Some(link) => match link.call(Op::Get(get)).await? {
+                        Reply::Get(r) => Ok(r.record.map(|rec| rec.value)),
+                        other => Err(OpError::Check(format!("get answered {other:?}"))),
+                    },
+                    None => c
+                        .kv_for(&get.key)
+                        .get(request(get))
+                        .await
+                        .map(|r| r.into_inner().record.map(|rec| rec.value))
+                        .map_err(rpc_error),
+                }
+            }
             #[cfg(feature = "etcd")]
             Conn::Etcd(kv) => {
                 let options =

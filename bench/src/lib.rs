@@ -3,11 +3,12 @@
 //! two can be compared side by side in one run (`bench/run.sh`).
 //!
 //! Layout: [`client`] holds one connection per driver ([`route`]: shopkv's leader
-//! table), [`runner`] the closed loop
+//! table; [`batch`]: its `Kv.Batch` streams), [`runner`] the closed loop
 //! (warm-up, measured window, progress line), [`stats`] the latency histograms,
 //! [`workloads`] one file per workload, [`report`] the side-by-side table,
 //! [`cpu`] the CPU time servers and load generator spend per operation.
 
+pub mod batch;
 pub mod client;
 pub mod cpu;
 pub mod report;

@@ -62,6 +62,10 @@ struct RunArgs {
     /// shopkv only: send each request to its shard's leader, or to any node.
     #[arg(long, value_enum, default_value = "leader")]
     route: client::Routing,
+    /// shopkv only: one unary call per KV request, or every client's KV requests
+    /// on its connection's `Kv.Batch` stream.
+    #[arg(long, value_enum, default_value = "unary")]
+    kv_api: client::KvApi,
     /// HTTP/2 connections (default: min(clients, 16)).
     #[arg(long)]
     conns: Option<usize>,
@@ -145,7 +149,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let workload = workloads::build(&args.workload, space)?;
     let conns = args.conns.unwrap_or(args.clients.min(16)).max(1);
-    let connections = client::connect(args.system, &args.endpoints, conns, args.route).await?;
+    let connections =
+        client::connect(args.system, &args.endpoints, conns, args.route, args.kv_api).await?;
     // A flash sale runs from the first order until sold out: no warm-up (it
     // would sell stock unmeasured), --duration-secs only caps it.
     let flash = args.workload == "flash";

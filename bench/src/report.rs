@@ -104,6 +104,24 @@ pub fn merge_rounds(rows: &[Row]) -> Vec<Merged> {
     out
 }
 
+/// An extra row's rate over etcd's compared row of the same workload and
+/// clients, measured in the same run ("-" if there is none).
+fn vs_etcd(merged: &[Merged], r: &Row) -> String {
+    merged
+        .iter()
+        .map(|m| &m.row)
+        .find(|e| {
+            e.system == System::Etcd
+                && e.label == COMPARE
+                && e.workload == r.workload
+                && e.clients == r.clients
+                && e.summary.ops_per_s > 0.0
+        })
+        .map_or("-".into(), |e| {
+            format!("{:.2}", r.summary.ops_per_s / e.summary.ops_per_s)
+        })
+}
+
 /// etcd and shopkv results of one (workload, clients) pair.
 struct Pair<'a> {
     workload: &'a str,
@@ -241,7 +259,7 @@ pub fn render_text(rows: &[Row]) -> String {
         let _ = writeln!(out, "\nshopkv alone:");
         let _ = writeln!(
             out,
-            "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6} {:>16}",
+            "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10} {:>8} {:>8} {:>6} {:>16} {:>8}",
             "setup",
             "nodes",
             "shards",
@@ -251,12 +269,13 @@ pub fn render_text(rows: &[Row]) -> String {
             "p50 ms",
             "p99 ms",
             "errors",
-            "server cpu us/op"
+            "server cpu us/op",
+            "vs etcd"
         );
         for r in extras {
             let _ = writeln!(
                 out,
-                "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6} {:>16}",
+                "{:<18} {:>5} {:>6} {:<10} {:>7} {:>10.0} {:>8.2} {:>8.2} {:>6} {:>16} {:>8}",
                 r.label,
                 r.nodes,
                 r.shards,
@@ -266,7 +285,8 @@ pub fn render_text(rows: &[Row]) -> String {
                 r.summary.p50_ms,
                 r.summary.p99_ms,
                 r.summary.errors,
-                cpu_one(r.server_cpu_us_per_op)
+                cpu_one(r.server_cpu_us_per_op),
+                vs_etcd(&merged, r)
             );
         }
     }
@@ -327,12 +347,12 @@ pub fn render_markdown(rows: &[Row]) -> String {
         .filter(|r| r.label != COMPARE)
         .collect();
     if !extras.is_empty() {
-        out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors | server CPU µs/op |\n");
-        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|\n");
+        out.push_str("\nshopkv alone:\n\n| setup | nodes | shards | workload | clients | ops/s | p50/p99/p999 ms | errors | server CPU µs/op | vs etcd's compared row |\n");
+        out.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n");
         for r in extras {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
                 r.label,
                 r.nodes,
                 r.shards,
@@ -341,7 +361,8 @@ pub fn render_markdown(rows: &[Row]) -> String {
                 r.summary.ops_per_s,
                 lat(Some(r)),
                 r.summary.errors,
-                cpu_one(r.server_cpu_us_per_op)
+                cpu_one(r.server_cpu_us_per_op),
+                vs_etcd(&merged, r)
             );
         }
     }
@@ -393,6 +414,11 @@ mod tests {
         assert!(text.contains("5-nodes"), "{text}");
         let md = render_markdown(&rows);
         assert!(md.contains("| put | 64 | 2000 | 5000 | 2.50 |"), "{md}");
+        // An extra row is set against etcd's compared row of its workload and clients.
+        assert!(
+            md.contains("| 5-nodes | 3 | 8 | put | 64 | 6000 |") && md.contains("| 3.00 |"),
+            "{md}"
+        );
     }
 
     #[test]

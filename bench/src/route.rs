@@ -14,7 +14,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::client::request;
+use crate::client::{Link, request};
 use crate::proto::StatusRequest;
 use crate::proto::cluster_client::ClusterClient;
 
@@ -44,20 +44,20 @@ struct Table {
     leaders: HashMap<u64, u64>,
 }
 
-/// Channels to every node the bench was given, and who leads which shard.
+/// Connections to every node the bench was given, and who leads which shard.
 pub struct Routes {
     table: RwLock<Table>,
     /// Node id → the bench's connections to that node.
-    channels: HashMap<u64, Vec<Channel>>,
+    links: HashMap<u64, Vec<Link>>,
 }
 
 impl Routes {
-    /// Reads the table once through `via`, maps `channels` (endpoint, channel) to
+    /// Reads the table once through `via`, maps `links` (endpoint, connection) to
     /// node ids by their client address, and keeps the table fresh in the
     /// background for as long as the returned handle lives.
     pub async fn start(
         via: Channel,
-        channels: Vec<(String, Channel)>,
+        links: Vec<(String, Link)>,
     ) -> Result<Arc<Routes>, tonic::Status> {
         let status = ClusterClient::new(via.clone())
             .status(request(StatusRequest {}))
@@ -69,15 +69,15 @@ impl Routes {
             .filter_map(|n| n.node.as_ref())
             .map(|n| (n.client_addr.as_str(), n.id))
             .collect();
-        let mut by_node: HashMap<u64, Vec<Channel>> = HashMap::new();
-        for (endpoint, channel) in channels {
+        let mut by_node: HashMap<u64, Vec<Link>> = HashMap::new();
+        for (endpoint, link) in links {
             if let Some(id) = by_addr.get(endpoint.as_str()) {
-                by_node.entry(*id).or_default().push(channel);
+                by_node.entry(*id).or_default().push(link);
             }
         }
         let routes = Arc::new(Routes {
             table: RwLock::new(Table::default()),
-            channels: by_node,
+            links: by_node,
         });
         routes.update(&status);
         tokio::spawn(refresh(Arc::downgrade(&routes), ClusterClient::new(via)));
@@ -102,12 +102,12 @@ impl Routes {
     /// The node the table says leads `shard`, if the bench has a connection to it.
     pub fn leader_of(&self, shard: u64) -> Option<u64> {
         let node = *self.table.read().ok()?.leaders.get(&shard)?;
-        self.channels.contains_key(&node).then_some(node)
+        self.links.contains_key(&node).then_some(node)
     }
 
     /// A connection to the leader of the shard `shard_of(shards)` names, the
     /// `slot`-th of the bench's connections to that node; `None` while unknown.
-    pub fn leader_channel(&self, shard_of: impl Fn(u32) -> u64, slot: usize) -> Option<Channel> {
+    pub fn leader_link(&self, shard_of: impl Fn(u32) -> u64, slot: usize) -> Option<&Link> {
         let node = {
             let t = self.table.read().ok()?;
             if t.shards == 0 {
@@ -115,8 +115,8 @@ impl Routes {
             }
             *t.leaders.get(&shard_of(t.shards))?
         };
-        let channels = self.channels.get(&node)?;
-        channels.get(slot % channels.len().max(1)).cloned()
+        let links = self.links.get(&node)?;
+        links.get(slot % links.len().max(1))
     }
 }
 
