@@ -30,8 +30,10 @@ pub const MAX_SCAN_LIMIT: u32 = 10_000;
 pub const MAX_BATCH_ITEMS: usize = 1024;
 /// Items of one `Batch` stream served at once; the node reads no further
 /// messages of that stream until one finishes (HTTP/2 flow control then holds
-/// the client back), so a stream's memory is bounded.
-pub const MAX_BATCH_IN_FLIGHT: usize = 4096;
+/// the client back). As many as the unary calls a connection may have open
+/// by default (`--max-concurrent-streams`), so a stream holds at most the
+/// memory of a connection's unary calls: ≤ 1 024 requests and results.
+pub const MAX_BATCH_IN_FLIGHT: usize = 1024;
 
 /// The KV service.
 #[derive(Clone)]
