@@ -1,5 +1,7 @@
 //! Chaos: a real cluster under a KV register workload while a seeded nemesis
-//! kills, pauses and partitions nodes; then every checker runs.
+//! kills, pauses and partitions nodes; then every checker runs. Half the
+//! clients make unary calls, half send their requests as items on `Kv.Batch`
+//! streams: both paths are held to the same history.
 //!
 //! `cargo test --release --test chaos -- --nocapture`; `SHOPKV_CHAOS_SECS`,
 //! `SHOPKV_CHAOS_SEED`, `SHOPKV_CHAOS_NODES=5` change the run.
@@ -18,7 +20,11 @@ use common::history::{
 use common::proxy::LinkMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shopkv::proto::batch_item::Op as BatchOp;
+use shopkv::proto::batch_result::Result as BatchReply;
 use shopkv::proto::{self, kv_client::KvClient, peer_client::PeerClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const KEYS: u32 = 10;
@@ -42,6 +48,8 @@ struct Run {
     next_process: AtomicU32,
     next_value: AtomicU32,
     stop: AtomicBool,
+    /// Operations of the `Kv.Batch` clients with a known, successful outcome.
+    batch_ok: AtomicU32,
 }
 
 impl Run {
@@ -67,19 +75,170 @@ async fn connect(addr: &str) -> Option<KvClient<Channel>> {
     Some(KvClient::new(ep.connect_lazy()))
 }
 
-async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
+/// A client's `Kv.Batch` stream to one node, opened when first needed and
+/// dropped when it fails or an answer is late. Its answers are read as a unary
+/// call's would be: an item's error carries the same code and outcome.
+struct BatchConn {
+    kv: KvClient<Channel>,
+    open: Option<(
+        mpsc::Sender<proto::BatchRequest>,
+        tonic::Streaming<proto::BatchResponse>,
+    )>,
+    next_id: u64,
+}
+
+impl BatchConn {
+    async fn new(addr: &str) -> Option<BatchConn> {
+        // No per-call timeout on the channel: the stream lives across requests.
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300));
+        Some(BatchConn {
+            kv: KvClient::new(ep.connect_lazy()),
+            open: None,
+            next_id: 0,
+        })
+    }
+
+    /// Sends `op` as one item and waits up to OP_TIMEOUT for its result.
+    async fn call(&mut self, op: BatchOp) -> Result<BatchReply, tonic::Status> {
+        match tokio::time::timeout(OP_TIMEOUT, self.send_and_wait(op)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(s)) => Err(s),
+            Err(_) => {
+                // A late answer may still come; a fresh stream never sees it.
+                self.open = None;
+                Err(tonic::Status::deadline_exceeded("batch item timed out"))
+            }
+        }
+    }
+
+    async fn send_and_wait(&mut self, op: BatchOp) -> Result<BatchReply, tonic::Status> {
+        if self.open.is_none() {
+            let (tx, rx) = mpsc::channel(4);
+            let results = self.kv.batch(ReceiverStream::new(rx)).await.map_err(|s| {
+                // Nothing was sent on a stream that never opened.
+                let mut s = tonic::Status::unavailable(format!("open Kv.Batch: {}", s.message()));
+                s.metadata_mut()
+                    .insert("x-shopkv-outcome", "not-applied".parse().expect("ascii"));
+                s
+            })?;
+            self.open = Some((tx, results.into_inner()));
+        }
+        let Some((tx, results)) = self.open.as_mut() else {
+            unreachable!("opened above");
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let item = proto::BatchItem {
+            id,
+            timeout_ms: OP_TIMEOUT.as_millis() as u64,
+            op: Some(op),
+        };
+        let ended = |what: &str| tonic::Status::unavailable(format!("batch stream {what}"));
+        if tx
+            .send(proto::BatchRequest { items: vec![item] })
+            .await
+            .is_err()
+        {
+            self.open = None;
+            return Err(ended("closed"));
+        }
+        loop {
+            match results.message().await {
+                Ok(Some(message)) => {
+                    // Results of items given up on earlier are skipped.
+                    if let Some(r) = message.results.into_iter().find(|r| r.id == id) {
+                        return match r.result {
+                            Some(BatchReply::Error(e)) => {
+                                let mut s = tonic::Status::new(e.code.into(), e.message);
+                                if let (false, Ok(v)) = (e.outcome.is_empty(), e.outcome.parse()) {
+                                    s.metadata_mut().insert("x-shopkv-outcome", v);
+                                }
+                                Err(s)
+                            }
+                            Some(reply) => Ok(reply),
+                            None => Err(ended("answered nothing")),
+                        };
+                    }
+                }
+                // Without an answer the outcome is unknown (no outcome header).
+                _ => {
+                    self.open = None;
+                    return Err(ended("ended"));
+                }
+            }
+        }
+    }
+}
+
+/// How a client sends requests to one node.
+enum Conn {
+    Unary(KvClient<Channel>),
+    Batch(Box<BatchConn>),
+}
+
+impl Conn {
+    async fn put(&mut self, req: proto::PutRequest) -> Result<proto::PutResponse, tonic::Status> {
+        match self {
+            Conn::Unary(kv) => match tokio::time::timeout(OP_TIMEOUT, kv.put(req)).await {
+                Ok(r) => r.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded("put timed out")),
+            },
+            Conn::Batch(b) => match b.call(BatchOp::Put(req)).await? {
+                BatchReply::Put(r) => Ok(r),
+                other => Err(tonic::Status::internal(format!("put answered {other:?}"))),
+            },
+        }
+    }
+
+    async fn get(&mut self, req: proto::GetRequest) -> Result<proto::GetResponse, tonic::Status> {
+        match self {
+            Conn::Unary(kv) => match tokio::time::timeout(OP_TIMEOUT, kv.get(req)).await {
+                Ok(r) => r.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded("get timed out")),
+            },
+            Conn::Batch(b) => match b.call(BatchOp::Get(req)).await? {
+                BatchReply::Get(r) => Ok(r),
+                other => Err(tonic::Status::internal(format!("get answered {other:?}"))),
+            },
+        }
+    }
+
+    async fn compare_and_swap(
+        &mut self,
+        req: proto::CompareAndSwapRequest,
+    ) -> Result<proto::CompareAndSwapResponse, tonic::Status> {
+        match self {
+            Conn::Unary(kv) => {
+                match tokio::time::timeout(OP_TIMEOUT, kv.compare_and_swap(req)).await {
+                    Ok(r) => r.map(tonic::Response::into_inner),
+                    Err(_) => Err(tonic::Status::deadline_exceeded("cas timed out")),
+                }
+            }
+            Conn::Batch(b) => match b.call(BatchOp::CompareAndSwap(req)).await? {
+                BatchReply::CompareAndSwap(r) => Ok(r),
+                other => Err(tonic::Status::internal(format!("cas answered {other:?}"))),
+            },
+        }
+    }
+}
+
+async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64, batch: bool) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = run.next_process.fetch_add(1, Ordering::Relaxed);
-    let clients: Vec<KvClient<Channel>> = {
-        let mut v = Vec::new();
-        for e in &endpoints {
-            v.push(connect(e).await.expect("endpoint"));
-        }
-        v
-    };
+    let mut conns: Vec<Conn> = Vec::new();
+    for e in &endpoints {
+        conns.push(if batch {
+            Conn::Batch(Box::new(BatchConn::new(e).await.expect("endpoint")))
+        } else {
+            Conn::Unary(connect(e).await.expect("endpoint"))
+        });
+    }
     while !run.stop.load(Ordering::Relaxed) {
         let key = rng.random_range(0..KEYS);
-        let mut kv = clients[rng.random_range(0..clients.len())].clone();
+        let at = rng.random_range(0..conns.len());
+        let kv = &mut conns[at];
         let roll = rng.random_range(0..10);
         let call = if roll < 4 {
             Call::Get
@@ -90,7 +249,7 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
         } else {
             // CAS against the version a read of ours just returned.
             let invoke_ns = run.now_ns();
-            let outcome = do_get(&mut kv, key).await;
+            let outcome = do_get(kv, key).await;
             let expected = match &outcome {
                 Outcome::Read(r) => r.map_or(0, |(_, v)| v),
                 _ => 0,
@@ -103,17 +262,17 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
         };
         let invoke_ns = run.now_ns();
         let outcome = match &call {
-            Call::Get => do_get(&mut kv, key).await,
+            Call::Get => do_get(kv, key).await,
             Call::Put { value } => {
                 let req = proto::PutRequest {
                     key: key_bytes(key),
                     value: value.to_string().into_bytes(),
                     fence: None,
                 };
-                match tokio::time::timeout(OP_TIMEOUT, kv.put(req)).await {
-                    Ok(Ok(r)) => Outcome::Written(r.into_inner().version),
-                    Ok(Err(s)) if not_applied(&s) => Outcome::Failed,
-                    _ => Outcome::Unknown,
+                match kv.put(req).await {
+                    Ok(r) => Outcome::Written(r.version),
+                    Err(s) if not_applied(&s) => Outcome::Failed,
+                    Err(_) => Outcome::Unknown,
                 }
             }
             Call::Cas { expected, value } => {
@@ -123,9 +282,8 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
                     value: value.to_string().into_bytes(),
                     fence: None,
                 };
-                match tokio::time::timeout(OP_TIMEOUT, kv.compare_and_swap(req)).await {
-                    Ok(Ok(r)) => {
-                        let r = r.into_inner();
+                match kv.compare_and_swap(req).await {
+                    Ok(r) => {
                         match r
                             .current
                             .map(|c| String::from_utf8_lossy(&c.value).parse::<u64>())
@@ -138,11 +296,14 @@ async fn client_loop(run: Arc<Run>, endpoints: Vec<String>, seed: u64) {
                             },
                         }
                     }
-                    Ok(Err(s)) if not_applied(&s) => Outcome::Failed,
-                    _ => Outcome::Unknown,
+                    Err(s) if not_applied(&s) => Outcome::Failed,
+                    Err(_) => Outcome::Unknown,
                 }
             }
         };
+        if batch && !matches!(outcome, Outcome::Unknown | Outcome::Failed) {
+            run.batch_ok.fetch_add(1, Ordering::Relaxed);
+        }
         record(&run, &mut process, key, invoke_ns, call, outcome);
     }
 }
@@ -151,20 +312,20 @@ fn key_bytes(key: u32) -> Vec<u8> {
     format!("chaos/{key}").into_bytes()
 }
 
-async fn do_get(kv: &mut KvClient<Channel>, key: u32) -> Outcome {
+async fn do_get(kv: &mut Conn, key: u32) -> Outcome {
     let req = proto::GetRequest {
         key: key_bytes(key),
         serializable: false,
     };
-    match tokio::time::timeout(OP_TIMEOUT, kv.get(req)).await {
-        Ok(Ok(r)) => match r.into_inner().record {
+    match kv.get(req).await {
+        Ok(r) => match r.record {
             Some(rec) => match String::from_utf8_lossy(&rec.value).parse::<u64>() {
                 Ok(v) => Outcome::Read(Some((v, rec.version))),
                 Err(_) => Outcome::Failed,
             },
             None => Outcome::Read(None),
         },
-        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Outcome::Read(None),
+        Err(s) if s.code() == tonic::Code::NotFound => Outcome::Read(None),
         // A failed read changed nothing.
         _ => Outcome::Failed,
     }
@@ -278,6 +439,7 @@ async fn chaos() {
         next_process: AtomicU32::new(0),
         next_value: AtomicU32::new(0),
         stop: AtomicBool::new(false),
+        batch_ok: AtomicU32::new(0),
     });
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -285,6 +447,7 @@ async fn chaos() {
                 run.clone(),
                 c.endpoints(),
                 seed.wrapping_mul(31).wrapping_add(u64::from(i)),
+                i % 2 == 1,
             ))
         })
         .collect();
@@ -450,6 +613,12 @@ async fn chaos() {
             "only {ok_ops} operations succeeded: the cluster made no progress"
         ));
     }
+    let batch_ok = run.batch_ok.load(Ordering::Relaxed);
+    if batch_ok < 50 {
+        violations.push(format!(
+            "only {batch_ok} operations on Kv.Batch streams succeeded: that path made no progress"
+        ));
+    }
 
     let summary = format!(
         "CHAOS seed={seed} secs={} nodes={nodes} kills={} pauses={} partitions={} ops={ops} unknown={unknown} violations={}",
@@ -461,7 +630,10 @@ async fn chaos() {
     );
     // Straight to the stderr handle: libtest captures print!/eprint! of passing
     // tests, and this line belongs in every run's log, CI's included.
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{summary}\n").as_bytes());
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("{summary}\nchaos: {batch_ok} of {ok_ops} successful operations went on Kv.Batch streams\n").as_bytes(),
+    );
     if !violations.is_empty() {
         let history_path = c.dir().join("history.json");
         let _ = std::fs::write(
