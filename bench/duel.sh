@@ -3,11 +3,13 @@
 # the same VM speed.
 #
 #   bench/duel.sh BIN_A BIN_B [--workload put|order|...] [--clients N] [--secs S] [--rounds R]
+#                 [--kv-api unary|batch]
 #
 # Starts two fresh 3-node clusters (cluster/bootstrap.sh, 3 shards each) from the
-# two binaries, loads each with its own shopkv-bench (N clients, default 32) for S
-# seconds (default 10), and reports each cluster's ops/s and the CPU its nodes used
-# per operation (shopkv-bench --server-pids). Every round runs twice with the builds in
+# two binaries, loads each with its own shopkv-bench (N clients, default 32; KV
+# requests as unary calls unless --kv-api batch) for S seconds (default 10), and
+# reports each cluster's ops/s and the CPU its nodes used per operation
+# (shopkv-bench --server-pids). Every round runs twice with the builds in
 # swapped positions (the A/A spread between positions is ~2 %). Alternated single
 # runs on a shared 2-core VM move 15-25 % between minutes; a duel shows 5 %.
 # Absolute numbers are not comparable to bench/run.sh rows (6 nodes and 2 load
@@ -15,16 +17,17 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,14p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0"; exit "${1:-0}"; }
 [ $# -ge 2 ] || usage 1
 BIN_A=$(realpath "$1"); BIN_B=$(realpath "$2"); shift 2
-WORKLOAD=put; CLIENTS=32; SECS=10; ROUNDS=1
+WORKLOAD=put; CLIENTS=32; SECS=10; ROUNDS=1; KV_API=unary
 while [ $# -gt 0 ]; do
   case "$1" in
     --workload) WORKLOAD=${2:?}; shift 2 ;;
     --clients) CLIENTS=${2:?}; shift 2 ;;
     --secs) SECS=${2:?}; shift 2 ;;
     --rounds) ROUNDS=${2:?}; shift 2 ;;
+    --kv-api) KV_API=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "duel.sh: unknown argument: $1" >&2; usage 1 ;;
   esac
@@ -54,7 +57,7 @@ duel() {
   done
   for side in a b; do
     "$BENCH" run --system shopkv --endpoints "$(cat "$WORK/$side/endpoints")" --workload "$WORKLOAD" \
-      --clients "$CLIENTS" --duration-secs "$SECS" --warmup-secs 2 --out "$WORK/$side.jsonl" \
+      --clients "$CLIENTS" --duration-secs "$SECS" --warmup-secs 2 --kv-api "$KV_API" --out "$WORK/$side.jsonl" \
       --server-pids "$(cat "$WORK/$side"/n*/shopkv.pid | paste -sd , -)" >"$WORK/$side.out" 2>&1 &
     pid[$side]=$!
   done
