@@ -172,6 +172,17 @@ impl BatchConn {
     }
 }
 
+/// A unary call's answer, or DEADLINE_EXCEEDED (no outcome header: unknown)
+/// after OP_TIMEOUT.
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(OP_TIMEOUT, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
+    }
+}
+
 /// How a client sends requests to one node.
 enum Conn {
     Unary(KvClient<Channel>),
@@ -181,10 +192,7 @@ enum Conn {
 impl Conn {
     async fn put(&mut self, req: proto::PutRequest) -> Result<proto::PutResponse, tonic::Status> {
         match self {
-            Conn::Unary(kv) => match tokio::time::timeout(OP_TIMEOUT, kv.put(req)).await {
-                Ok(r) => r.map(tonic::Response::into_inner),
-                Err(_) => Err(tonic::Status::deadline_exceeded("put timed out")),
-            },
+            Conn::Unary(kv) => within(kv.put(req)).await,
             Conn::Batch(b) => match b.call(BatchOp::Put(req)).await? {
                 BatchReply::Put(r) => Ok(r),
                 other => Err(tonic::Status::internal(format!("put answered {other:?}"))),
@@ -194,10 +202,7 @@ impl Conn {
 
     async fn get(&mut self, req: proto::GetRequest) -> Result<proto::GetResponse, tonic::Status> {
         match self {
-            Conn::Unary(kv) => match tokio::time::timeout(OP_TIMEOUT, kv.get(req)).await {
-                Ok(r) => r.map(tonic::Response::into_inner),
-                Err(_) => Err(tonic::Status::deadline_exceeded("get timed out")),
-            },
+            Conn::Unary(kv) => within(kv.get(req)).await,
             Conn::Batch(b) => match b.call(BatchOp::Get(req)).await? {
                 BatchReply::Get(r) => Ok(r),
                 other => Err(tonic::Status::internal(format!("get answered {other:?}"))),
@@ -210,12 +215,7 @@ impl Conn {
         req: proto::CompareAndSwapRequest,
     ) -> Result<proto::CompareAndSwapResponse, tonic::Status> {
         match self {
-            Conn::Unary(kv) => {
-                match tokio::time::timeout(OP_TIMEOUT, kv.compare_and_swap(req)).await {
-                    Ok(r) => r.map(tonic::Response::into_inner),
-                    Err(_) => Err(tonic::Status::deadline_exceeded("cas timed out")),
-                }
-            }
+            Conn::Unary(kv) => within(kv.compare_and_swap(req)).await,
             Conn::Batch(b) => match b.call(BatchOp::CompareAndSwap(req)).await? {
                 BatchReply::CompareAndSwap(r) => Ok(r),
                 other => Err(tonic::Status::internal(format!("cas answered {other:?}"))),

@@ -41,11 +41,17 @@ impl Stream {
             .send(BatchRequest { items })
             .await
             .expect("stream open");
+        self.collect(want, Duration::from_secs(20)).await
+    }
+
+    /// Results until `want` items are answered, each once, the whole within `limit`.
+    async fn collect(&mut self, want: usize, limit: Duration) -> HashMap<u64, Reply> {
         let mut got = HashMap::new();
+        let deadline = tokio::time::Instant::now() + limit;
         while got.len() < want {
-            let message = tokio::time::timeout(Duration::from_secs(20), self.results.message())
+            let message = tokio::time::timeout_at(deadline, self.results.message())
                 .await
-                .expect("results within 20 s")
+                .unwrap_or_else(|_| panic!("{want} results within {limit:?}"))
                 .expect("stream healthy")
                 .expect("stream not over");
             for r in message.results {
@@ -235,7 +241,6 @@ async fn a_batch_streams_items_are_served_each_as_its_unary_call() {
     // stream until some finish, and every item is still answered once.
     let total = 6000u64;
     let mut sent = 0u64;
-    let mut answered = HashMap::new();
     while sent < total {
         let items = (sent..sent + 1000)
             .map(|i| item(10_000 + i, put(&format!("flood/{i}"), "x", None)))
@@ -246,21 +251,9 @@ async fn a_batch_streams_items_are_served_each_as_its_unary_call() {
             .expect("stream open");
         sent += 1000;
     }
-    while (answered.len() as u64) < total {
-        let message = tokio::time::timeout(Duration::from_secs(60), s.results.message())
-            .await
-            .expect("flood answered within 60 s")
-            .expect("stream healthy")
-            .expect("stream not over");
-        for r in message.results {
-            assert!(
-                matches!(r.result, Some(Reply::Put(_))),
-                "{}: {:?}",
-                r.id,
-                r.result
-            );
-            assert!(answered.insert(r.id, ()).is_none(), "{} twice", r.id);
-        }
+    let answered = s.collect(total as usize, Duration::from_secs(60)).await;
+    for (id, reply) in &answered {
+        assert!(matches!(reply, Reply::Put(_)), "{id}: {reply:?}");
     }
 
     // A message over the item limit ends the stream, and none of it is applied.

@@ -51,6 +51,12 @@ impl KvService {
         Duration::from_millis(self.node.config.request_timeout_ms)
     }
 
+    /// A unary call's message and its deadline.
+    fn unary<T>(&self, req: Request<T>) -> (T, Instant) {
+        let deadline = deadline_of(&req, self.default_timeout());
+        (req.into_inner(), deadline)
+    }
+
     fn map(&self) -> Result<Arc<ClusterMap>, Status> {
         self.node
             .cluster_map()
@@ -318,38 +324,32 @@ impl Kv for KvService {
         &self,
         req: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        self.put_op(req.into_inner(), deadline)
-            .await
-            .map(Response::new)
+        let (r, deadline) = self.unary(req);
+        self.put_op(r, deadline).await.map(Response::new)
     }
 
     async fn get(
         &self,
         req: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        self.get_op(req.into_inner(), deadline)
-            .await
-            .map(Response::new)
+        let (r, deadline) = self.unary(req);
+        self.get_op(r, deadline).await.map(Response::new)
     }
 
     async fn delete(
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        self.delete_op(req.into_inner(), deadline)
-            .await
-            .map(Response::new)
+        let (r, deadline) = self.unary(req);
+        self.delete_op(r, deadline).await.map(Response::new)
     }
 
     async fn compare_and_swap(
         &self,
         req: Request<proto::CompareAndSwapRequest>,
     ) -> Result<Response<proto::CompareAndSwapResponse>, Status> {
-        let deadline = deadline_of(&req, self.default_timeout());
-        self.compare_and_swap_op(req.into_inner(), deadline)
+        let (r, deadline) = self.unary(req);
+        self.compare_and_swap_op(r, deadline)
             .await
             .map(Response::new)
     }
