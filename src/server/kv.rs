@@ -34,17 +34,25 @@ pub const MAX_BATCH_ITEMS: usize = 1024;
 /// by default (`--max-concurrent-streams`), so a stream holds at most the
 /// memory of a connection's unary calls: ≤ 1 024 requests and results.
 pub const MAX_BATCH_IN_FLIGHT: usize = 1024;
+/// Items of all `Batch` streams a node serves at once. A connection may open
+/// many streams; past this every stream waits, as one past its own limit does.
+pub const MAX_BATCH_IN_FLIGHT_PER_NODE: usize = 65_536;
 
 /// The KV service.
 #[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
+    /// Slots of [`MAX_BATCH_IN_FLIGHT_PER_NODE`], shared by every `Batch` stream.
+    batch_slots: Arc<Semaphore>,
 }
 
 impl KvService {
     /// A service over `node`.
     pub fn new(node: Arc<Node>) -> KvService {
-        KvService { node }
+        KvService {
+            node,
+            batch_slots: Arc::new(Semaphore::new(MAX_BATCH_IN_FLIGHT_PER_NODE)),
+        }
     }
 
     fn default_timeout(&self) -> Duration {
@@ -269,7 +277,8 @@ fn batch_error(s: &Status) -> proto::BatchError {
 }
 
 /// The reading side of a `Batch` stream: each item runs as its own task (they
-/// finish in any order), at most [`MAX_BATCH_IN_FLIGHT`] at once. Items still
+/// finish in any order), at most [`MAX_BATCH_IN_FLIGHT`] at once (and
+/// [`MAX_BATCH_IN_FLIGHT_PER_NODE`] across streams). Items still
 /// running when the client goes away finish (a write may be half way through
 /// Raft); their results are dropped.
 async fn serve_batch_stream(
@@ -291,12 +300,18 @@ async fn serve_batch_stream(
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
+            let Ok(node_slot) = Arc::clone(&service.batch_slots).acquire_owned().await else {
+                return;
+            };
             let service = service.clone();
             let results = results.clone();
             tokio::spawn(async move {
                 let result = service.batch_item(item).await;
-                // The slot is held until the result is queued: a client that
-                // does not read its results stops the reading of its requests.
+                // The node's slot is for work: a client that does not read its
+                // results must not hold back other streams. The stream's slot is
+                // held until the result is queued, so that client stops the
+                // reading of its own requests.
+                drop(node_slot);
                 let _ = results.send(Ok(result)).await;
                 drop(slot);
             });
