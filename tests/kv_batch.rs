@@ -102,7 +102,7 @@ fn error(reply: &Reply) -> &proto::BatchError {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_streams_items_are_served_each_as_its_unary_call() {
-    let c = TestCluster::start_initialised(3, 2, &[]).await;
+    let mut c = TestCluster::start_initialised(3, 2, &[]).await;
     // Node 3 leads at most one of the two shards: some items are forwarded.
     let mut s = open(&c, 3).await;
 
@@ -272,4 +272,27 @@ async fn a_batch_streams_items_are_served_each_as_its_unary_call() {
     assert!(end.message().contains("1024"), "{}", end.message());
     assert_eq!(get(&mut kv, "over/0", false).await.expect("get"), None);
     assert_eq!(get(&mut kv, "over/1024", false).await.expect("get"), None);
+
+    // A client that leaves with items in flight: the node finishes or drops
+    // them, stays up, and serves the next stream.
+    let gone = open(&c, 3).await;
+    let items = (0..1000)
+        .map(|i| item(i, put(&format!("left/{i}"), "x", None)))
+        .collect();
+    gone.requests
+        .send(BatchRequest { items })
+        .await
+        .expect("stream open");
+    drop(gone);
+    let mut s = open(&c, 3).await;
+    let got = s.call(vec![item(1, read(&keys[2], false))]).await;
+    assert!(
+        matches!(&got[&1], Reply::Get(r) if r.record.as_ref().is_some_and(|rec| rec.value == b"v2")),
+        "{:?}",
+        got[&1]
+    );
+    assert!(
+        c.node_mut(3).is_running(),
+        "node 3 exited after its client left"
+    );
 }
