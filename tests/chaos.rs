@@ -114,19 +114,20 @@ impl BatchConn {
     }
 
     async fn send_and_wait(&mut self, op: BatchOp) -> Result<BatchReply, tonic::Status> {
-        if self.open.is_none() {
-            let (tx, rx) = mpsc::channel(4);
-            let results = self.kv.batch(ReceiverStream::new(rx)).await.map_err(|s| {
-                // Nothing was sent on a stream that never opened.
-                let mut s = tonic::Status::unavailable(format!("open Kv.Batch: {}", s.message()));
-                s.metadata_mut()
-                    .insert("x-shopkv-outcome", "not-applied".parse().expect("ascii"));
-                s
-            })?;
-            self.open = Some((tx, results.into_inner()));
-        }
-        let Some((tx, results)) = self.open.as_mut() else {
-            unreachable!("opened above");
+        let (tx, results) = match self.open.take() {
+            Some(open) => self.open.insert(open),
+            None => {
+                let (tx, rx) = mpsc::channel(4);
+                let results = self.kv.batch(ReceiverStream::new(rx)).await.map_err(|s| {
+                    // Nothing was sent on a stream that never opened.
+                    let mut s =
+                        tonic::Status::unavailable(format!("open Kv.Batch: {}", s.message()));
+                    s.metadata_mut()
+                        .insert("x-shopkv-outcome", "not-applied".parse().expect("ascii"));
+                    s
+                })?;
+                self.open.insert((tx, results.into_inner()))
+            }
         };
         self.next_id += 1;
         let id = self.next_id;

@@ -105,6 +105,9 @@ impl ShopkvConn {
     /// The `Kv.Batch` stream to the leader of `key`'s shard (this connection's if
     /// unknown); `None` unless the driver batches.
     fn batch_for(&self, key: &[u8]) -> Option<BatchLink> {
+        // Unary mode must not route twice (here and in `kv_for`): the load
+        // generator shares the cores with the cluster.
+        self.batch.as_ref()?;
         self.routed(|shards| route::shard_for(key, shards))
             .and_then(|link| link.batch.clone())
             .or_else(|| self.batch.clone())
