@@ -69,7 +69,8 @@ if [ -n "$RECORD" ]; then wait "$REC" || { cat "$WORK/record.err" >&2; exit 1; }
 wait "$LOAD" || { tail -n 5 "$WORK/run.out" >&2; exit 1; }
 
 # "  => N ops/s p50=... cpu_us/op: servers=S load_generator=L"
-line=$(grep "=>" "$WORK/run.out" | tail -n 1)
+line=$(grep "=>" "$WORK/run.out" | tail -n 1 || true)
+[ -n "$line" ] || { echo "profile.sh: the load generator reported no result:" >&2; tail -n 5 "$WORK/run.out" >&2; exit 1; }
 ops=$(sed 's/.*=> \([0-9]*\) ops.*/\1/' <<<"$line")
 echo "profile.sh: $WORKLOAD, $CLIENTS clients, 3 nodes, $SHARDS shards, kv-api $KV_API, ${SECS}s ($(basename "$BIN"))"
 echo "  ops/s=$ops $(sed -n 's/.*\(cpu_us\/op:.*\)/\1/p' <<<"$line")"
