@@ -56,9 +56,8 @@ WARMUP=2
   --shards "$SHARDS" --out "$WORK/run.jsonl" --server-pids "$PIDS" >"$WORK/run.out" 2>&1 &
 LOAD=$!
 sleep $((WARMUP + (SECS - 5) / 2))
-EVENTS=syscalls:sys_enter_fdatasync,syscalls:sys_enter_write,syscalls:sys_enter_writev
-EVENTS=$EVENTS,syscalls:sys_enter_recvfrom
-EVENTS=$EVENTS,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,context-switches
+SYSCALLS="fdatasync write writev recvfrom futex epoll_wait"
+EVENTS=$(printf 'syscalls:sys_enter_%s,' $SYSCALLS)context-switches
 if [ -n "$RECORD" ]; then
   perf record -F 499 --call-graph dwarf,16384 -p "$PIDS" -o "$RECORD" -- sleep 5 >/dev/null 2>"$WORK/record.err" &
   REC=$!
