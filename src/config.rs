@@ -29,8 +29,9 @@ pub const DEFAULT_TXN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_ABORTED_TXN_RETENTION_MS: u64 = 24 * 3_600_000;
 
 /// Default wait of the WAL sync thread for more appends under concurrent load
-/// (see [`crate::storage::StoreOptions`]): about one fsync on the bench machine.
-pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 500;
+/// (see [`crate::storage::StoreOptions`]): 1 ms, measured against 500 µs and
+/// 1.5 ms on the bench machine (bench/RESULTS.md, 2026-11-27 18:40 UTC).
+pub const DEFAULT_GROUP_COMMIT_DELAY_US: u64 = 1_000;
 
 /// Default of concurrent calls per client connection (TiKV's default; a
 /// waiting lock Acquire or an open watch holds one for its whole life).

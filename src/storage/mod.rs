@@ -508,8 +508,8 @@ impl ApplyBatch {
 /// is completed by that sync, so one fsync covers many appends of many groups.
 /// Under concurrent load it first waits `delay` for more appends: fewer,
 /// larger syncs leave CPU to the rest of the write path (W1 puts +9–15 % at
-/// 500 µs on the 2-core bench machine, bench/RESULTS.md 2026-11-26), and each
-/// append still waits for its own fsync.
+/// 500 µs on the 2-core bench machine, bench/RESULTS.md 2026-11-26; 1 ms
+/// since 2026-11-27), and each append still waits for its own fsync.
 struct GroupCommit {
     tx: Option<mpsc::Sender<FlushCallback>>,
     syncs: Arc<AtomicU64>,
