@@ -600,6 +600,15 @@ impl Drop for GroupCommit {
 mod tests {
     use super::*;
 
+    /// Queues a sync behind what was written and waits for it: its result.
+    fn sync(store: &Store) -> bool {
+        let (tx, rx) = mpsc::channel();
+        store
+            .flush_then(Box::new(move |r| tx.send(r.is_ok()).unwrap()))
+            .unwrap();
+        rx.recv().unwrap()
+    }
+
     #[test]
     fn an_append_can_carry_the_committed_log_id_of_its_group() {
         let dir = tempfile::tempdir().unwrap();
@@ -629,11 +638,7 @@ mod tests {
         let started = std::time::Instant::now();
         for i in 0..20u64 {
             store.append_log(1, &[(i, vec![7])], None).unwrap();
-            let (tx, rx) = mpsc::channel();
-            store
-                .flush_then(Box::new(move |res| tx.send(res.is_ok()).unwrap()))
-                .unwrap();
-            assert!(rx.recv().unwrap(), "sync {i} failed");
+            assert!(sync(&store), "sync {i} failed");
         }
         // Each sync covered one append, so none waited: far less than one delay.
         assert!(
@@ -687,14 +692,6 @@ mod tests {
 
     fn crash_entry(index: u64) -> Vec<u8> {
         vec![index as u8; 256 << 10]
-    }
-
-    fn sync(store: &Store) -> bool {
-        let (tx, rx) = mpsc::channel();
-        store
-            .flush_then(Box::new(move |r| tx.send(r.is_ok()).unwrap()))
-            .unwrap();
-        rx.recv().unwrap()
     }
 
     /// The child: appends and syncs one entry per round, flushing the
@@ -772,11 +769,7 @@ mod tests {
         for round in 0..20u64 {
             let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
             store.append_log(1, &[(round, vec![7])], None).unwrap();
-            let (tx, rx) = mpsc::channel();
-            store
-                .flush_then(Box::new(move |r| tx.send(r.is_ok()).unwrap()))
-                .unwrap();
-            assert!(rx.recv().unwrap());
+            assert!(sync(&store));
             let clone = store.clone();
             drop(store);
             drop(clone);
