@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream, StreamExt};
+use futures::task::AtomicWaker;
 use openraft::error::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
@@ -42,6 +43,16 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
 /// stuck (openraft passes the heartbeat interval; a loaded follower's fsync can
 /// take longer than that without anything being wrong).
 const MIN_APPEND_PROGRESS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// AppendEntries requests one stream may have sent without their acks (as
+/// etcd's and TiKV's `max-inflight-msgs`). openraft builds a request from
+/// every entry submitted when the stream is polled; unlimited, a loaded
+/// leader sent each turn of its core's loop on its own (2.7 entries per
+/// request under W1 put 64), and every request costs a frame, a follower
+/// append and an ack. Held back while 4 are owed, the next one carries what
+/// was proposed meanwhile: W1 put 64 CPU per put −8 %, +5–20 % puts/s in
+/// alternated runs; put 1 and 16 unchanged (bench/RESULTS.md 2026-11-27).
+const MAX_APPENDS_IN_FLIGHT: u64 = 4;
 
 /// Errors of a peer call.
 #[derive(Debug, thiserror::Error)]
@@ -376,11 +387,67 @@ pub struct GroupNetwork {
     group: GroupId,
 }
 
+/// Requests of one AppendStream sent and not yet acknowledged, shared by the
+/// sending side (which stops taking requests from openraft while
+/// [`MAX_APPENDS_IN_FLIGHT`] are owed) and the ack side (which wakes it).
+#[derive(Default)]
+struct AckWindow {
+    /// Requests sent minus acks received (each request gets exactly one ack).
+    owed: AtomicU64,
+    /// The sending side, parked on a full window.
+    sender: AtomicWaker,
+}
+
+impl AckWindow {
+    fn owed(&self) -> u64 {
+        self.owed.load(Ordering::Acquire)
+    }
+
+    fn acked(&self) {
+        self.owed.fetch_sub(1, Ordering::AcqRel);
+        self.sender.wake();
+    }
+}
+
+/// openraft's request stream for one AppendStream, taken from only while
+/// fewer than [`MAX_APPENDS_IN_FLIGHT`] requests are owed acks. openraft
+/// builds a request when it is polled, from every entry submitted by then, so
+/// entries proposed while the window is full leave together in the next one.
+struct WindowedRequests<S> {
+    requests: S,
+    window: Arc<AckWindow>,
+    max_in_flight: u64,
+}
+
+impl<S> Stream for WindowedRequests<S>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    type Item = AppendEntriesRequest<TypeConfig>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.window.owed() >= self.max_in_flight {
+            self.window.sender.register(cx.waker());
+            // An ack that arrived before the registration woke nobody.
+            if self.window.owed() >= self.max_in_flight {
+                return std::task::Poll::Pending;
+            }
+        }
+        let polled = self.requests.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(_)) = &polled {
+            self.window.owed.fetch_add(1, Ordering::AcqRel);
+        }
+        polled
+    }
+}
+
 /// The leader's side of one AppendStream: acks still owed and the response stream.
 struct AppendSession {
     acks: tonic::Streaming<AppendAck>,
-    /// Requests sent minus acks received (each request gets exactly one ack).
-    owed: Arc<AtomicU64>,
+    window: Arc<AckWindow>,
     /// How long an owed ack may take before the stream counts as stuck.
     progress_timeout: Duration,
     ended: bool,
@@ -397,7 +464,7 @@ impl AppendSession {
         let item = loop {
             match tokio::time::timeout(self.progress_timeout, self.acks.message()).await {
                 Ok(item) => break item,
-                Err(_) if self.owed.load(Ordering::Acquire) == 0 => waited_with_owed = false,
+                Err(_) if self.window.owed() == 0 => waited_with_owed = false,
                 // Owed acks for a whole period (at most two): the link is stuck.
                 Err(_) if waited_with_owed => {
                     self.ended = true;
@@ -408,7 +475,7 @@ impl AppendSession {
         };
         let ack = match item {
             Ok(Some(ack)) => ack,
-            Ok(None) if self.owed.load(Ordering::Acquire) == 0 => {
+            Ok(None) if self.window.owed() == 0 => {
                 self.ended = true;
                 return None;
             }
@@ -423,7 +490,7 @@ impl AppendSession {
                 return Some(Err(PeerError::Status(status)));
             }
         };
-        self.owed.fetch_sub(1, Ordering::AcqRel);
+        self.window.acked();
         if !ack.error.is_empty() {
             self.ended = true;
             return Some(Err(PeerError::Remote(ack.error)));
@@ -459,13 +526,16 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     {
         Box::pin(async move {
             let mut client = self.router.client(self.target).map_err(rpc_error)?;
-            let owed = Arc::new(AtomicU64::new(0));
+            let window = Arc::new(AckWindow::default());
             let (group, from_node) = (self.group, self.router.inner.self_id);
             let cluster_id = self.router.inner.cluster_id.load(Ordering::Relaxed);
-            let sent = Arc::clone(&owed);
+            let requests = WindowedRequests {
+                requests: input,
+                window: Arc::clone(&window),
+                max_in_flight: MAX_APPENDS_IN_FLIGHT,
+            };
             let mut first = true;
-            let frames = input.map(move |request| {
-                sent.fetch_add(1, Ordering::AcqRel);
+            let frames = requests.map(move |request| {
                 // Encoding our own types does not fail; if it ever did, the empty
                 // payload makes the follower end the stream and openraft retries.
                 let payload = codec::to_wire(&request).unwrap_or_default();
@@ -485,7 +555,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
                 .into_inner();
             let session = AppendSession {
                 acks,
-                owed,
+                window,
                 progress_timeout: option.soft_ttl().max(MIN_APPEND_PROGRESS_TIMEOUT),
                 ended: false,
             };
@@ -531,5 +601,70 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.unary.transfer_leader(req, option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::*;
+
+    /// Counts the wake-ups of the stream's consumer.
+    #[derive(Default)]
+    struct CountingWaker(AtomicU64);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn request() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_request_stream_is_held_while_the_window_is_full_and_resumes_on_an_ack() {
+        let window = Arc::new(AckWindow::default());
+        let mut requests = WindowedRequests {
+            requests: futures::stream::iter((0..5).map(|_| request())),
+            window: Arc::clone(&window),
+            max_in_flight: 2,
+        };
+        let wakes = Arc::new(CountingWaker::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let mut poll = || Pin::new(&mut requests).poll_next(&mut cx);
+
+        assert!(matches!(poll(), Poll::Ready(Some(_))));
+        assert!(matches!(poll(), Poll::Ready(Some(_))));
+        assert_eq!(window.owed(), 2);
+        assert!(poll().is_pending(), "a third request while two are owed");
+        assert_eq!(wakes.0.load(Ordering::Acquire), 0);
+
+        window.acked();
+        assert_eq!(
+            wakes.0.load(Ordering::Acquire),
+            1,
+            "an ack wakes the sender"
+        );
+        assert!(matches!(poll(), Poll::Ready(Some(_))));
+        assert!(poll().is_pending());
+        window.acked();
+        window.acked();
+        assert!(matches!(poll(), Poll::Ready(Some(_))));
+        assert!(matches!(poll(), Poll::Ready(Some(_))));
+        window.acked();
+        assert!(
+            matches!(poll(), Poll::Ready(None)),
+            "the end passes through"
+        );
     }
 }
