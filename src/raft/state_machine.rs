@@ -22,25 +22,26 @@ use crate::watch::{Change, Event, WatchHub};
 /// Snapshot contents in flight: one group's records and meta.
 pub type SnapshotData = GroupImage;
 
-/// Product records cached per group (bounded; emptied when full).
-pub const MAX_CACHED_PRODUCTS: usize = 100_000;
+/// SKU records (products and stock levels) cached per group (bounded;
+/// emptied when full).
+pub const MAX_CACHED_SKU_RECORDS: usize = 200_000;
 
-/// The group's product records as apply last read or wrote them. Products
-/// are read by every order line (a prepare reads each line's product) and
-/// written rarely; a RocksDB point get of one costs two memtable searches,
-/// bloom probes and a block-cache lookup (≈ 6 % of a node's CPU under W4).
-/// Only apply touches it: a miss is filled from the committed record it
-/// reads, and the batch's own writes update it once the batch is committed.
-/// Apply is the only writer of the group's records, so it never holds a
-/// stale value; installing a snapshot empties it.
+/// The group's SKU records (products and stock levels) as apply last read or
+/// wrote them. Every order line reads its product and its stock level; a
+/// RocksDB point get costs memtable skiplist searches, bloom probes and a
+/// block-cache lookup (products ≈ 6 % of a node's CPU under W4, stock levels
+/// ≈ 4 %). Only apply touches it: a miss is filled from the committed record
+/// it reads, and the batch's own writes update it once the batch is
+/// committed. Apply is the only writer of the group's records, so it never
+/// holds a stale value; installing a snapshot empties it.
 #[derive(Default)]
-struct ProductCache {
+struct SkuRecordCache {
     records: HashMap<Vec<u8>, Vec<u8>>,
 }
 
-impl ProductCache {
+impl SkuRecordCache {
     fn insert(&mut self, record_key: Vec<u8>, value: Vec<u8>) {
-        if self.records.len() >= MAX_CACHED_PRODUCTS {
+        if self.records.len() >= MAX_CACHED_SKU_RECORDS {
             self.records.clear();
         }
         self.records.insert(record_key, value);
@@ -53,7 +54,7 @@ pub struct StateMachine {
     group: GroupId,
     store: Store,
     watches: Arc<WatchHub>,
-    products: Arc<Mutex<ProductCache>>,
+    sku_records: Arc<Mutex<SkuRecordCache>>,
 }
 
 impl StateMachine {
@@ -63,14 +64,14 @@ impl StateMachine {
             group,
             store,
             watches,
-            products: Arc::default(),
+            sku_records: Arc::default(),
         }
     }
 
-    fn products(&self) -> MutexGuard<'_, ProductCache> {
+    fn sku_records(&self) -> MutexGuard<'_, SkuRecordCache> {
         // Locked only to take the cache out or put it back (never
         // contended); should a panic ever poison it, start cold.
-        self.products.lock().unwrap_or_else(|p| {
+        self.sku_records.lock().unwrap_or_else(|p| {
             let mut g = p.into_inner();
             g.records.clear();
             g
@@ -103,7 +104,7 @@ impl StateMachine {
 struct Overlay<'a> {
     store: &'a Store,
     group: GroupId,
-    products: &'a mut ProductCache,
+    sku_records: &'a mut SkuRecordCache,
     batch: ApplyBatch,
     pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Watchable changes of the entry being applied.
@@ -126,16 +127,16 @@ impl StateAccess for Overlay<'_> {
         if let Some(v) = self.pending.get(record_key) {
             return Ok(v.clone());
         }
-        let product = keys::is_product_key(record_key);
-        if product && let Some(v) = self.products.records.get(record_key) {
+        let cached = keys::is_sku_record_key(record_key);
+        if cached && let Some(v) = self.sku_records.records.get(record_key) {
             return Ok(Some(v.clone()));
         }
         let value = self
             .store
             .get_record(self.group, record_key)
             .map_err(|e| SmError::Storage(e.to_string()))?;
-        if product && let Some(v) = &value {
-            self.products.insert(record_key.to_vec(), v.clone());
+        if cached && let Some(v) = &value {
+            self.sku_records.insert(record_key.to_vec(), v.clone());
         }
         Ok(value)
     }
@@ -195,11 +196,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Taken out for the batch (a lock guard cannot be held across the
         // awaits below) and put back after the commit; a failed apply leaves
         // it empty, which is only colder.
-        let mut products = std::mem::take(&mut *self.products());
+        let mut sku_records = std::mem::take(&mut *self.sku_records());
         let mut overlay = Overlay {
             store: &self.store,
             group: self.group,
-            products: &mut products,
+            sku_records: &mut sku_records,
             batch: self.store.apply_batch(self.group),
             pending: HashMap::new(),
             changes: Vec::new(),
@@ -235,7 +236,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let Some(last_applied) = last_applied else {
-            *self.products() = products;
+            *self.sku_records() = sku_records;
             return Ok(());
         };
         let mut batch = overlay.batch;
@@ -249,16 +250,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.store.commit_apply(batch)?;
         for (record_key, value) in overlay.pending {
-            if keys::is_product_key(&record_key) {
+            if keys::is_sku_record_key(&record_key) {
                 match value {
-                    Some(v) => products.insert(record_key, v),
+                    Some(v) => sku_records.insert(record_key, v),
                     None => {
-                        products.records.remove(&record_key);
+                        sku_records.records.remove(&record_key);
                     }
                 }
             }
         }
-        *self.products() = products;
+        *self.sku_records() = sku_records;
         self.watches.publish(self.group, events, last_applied.index);
         for (r, resp) in responders {
             r.send(resp);
@@ -286,7 +287,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || store.install_group_snapshot(group, &snapshot))
             .await
             .map_err(io::Error::other)??;
-        self.products().records.clear();
+        self.sku_records().records.clear();
         let applied = meta.last_log_id.as_ref().map_or(0, |l| l.index);
         self.watches.reset(self.group, applied);
         Ok(())

@@ -104,10 +104,10 @@ const NS_HELD: u8 = b'H';
 const NS_TXN_PENDING: u8 = b'W';
 const NS_ABORTED: u8 = b'V';
 
-/// Whether this is a product record (read-mostly: catalog edits are rare,
-/// every order line reads one).
-pub fn is_product_key(record_key: &[u8]) -> bool {
-    record_key.first() == Some(&NS_PRODUCT)
+/// Whether this is a SKU's product or stock-level record: every order line
+/// reads both, and there is one of each per SKU (bounded by the catalog).
+pub fn is_sku_record_key(record_key: &[u8]) -> bool {
+    matches!(record_key.first(), Some(&(NS_PRODUCT | NS_INVENTORY)))
 }
 
 /// Whether changes to this record are kept for watchers (`crate::watch`):
