@@ -3,6 +3,7 @@
 //! with the client's deadline, and what a failed write means (retry elsewhere
 //! or outcome unknown).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::LinearizerOption;
@@ -80,6 +81,7 @@ impl Node {
         deadline: Instant,
         hops_left: u32,
     ) -> Result<Response, NodeError> {
+        let cmd = Arc::new(cmd);
         let mut retry = Retry::new(deadline);
         loop {
             let Some(remaining) = retry.remaining() else {
@@ -89,7 +91,8 @@ impl Node {
             };
             let leader = match self.route(group, retry.attempt)? {
                 Route::Local(raft) => {
-                    match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
+                    match tokio::time::timeout(remaining, raft.client_write(Arc::clone(&cmd))).await
+                    {
                         Err(_) => {
                             return Err(NodeError::OutcomeUnknown(format!(
                                 "deadline passed after the write was proposed to group {group}"
