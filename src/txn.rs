@@ -8,8 +8,10 @@
 //! answering an abort). The coordinator keeps no state of its own: a retry
 //! of the same order id continues where it stopped (every step is
 //! idempotent), and `recover` — run by each shard leader's sweeper — aborts
-//! PENDING records past their deadline, finishes owed settlements, and asks
-//! the anchor about reservations held too long.
+//! PENDING records past their deadline, finishes owed settlements (an
+//! abort's, a cancel's, a ship's: the anchor records those), and asks the
+//! anchor about reservations held too long (which is how a commit the
+//! coordinator did not settle is settled: the anchor owes none).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
@@ -281,11 +283,28 @@ pub struct SettleJob {
     pub skus: Vec<String>,
     /// What to apply.
     pub outcome: Settlement,
+    /// Whether the anchor records it as owed (`S`), to be cleared once the
+    /// participants applied it: every settlement but a coordinator's commit.
+    pub owed_on_anchor: bool,
+}
+
+impl SettleJob {
+    /// A settlement the coordinator or an order transition starts: the
+    /// anchor owes it unless it is a commit (`DecideTxn` records none).
+    fn new(order_id: &str, skus: Vec<String>, outcome: Settlement) -> SettleJob {
+        SettleJob {
+            order_id: order_id.to_string(),
+            skus,
+            outcome,
+            owed_on_anchor: outcome != Settlement::Commit,
+        }
+    }
 }
 
 /// Applies many orders' settlements with one `ResolveTxn` per participant
-/// shard and one `SettlementDone` per anchor shard; returns, per job, whether
-/// it was fully applied (failed ones stay owed: recovery retries them).
+/// shard and one `SettlementDone` per anchor shard for those it owes;
+/// returns, per job, whether it was fully applied (failed ones stay owed or
+/// held: recovery retries them).
 pub async fn settle_many(
     node: &Node,
     map: &ClusterMap,
@@ -330,7 +349,10 @@ pub async fn settle_many(
         }
     }
     let mut per_anchor: BTreeMap<GroupId, Vec<(String, Settlement)>> = BTreeMap::new();
-    for job in jobs.iter().filter(|j| !failed.contains_key(&j.order_id)) {
+    for job in jobs
+        .iter()
+        .filter(|j| j.owed_on_anchor && !failed.contains_key(&j.order_id))
+    {
         per_anchor
             .entry(map.shard_of_order(&job.order_id))
             .or_default()
@@ -412,11 +434,7 @@ impl Settler {
         outcome: Settlement,
     ) -> Result<(), CommerceError> {
         let (done, wait) = oneshot::channel();
-        let job = SettleJob {
-            order_id: order_id.to_string(),
-            skus,
-            outcome,
-        };
+        let job = SettleJob::new(order_id, skus, outcome);
         self.tx
             .try_send((job, Some(done)))
             .map_err(|_| NodeError::Unavailable("settlement queue full".into()))?;
@@ -428,13 +446,10 @@ impl Settler {
     }
 
     /// Queues a settlement without waiting (if the queue is full, recovery
-    /// applies it later: the anchor keeps it owed).
+    /// applies it later: the anchor keeps it owed, or — a commit — the
+    /// participants find their holds).
     pub fn settle_later(&self, order_id: &str, skus: Vec<String>, outcome: Settlement) {
-        let job = SettleJob {
-            order_id: order_id.to_string(),
-            skus,
-            outcome,
-        };
+        let job = SettleJob::new(order_id, skus, outcome);
         if self.tx.try_send((job, None)).is_err() {
             tracing::info!(order_id, "settlement queue full; left to recovery");
         }
@@ -524,6 +539,7 @@ pub async fn recover(
             order_id: order_id.clone(),
             skus: e.skus.clone(),
             outcome: e.outcome,
+            owed_on_anchor: true,
         })
         .collect();
     if !owed.is_empty() {

@@ -2368,6 +2368,16 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // A commit owes no settlement: the hold stays until the coordinator
+        // settles it or the participant's recovery asks the anchor.
+        match read(&m, &CommerceRead::InFlight { limit: 10 }).unwrap() {
+            CommerceReadResult::InFlight(f) => {
+                assert!(f.settlements.is_empty(), "{f:?}");
+                assert!(f.pending.is_empty(), "{f:?}");
+                assert_eq!(f.held.len(), 1, "{f:?}");
+            }
+            other => panic!("{other:?}"),
+        }
         let after_commit = m.clone();
         let late_abort = CommerceCommand::DecideTxn {
             order_id: "t2".into(),
