@@ -83,6 +83,26 @@ bench() { # system endpoints workload clients nodes shards label
   "$BENCH" run --system "$1" --endpoints "$2" --workload "$3" --clients "$4" --nodes "$5" \
     --shards "$6" --label "$7" --keys "$KEYS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" \
     --kv-api "$KV_API" --server-pids "$SERVER_PIDS" --out "$RESULTS"
+  if [ "$1" = shopkv ]; then leaders_after "$2" "$7 $3 $4"; fi
+}
+# Each group's leader and term after a shopkv row, so that a slow row can be told
+# from a leadership move: the load generator's CPU per op (in the table) rising with
+# the servers' points at the VM instead (bench/RESULTS.md, 2026-11-27 23:27).
+leaders_after() { # endpoints row
+  local now
+  now=$("$SHOPKV_BIN" cluster status --endpoints "$1" 2>/dev/null \
+    | awk '/^[0-9]/{printf "%sg%s=n%s/t%s", sep, $1, $2, $3; sep=" "}')
+  # Keyed by the cluster's processes: each round's cluster is a fresh one.
+  echo "$SERVER_PIDS|$2|${now:-unknown}" >> "$WORK/leaders.log"
+}
+# One line per cluster: its leaders after its first row, and every later row after
+# which they differed.
+leaders_note() {
+  awk -F'|' '
+    !($1 in first) { first[$1] = $3; order[++n] = $1; moved[$1] = ""; next }
+    $3 != first[$1] { moved[$1] = moved[$1] sprintf("; after %s: %s", $2, $3) }
+    END { for (i = 1; i <= n; i++) { k = order[i]; printf "%s%s%s", (i > 1 ? " | " : ""), first[k], (moved[k] == "" ? " (unchanged)" : moved[k]) } }
+  ' "$WORK/leaders.log"
 }
 compare_set() { # system endpoints nodes shards
   for c in $PUT_CLIENTS; do bench "$1" "$2" put "$c" "$3" "$4" compare; done
@@ -178,5 +198,6 @@ echo
   --note "command: \`bench/run.sh${1:+ $1}\` (${ROUNDS} round(s) of ${DURATION} s per row after ${WARMUP} s warm-up, ${KEYS} keys, 256 B values, closed loop, load generator on the same cores)" \
   --note "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $disk (rotational=$rota), $FSYNC" \
   --note "W3 hand-off latency (release → next waiter holds), per round: $(grep -h '^HANDOFF' "$WORK/handoff.log" | sed 's/^HANDOFF workload=lock //' | paste -sd ';' -)" \
+  --note "shopkv leaders/terms per cluster after its rows (g = group, n = node, t = term): $(leaders_note)" \
   --note "etcd $(etcd --version | awk 'NR==1{print $3}') (Debian etcd-server, 3 members, default flags); shopkv 3 nodes, 3 shards (bootstrap default), driver sends to shard leaders (--route leader), KV requests on Kv.Batch streams (--kv-api batch; unary-calls rows: one unary call each, as the etcd driver)"
 echo "run.sh: appended to bench/RESULTS.md"
