@@ -257,7 +257,16 @@ pub async fn place(
                 )
                 .into());
             }
-            // Participants learn the outcome after the client does.
+            // Participants learn the outcome after the client does; the
+            // anchor's own lines, prepared with the begin, have no held entry
+            // to drop.
+            let skus = if fuse_begin {
+                skus.into_iter()
+                    .filter(|s| map.shard_of_sku(s) != anchor)
+                    .collect()
+            } else {
+                skus
+            };
             settler.settle_later(order_id, skus, Settlement::Commit);
             Ok(order)
         }

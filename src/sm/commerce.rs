@@ -623,7 +623,10 @@ pub fn apply(
                     _ => return Ok(view),
                 }
             }
-            txn::prepare(state, index, order_id, lines, *now_ms)
+            // A hold made with its begin is the pending record's: it ends
+            // with that record (kept on commit, released by the abort's
+            // settlement), so it needs no held entry of its own.
+            txn::prepare(state, index, order_id, lines, *now_ms, begin.is_none())
         }
         CommerceCommand::DecideTxn {
             order_id,
@@ -2474,6 +2477,67 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn in_flight(m: &Mem) -> InFlight {
+        match read(m, &CommerceRead::InFlight { limit: 10 }).unwrap() {
+            CommerceReadResult::InFlight(f) => *f,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_hold_made_with_its_begin_has_no_held_entry_and_its_abort_still_releases_it() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 2)];
+        let fused = CommerceCommand::PrepareTxn {
+            order_id: "t5".into(),
+            lines: lines.clone(),
+            now_ms: 1,
+            begin: Some(TxnBegin {
+                customer: "c1".into(),
+                lines: lines.clone(),
+                deadline_ms: 100,
+            }),
+        };
+        assert!(matches!(
+            apply(&mut m, i, &fused).unwrap(),
+            CommerceResponse::Prepared(_)
+        ));
+        assert_eq!(level(&m, "A").reserved, 2);
+        let f = in_flight(&m);
+        assert!(
+            f.held.is_empty(),
+            "the pending record answers for it: {f:?}"
+        );
+        assert_eq!(f.pending.len(), 1);
+        // A participant's prepare without the begin is held for its recovery.
+        let plain = CommerceCommand::PrepareTxn {
+            order_id: "t6".into(),
+            lines: vec![("B".to_string(), 1)],
+            now_ms: 1,
+            begin: None,
+        };
+        apply(&mut m, i + 1, &plain).unwrap();
+        let held: Vec<String> = in_flight(&m).held.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(held, vec!["t6".to_string()]);
+        // Recovery aborts the fused one at its deadline: its release is owed
+        // for its SKUs, and settling it frees the stock.
+        let abort = CommerceCommand::AbortTxn {
+            order_id: "t5".into(),
+            now_ms: 200,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 2, &abort).unwrap()).status,
+            TxnStatus::Aborted
+        );
+        let owed = in_flight(&m).settlements;
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0].0, "t5");
+        assert_eq!(owed[0].1.outcome, Settlement::Abort);
+        assert_eq!(owed[0].1.skus, vec!["A".to_string()]);
+        apply(&mut m, i + 3, &resolve_one("t5", Settlement::Abort, 201)).unwrap();
+        assert_eq!(level(&m, "A").reserved, 0);
     }
 
     #[test]

@@ -278,12 +278,16 @@ pub(super) fn begin(
 }
 
 /// `PrepareTxn` on a participant: all of this shard's lines or none.
+/// `track_hold`: record the hold in `H` for this shard's recovery (not for
+/// the anchor's own lines prepared with the begin: the pending record
+/// answers for them).
 pub(super) fn prepare(
     state: &mut dyn StateAccess,
     index: u64,
     order_id: &str,
     lines: &[(String, u32)],
     now_ms: u64,
+    track_hold: bool,
 ) -> Result<CommerceResponse, SmError> {
     let held = load::<Reservation>(state, &keys::reservation_key(order_id))?.map(|s| s.record);
     match &held {
@@ -330,10 +334,12 @@ pub(super) fn prepare(
         state: ReservationState::Reserved,
     };
     save(state, keys::reservation_key(order_id), index, &r)?;
-    let held = HeldEntry {
-        prepared_ms: now_ms,
-    };
-    save(state, keys::held_key(order_id), index, &held)?;
+    if track_hold {
+        let held = HeldEntry {
+            prepared_ms: now_ms,
+        };
+        save(state, keys::held_key(order_id), index, &held)?;
+    }
     Ok(CommerceResponse::Prepared(products))
 }
 
