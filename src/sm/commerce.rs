@@ -856,6 +856,7 @@ fn place_order(
     // units through the anchor) nor have its own reservation released by the
     // settlement that transaction is still owed.
     if state.get(&keys::txn_key(a.order_id))?.is_some()
+        || state.get(&keys::txn_pending_key(a.order_id))?.is_some()
         || state.get(&keys::reservation_key(a.order_id))?.is_some()
     {
         return Ok(reject(
@@ -2538,6 +2539,75 @@ mod tests {
         assert_eq!(owed[0].1.skus, vec!["A".to_string()]);
         apply(&mut m, i + 3, &resolve_one("t5", Settlement::Abort, 201)).unwrap();
         assert_eq!(level(&m, "A").reserved, 0);
+    }
+
+    #[test]
+    fn an_undecided_record_lives_in_w_and_moves_to_t_only_when_aborted() {
+        let (mut m, i) = shop();
+        let lines = vec![("A".to_string(), 1)];
+        let begin = |id: &str| CommerceCommand::BeginTxn {
+            order_id: id.into(),
+            customer: "c1".into(),
+            lines: lines.clone(),
+            now_ms: 1,
+            deadline_ms: 100,
+        };
+        let stored = |m: &mut Mem, key: Vec<u8>| {
+            load::<txn::TxnRecord>(m, &key)
+                .unwrap()
+                .map(|r| r.record.status)
+        };
+        apply(&mut m, i, &begin("t7")).unwrap();
+        assert_eq!(
+            stored(&mut m, keys::txn_pending_key("t7")),
+            Some(TxnStatus::Pending)
+        );
+        assert_eq!(stored(&mut m, keys::txn_key("t7")), None);
+        let abort = CommerceCommand::DecideTxn {
+            order_id: "t7".into(),
+            decision: Decision::Abort(Rejection::new(RejectCode::OutOfStock, "no")),
+            now_ms: 2,
+        };
+        apply(&mut m, i + 1, &abort).unwrap();
+        assert_eq!(stored(&mut m, keys::txn_pending_key("t7")), None);
+        assert_eq!(
+            stored(&mut m, keys::txn_key("t7")),
+            Some(TxnStatus::Aborted)
+        );
+        // A record an earlier build left pending in T, with an empty W entry
+        // as its index, is still found, listed and decided.
+        let old = txn::TxnRecord {
+            customer: "c1".into(),
+            lines: lines.clone(),
+            status: TxnStatus::Pending,
+            created_ms: 1,
+            deadline_ms: 100,
+            reason: None,
+        };
+        save(&mut m, keys::txn_key("t8"), i + 2, &old).unwrap();
+        m.put(keys::txn_pending_key("t8"), Vec::new()).unwrap();
+        let f = in_flight(&m);
+        assert_eq!(f.pending.len(), 1);
+        assert_eq!(f.pending[0].0, "t8");
+        let products = vec![(product("A", 250, "EUR"), 1)];
+        let (priced, currency, total_minor) = crate::domain::order::price_lines(&products).unwrap();
+        let commit = CommerceCommand::DecideTxn {
+            order_id: "t8".into(),
+            decision: Decision::Commit {
+                lines: priced,
+                currency,
+                total_minor,
+                expires_at_ms: 50_000,
+                checkout_cart_version: None,
+            },
+            now_ms: 3,
+        };
+        assert_eq!(
+            txn(apply(&mut m, i + 3, &commit).unwrap()).status,
+            TxnStatus::Committed
+        );
+        assert!(m.get(&keys::txn_key("t8")).unwrap().is_none());
+        assert!(m.get(&keys::txn_pending_key("t8")).unwrap().is_none());
     }
 
     #[test]

@@ -435,19 +435,20 @@ pub fn order_id_of_cart_clear_owed(record_key: &[u8]) -> Option<&str> {
         .and_then(|rest| std::str::from_utf8(rest).ok())
 }
 
-/// Record key of an order's 2PC transaction record (on the order's shard).
+/// Record key of an order's aborted 2PC transaction record (on the order's
+/// shard; an undecided one is under [`txn_pending_key`]).
 pub fn txn_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN, order_id)
 }
 
-/// Record key of an undecided transaction's index entry (aborted records
-/// stay in `T` for retries and late prepares until pruned; this keeps the
-/// undecided ones cheap to find).
+/// Record key of an undecided transaction's record (moved to `T` when
+/// aborted, where it stays for retries and late prepares until pruned;
+/// deleted at commit): kept apart so that the undecided ones are one scan.
 pub fn txn_pending_key(order_id: &str) -> Vec<u8> {
     ns_id(NS_TXN_PENDING, order_id)
 }
 
-/// Prefix of every undecided transaction's index entry.
+/// Prefix of every undecided transaction's record.
 pub fn txn_pending_prefix() -> Vec<u8> {
     vec![NS_TXN_PENDING]
 }

@@ -241,6 +241,32 @@ fn index_aborted(
     )
 }
 
+/// The transaction record of `order_id` and whether it is stored in `T`:
+/// an undecided record lives in `W` (one scan finds them all for recovery),
+/// an aborted one in `T`. A `W` entry without a value is the index entry of
+/// a build before 2026-11-28, whose pending record is in `T`.
+fn load_txn(
+    state: &mut dyn StateAccess,
+    order_id: &str,
+) -> Result<Option<(Stored<TxnRecord>, bool)>, SmError> {
+    if let Some(bytes) = state.get(&keys::txn_pending_key(order_id))?
+        && !bytes.is_empty()
+    {
+        return Ok(Some((crate::codec::decode(&bytes)?, false)));
+    }
+    Ok(load::<TxnRecord>(state, &keys::txn_key(order_id))?.map(|r| (r, true)))
+}
+
+/// [`load_txn`] for readers.
+fn read_txn(r: &dyn RecordReader, order_id: &str) -> Result<Option<Stored<TxnRecord>>, SmError> {
+    if let Some(bytes) = r.get(&keys::txn_pending_key(order_id))?
+        && !bytes.is_empty()
+    {
+        return Ok(Some(crate::codec::decode(&bytes)?));
+    }
+    read_one::<TxnRecord>(r, &keys::txn_key(order_id))
+}
+
 /// `BeginTxn` on the anchor.
 pub(super) fn begin(
     state: &mut dyn StateAccess,
@@ -257,7 +283,7 @@ pub(super) fn begin(
         }
         return Ok(reused(order_id));
     }
-    if let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? {
+    if let Some((rec, _)) = load_txn(state, order_id)? {
         let tombstone = rec.record.lines.is_empty();
         if !tombstone && (rec.record.customer != customer || rec.record.lines != lines) {
             return Ok(reused(order_id));
@@ -272,8 +298,8 @@ pub(super) fn begin(
         deadline_ms,
         reason: None,
     };
-    save(state, keys::txn_key(order_id), index, &rec)?;
-    state.put(keys::txn_pending_key(order_id), Vec::new())?;
+    // Undecided: in `W` only (a commit then deletes one key, not two).
+    save(state, keys::txn_pending_key(order_id), index, &rec)?;
     Ok(view(&rec, None))
 }
 
@@ -351,7 +377,7 @@ pub(super) fn decide(
     decision: &Decision,
     now_ms: u64,
 ) -> Result<CommerceResponse, SmError> {
-    let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+    let Some((rec, in_t)) = load_txn(state, order_id)? else {
         // Committed already: the order is the record of it (looked for only
         // here, off the path of a first decision).
         if let Some(order) = load_order(state, order_id)? {
@@ -410,8 +436,10 @@ pub(super) fn decide(
             // The order now answers for the transaction (every step reads
             // it first), so its record goes: only aborted records, which stop
             // late steps, stay behind.
-            state.delete(keys::txn_key(order_id))?;
             state.delete(keys::txn_pending_key(order_id))?;
+            if in_t {
+                state.delete(keys::txn_key(order_id))?;
+            }
             // No settlement is owed for a commit: it moves no stock (the
             // reservations already count in `reserved`), and a participant
             // whose hold the coordinator does not settle finds it itself —
@@ -484,7 +512,7 @@ pub(super) fn abort_expired(
     if let Some(order) = load_order(state, order_id)? {
         return Ok(committed(order));
     }
-    let Some(rec) = load::<TxnRecord>(state, &keys::txn_key(order_id))? else {
+    let Some((rec, _)) = load_txn(state, order_id)? else {
         // Only a coordinator creates records; this marker stops a late one.
         let why = format!("order {order_id} was aborted by recovery before it began");
         return abort_marker(state, index, order_id, now_ms, why);
@@ -690,7 +718,7 @@ pub(super) fn read_view(
     order_id: &str,
 ) -> Result<Option<Box<TxnView>>, SmError> {
     let order = read_order(r, order_id)?;
-    let rec = read_one::<TxnRecord>(r, &keys::txn_key(order_id))?;
+    let rec = read_txn(r, order_id)?;
     Ok(match (rec, order) {
         (Some(rec), order) => Some(Box::new(TxnView {
             status: rec.record.status,
@@ -726,10 +754,16 @@ fn scan_typed<T: serde::de::DeserializeOwned>(
 /// Pending records, owed settlements and held reservations, `limit` each.
 pub(super) fn read_in_flight(r: &dyn RecordReader, limit: usize) -> Result<InFlight, SmError> {
     let mut pending = Vec::new();
-    for (k, _) in r.scan(&keys::txn_pending_prefix(), None, limit)? {
-        if let Some(id) = keys::order_id_of(&k)
-            && let Some(rec) = read_one::<TxnRecord>(r, &keys::txn_key(id))?
-        {
+    for (k, v) in r.scan(&keys::txn_pending_prefix(), None, limit)? {
+        let Some(id) = keys::order_id_of(&k) else {
+            continue;
+        };
+        let rec = if v.is_empty() {
+            read_one::<TxnRecord>(r, &keys::txn_key(id))?
+        } else {
+            Some(crate::codec::decode::<Stored<TxnRecord>>(&v)?)
+        };
+        if let Some(rec) = rec {
             pending.push((id.to_string(), rec.record));
         }
     }
