@@ -2110,6 +2110,25 @@ mod tests {
         }
     }
 
+    /// The anchor's `PrepareTxn` carrying its begin (customer c1).
+    fn fused_prepare(
+        order_id: &str,
+        lines: &[(String, u32)],
+        now_ms: u64,
+        deadline_ms: u64,
+    ) -> CommerceCommand {
+        CommerceCommand::PrepareTxn {
+            order_id: order_id.into(),
+            lines: lines.to_vec(),
+            now_ms,
+            begin: Some(TxnBegin {
+                customer: "c1".into(),
+                lines: lines.to_vec(),
+                deadline_ms,
+            }),
+        }
+    }
+
     fn resolve_one(order_id: &str, outcome: Settlement, now_ms: u64) -> CommerceCommand {
         CommerceCommand::ResolveTxn {
             items: vec![ResolveItem {
@@ -2124,16 +2143,7 @@ mod tests {
     fn an_aborted_transactions_tombstones_are_pruned_once_settled_and_a_committed_orders_stay() {
         let (mut m, i) = shop();
         let lines = vec![("A".to_string(), 2), ("B".to_string(), 1)];
-        let prepare = CommerceCommand::PrepareTxn {
-            order_id: "t1".into(),
-            lines: lines.clone(),
-            now_ms: 1_000,
-            begin: Some(TxnBegin {
-                customer: "c1".into(),
-                lines: lines.clone(),
-                deadline_ms: 2_000,
-            }),
-        };
+        let prepare = fused_prepare("t1", &lines, 1_000, 2_000);
         assert!(matches!(
             apply(&mut m, i, &prepare).unwrap(),
             CommerceResponse::Prepared(_)
@@ -2491,16 +2501,7 @@ mod tests {
     fn a_hold_made_with_its_begin_has_no_held_entry_and_its_abort_still_releases_it() {
         let (mut m, i) = shop();
         let lines = vec![("A".to_string(), 2)];
-        let fused = CommerceCommand::PrepareTxn {
-            order_id: "t5".into(),
-            lines: lines.clone(),
-            now_ms: 1,
-            begin: Some(TxnBegin {
-                customer: "c1".into(),
-                lines: lines.clone(),
-                deadline_ms: 100,
-            }),
-        };
+        let fused = fused_prepare("t5", &lines, 1, 100);
         assert!(matches!(
             apply(&mut m, i, &fused).unwrap(),
             CommerceResponse::Prepared(_)
