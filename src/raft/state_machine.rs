@@ -30,9 +30,9 @@ pub const MAX_CACHED_SKU_RECORDS: usize = 200_000;
 /// wrote them. Every order line reads its product and its stock level; a
 /// RocksDB point get costs memtable skiplist searches, bloom probes and a
 /// block-cache lookup (products were ≈ 6 % of a node's CPU under W4; caching
-/// stock levels too saved 1.6 % of the CPU per order). Only apply touches it: a miss is filled from the committed record
-/// it reads, and the batch's own writes update it once the batch is
-/// committed. Apply is the only writer of the group's records, so it never
+/// stock levels too saved 1.6 % of the CPU per order). Only apply touches
+/// it: a miss is filled from the committed record it reads, and the batch's
+/// own writes update it once the batch is committed. Apply is the only writer of the group's records, so it never
 /// holds a stale value; installing a snapshot empties it.
 #[derive(Default)]
 struct SkuRecordCache {
